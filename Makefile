@@ -1,0 +1,48 @@
+# Everything runs from a local virtual environment built from nothing by `make setup`.
+# Pick another torch build with e.g. `make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+UM         := $(VENV)/bin/ultramem
+SWEEP      ?= sweeps/tiny_cpu.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast lint format demo plots bench study clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev,peers]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+format: setup
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+# The main job: a small real sweep of dense / MoE / UltraMem on the embedded corpus, through Ray, ending in plots.
+demo: setup
+	$(UM) sweep run $(SWEEP)
+	$(UM) plots $(SWEEP)
+
+plots: setup
+	$(UM) plots $(SWEEP)
+
+bench: setup
+	$(UM) bench layers
+	$(UM) bench inference
+	$(UM) bench throughput
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Experiment orchestration: data, trainer, run store, W&B mirror, sweeps, Ray scheduler and the `ultramem` CLI."""

@@ -1,0 +1,42 @@
+"""Shared test fixtures. Tests run offline: no hub, W&B disabled unless a test turns it to offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    """../shared next to the checkout (CI copies it there), or $ULTRAMEM_SHARED."""
+    env = os.environ.get("ULTRAMEM_SHARED")
+    return Path(env) if env else REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    path = shared_dir()
+    if not path.exists():
+        pytest.fail(f"shared data not found at {path}; set ULTRAMEM_SHARED to the folder holding data/ and reference/")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path(shared: Path) -> Path:
+    return shared / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="session")
+def scaling_data(shared: Path) -> Path:
+    return shared / "data" / "scaling"

@@ -1,0 +1,250 @@
+"""Typed model configuration shared by every family (dense, MoE, PKM, UltraMem).
+
+A `ModelConfig` is plain data: it is what presets define, what sweeps override field by field and what every run
+saves in its resolved `config.yaml`. `ModelConfig.from_dict` rejects unknown keys with the dotted path of the bad
+key and the allowed names, so a typo in YAML never passes silently.
+
+Shapes that the rest of the library (model, accounting) relies on are stated next to each field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+FAMILIES = ("dense", "moe", "pkm", "ultramem")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key a user can fix. The message names the field and what is allowed."""
+
+
+@dataclass
+class MoEConfig:
+    """Token-choice top-k MoE FFN replacing the dense MLP in every block (paper's "MoE-<size>-2in<N>")."""
+
+    num_experts: int = 8  # number of routed experts per block
+    top_k: int = 2  # experts per token
+    expert_hidden: int = 0  # inner width of each expert MLP (2 matrices, d->h->d); 0 = the model's ffn_hidden
+    balance_loss_weight: float = 0.01  # Switch load-balancing loss coefficient (E * sum_i f_i P_i)
+    z_loss_weight: float = 0.001  # ST-MoE router z-loss coefficient (mean logsumexp(logits)^2)
+    grouped_mm: str = "auto"  # auto | on | off: use torch._grouped_mm for the expert matmuls when supported
+
+    def validate(self, path: str = "model.moe") -> None:
+        _check(self.num_experts >= 1, f"{path}.num_experts", self.num_experts, "an integer >= 1")
+        _check(1 <= self.top_k <= self.num_experts, f"{path}.top_k", self.top_k, f"1..num_experts ({self.num_experts})")
+        _check(self.expert_hidden >= 0, f"{path}.expert_hidden", self.expert_hidden, "an integer >= 0")
+        _check(self.grouped_mm in ("auto", "on", "off"), f"{path}.grouped_mm", self.grouped_mm, "auto | on | off")
+
+
+@dataclass
+class MemoryConfig:
+    """A product-key memory: PKM (Lample et al. 2019) or UltraMem v1 (Huang et al. 2025).
+
+    Per memory layer (shapes for UltraMem; PKM is the special case E=1, r=1, h=1, softmax scores):
+      - physical value table V: [num_keys**2, value_dim]                       (N = num_keys**2 rows)
+      - key grid per side: n' = num_keys * sqrt(value_expansion)               (IVE: E*N virtual slots)
+      - keys: [heads, 2 (row/col), n', key_dim, tucker_rank]
+      - query projection: Linear(d_model, (heads // query_share) * 2 * key_dim)
+      - Tucker cores: [num_cores, heads, tucker_rank, tucker_rank]
+      - value projection: Linear(value_expansion * value_dim, d_model)       (if value_proj)
+    Every token selects top_m slots per head, so heads * top_m value rows are read per token per layer.
+    """
+
+    layers: str = "every"  # "every" (one memory layer per block) or skip-layer spec "a:b/c:d" (0-indexed blocks):
+    #                       memory j reads the pre-FFN normalised state of block a, its output is added after block b
+    num_keys: int = 32  # n: physical sub-keys per side; N = n**2 physical value rows per layer
+    key_dim: int = 32  # D_k: width of the row query and of the column query (each)
+    value_dim: int = 64  # D_v: width of one physical value row
+    heads: int = 2  # H: key sets, each with its own top_m selection; the heads share the value table
+    query_share: int = 2  # heads that share one query projection (paper's "share query"); must divide heads
+    top_m: int = 16  # m: slots selected per head per token
+    score: str = "none"  # activation on selected scores: none (UltraMem: raw scores) | softmax (PKM) | relu
+    qk_norm: bool = True  # RMSNorm (affine) on queries and keys
+    query_conv: int = 0  # kernel size of the causal depthwise conv before the query projection; 0 = off
+    value_proj: bool = True  # "half value dim + projection": Linear(E*D_v -> d_model); if False D_v*E must == d_model
+    tucker_rank: int = 2  # r: rank of the Tucker core (TDQKR); 1 = plain product keys
+    num_cores: int = 2  # h: MCS cores; core c weights columns [c*D_v/h, (c+1)*D_v/h) of each value
+    value_expansion: int = 4  # E: IVE virtual copies (a perfect square); 1 = no expansion
+    tucker_penalty: float = 0.0  # alpha of the Tucker-core penalty alpha/(r-1) sum relu(lambda_i - tau)^2 (paper 1e-3)
+    tucker_margin: float = 0.15  # tau of that penalty
+    init: str = "paper"  # paper: V ~ N(0, E/(2 m H L)); official: V ~ N(0, 0.02) as in the released code
+    value_lr_mult: float = 4.0  # value-table LR multiplier at step 0 (official code 4; v1 explainers 10)
+    value_lr_decay: float = 1.0  # fraction of training over which that multiplier decays linearly to 1
+    dropout: float = 0.0  # dropout on the memory output
+
+    @property
+    def key_expansion(self) -> int:
+        return math.isqrt(self.value_expansion)
+
+    @property
+    def keys_per_side(self) -> int:
+        return self.num_keys * self.key_expansion
+
+    @property
+    def num_values(self) -> int:
+        return self.num_keys**2
+
+    def validate(self, path: str = "model.memory") -> None:
+        E = self.value_expansion
+        _check(E >= 1 and math.isqrt(E) ** 2 == E, f"{path}.value_expansion", E, "a perfect square (1, 4, 9, 16)")
+        _check(self.num_keys >= 2, f"{path}.num_keys", self.num_keys, "an integer >= 2")
+        _check(self.heads >= 1 and self.heads % self.query_share == 0, f"{path}.query_share", self.query_share,
+               f"a divisor of heads ({self.heads})")
+        _check(1 <= self.top_m <= self.keys_per_side, f"{path}.top_m", self.top_m,
+               f"1..keys_per_side ({self.keys_per_side})")
+        _check(self.score in ("none", "softmax", "relu"), f"{path}.score", self.score, "none | softmax | relu")
+        _check(self.tucker_rank >= 1, f"{path}.tucker_rank", self.tucker_rank, "an integer >= 1")
+        _check(self.num_cores >= 1 and self.value_dim % self.num_cores == 0, f"{path}.num_cores", self.num_cores,
+               f"a divisor of value_dim ({self.value_dim})")
+        _check(self.init in ("paper", "official"), f"{path}.init", self.init, "paper | official")
+        _check(self.value_lr_mult >= 1.0, f"{path}.value_lr_mult", self.value_lr_mult, "a number >= 1")
+        _check(0.0 < self.value_lr_decay <= 1.0, f"{path}.value_lr_decay", self.value_lr_decay, "a fraction in (0, 1]")
+        _check(self.query_conv >= 0, f"{path}.query_conv", self.query_conv, "0 (off) or a kernel size >= 1")
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer (pre-norm, RoPE, causal SDPA) of one family."""
+
+    family: str = "dense"  # dense | moe | pkm | ultramem
+    vocab_size: int = 256
+    seq_len: int = 256  # maximum context length (RoPE tables)
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    ffn_hidden: int = 0  # inner width of the dense MLP (2 matrices, GELU); 0 = 4 * d_model
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    init_std: float = 0.02  # std of linear/embedding init; residual projections are scaled by 1/sqrt(2 n_layers)
+    moe: MoEConfig | None = None  # required when family == "moe"
+    memory: MemoryConfig | None = None  # required when family in ("pkm", "ultramem")
+
+    @property
+    def ffn_inner(self) -> int:
+        return self.ffn_hidden or 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> ModelConfig:
+        _check(self.family in FAMILIES, "model.family", self.family, " | ".join(FAMILIES))
+        _check(self.d_model % self.n_heads == 0 and self.head_dim % 2 == 0, "model.n_heads", self.n_heads,
+               f"a divisor of d_model ({self.d_model}) leaving an even head_dim for RoPE")
+        _check(self.norm in ("rmsnorm", "layernorm"), "model.norm", self.norm, "rmsnorm | layernorm")
+        for name in ("vocab_size", "seq_len", "n_layers", "d_model"):
+            _check(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "an integer >= 1")
+        needs_moe, needs_mem = self.family == "moe", self.family in ("pkm", "ultramem")
+        _check(needs_moe == (self.moe is not None), "model.moe", self.moe,
+               "a moe block exactly when family is 'moe'")
+        _check(needs_mem == (self.memory is not None), "model.memory", self.memory,
+               "a memory block exactly when family is 'pkm' or 'ultramem'")
+        if self.moe is not None:
+            self.moe.validate()
+        if self.memory is not None:
+            self.memory.validate()
+        return self
+
+    # ---- conversion -------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: str = "model") -> ModelConfig:
+        return _from_dict(cls, data, path).validate()
+
+    def override(self, overrides: dict[str, Any], path: str = "model") -> ModelConfig:
+        """A new config with `overrides` (nested dict, or dotted keys like 'memory.top_m') applied field by field."""
+        merged = deep_merge(self.to_dict(), expand_dotted(overrides))
+        return ModelConfig.from_dict(merged, path)
+
+
+_NESTED = {"moe": MoEConfig, "memory": MemoryConfig}
+
+
+def _from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__} ({data!r})")
+    allowed = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in _NESTED and cls is ModelConfig:
+            kwargs[name] = None if value is None else _from_dict(_NESTED[name], value, f"{path}.{name}")
+            continue
+        default = getattr(cls(), name) if name not in _NESTED else None
+        kwargs[name] = _coerce(value, default, f"{path}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, default: Any, path: str) -> Any:
+    """Check a scalar against the type of its default; ints are accepted where floats are expected."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    return value
+
+
+def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: invalid value {value!r}; allowed: {allowed}")
+
+
+def expand_dotted(d: dict[str, Any]) -> dict[str, Any]:
+    """{'memory.top_m': 8} -> {'memory': {'top_m': 8}} (recursively; plain nested dicts pass through)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        value = expand_dotted(value) if isinstance(value, dict) else value
+        head, *rest = key.split(".")
+        if rest:
+            value = expand_dotted({".".join(rest): value})
+        if head in out and isinstance(out[head], dict) and isinstance(value, dict):
+            out[head] = deep_merge(out[head], value)
+        else:
+            out[head] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive merge; `update` wins. A None base sub-dict is replaced by the update's dict."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+__all__ = [
+    "FAMILIES",
+    "ConfigError",
+    "MoEConfig",
+    "MemoryConfig",
+    "ModelConfig",
+    "expand_dotted",
+    "deep_merge",
+]

@@ -1,0 +1,1 @@
+"""Compute kernels for memory layers: value retrieval (gather-weight-pool) and its reference."""
