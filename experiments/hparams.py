@@ -1,0 +1,65 @@
+"""Batch size, peak learning rate, step count and warmup derived from model size: the one place they come from.
+
+OLMo-ladder style (allenai/OLMo `scripts/ladder.py`): a run states only its model and token budget, and the
+optimisation hyperparameters follow from the model's size N by stated formulas. N is always the **active**
+parameter count from `ultramem.accounting` (embeddings included), so a MoE or UltraMem model gets the
+hyperparameters of the dense model with the same compute per token, as in the paper (Table 4 lists one LR per
+activated size for every family).
+
+Batch size (OLMo ladder, after DeepSeek LLM's batch-size law):
+    B_tokens(N) = 160 * 2048 * (N / 108e6) ** (2/3)        tokens per optimizer step
+    batch_size  = round(B_tokens / seq_len)                sequences, rounded to a multiple of the world size
+and then capped so the budget is split into at least MIN_STEPS optimizer steps: a scaling-law point trained for
+ten steps would measure the warmup, not the model.
+
+Peak learning rate: a power law fitted (least squares in log-log) to the UltraMem paper's Table 4
+(151M: 6e-4, 680M: 2.5e-4, 1.6B: 2e-4, 6.5B: 1.2e-4):
+    lr(N) = LR_COEF * N ** LR_EXPONENT = 1.507 * N ** -0.4207  (5.5e-4 at 151M, 2.9e-4 at 680M)
+capped at LR_MAX, since tiny CPU models sit three decades below the fitted range. The OLMo ladder's own rule
+(0.0047 * (N/108e6)**(-1/3)) is 7x the paper's LR at 151M, so the paper's numbers win for this suite.
+"""
+
+from __future__ import annotations
+
+import math
+
+# Batch size: OLMo ladder constants (160 sequences of 2048 tokens at 108M parameters, growing as N^(2/3)).
+BATCH_TOKENS_REF = 160 * 2048
+BATCH_PARAMS_REF = 108e6
+BATCH_EXPONENT = 2 / 3
+MIN_STEPS = 100
+
+# Learning rate: the UltraMem paper's Table 4 and the power law fitted to it.
+PAPER_TABLE4_LR = ((151e6, 6e-4), (680e6, 2.5e-4), (1.6e9, 2e-4), (6.5e9, 1.2e-4))
+LR_COEF = 1.5073
+LR_EXPONENT = -0.42068
+LR_MAX = 1e-2
+
+
+def batch_tokens(active_params: int) -> float:
+    """OLMo-ladder tokens per optimizer step for a model with `active_params` parameters."""
+    return BATCH_TOKENS_REF * (active_params / BATCH_PARAMS_REF) ** BATCH_EXPONENT
+
+
+def batch_size(active_params: int, seq_len: int, token_budget: int | None = None, multiple: int = 1) -> int:
+    """Sequences per optimizer step: the ladder rule, capped for >= MIN_STEPS steps, a multiple of `multiple`."""
+    seqs = batch_tokens(active_params) / seq_len
+    if token_budget is not None:
+        seqs = min(seqs, token_budget / (MIN_STEPS * seq_len))
+    return max(multiple, multiple * round(seqs / multiple))
+
+
+def learning_rate(active_params: int) -> float:
+    """Peak AdamW LR: the power law fitted to paper Table 4, capped at LR_MAX."""
+    return min(LR_MAX, LR_COEF * active_params**LR_EXPONENT)
+
+
+def num_steps(token_budget: int, batch_size: int, seq_len: int) -> int:
+    """Optimizer steps that cover `token_budget` (rounded to the nearest step, at least one)."""
+    return max(1, round(token_budget / (batch_size * seq_len)))
+
+
+def warmup_steps(warmup: float, steps: int) -> int:
+    """`warmup` < 1 is a fraction of the steps (paper: 0.01), >= 1 a number of steps; never more than `steps`."""
+    n = math.ceil(warmup * steps) if warmup < 1 else int(warmup)
+    return min(n, steps)
