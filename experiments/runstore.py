@@ -7,6 +7,7 @@ Layout of `<runs_dir>/<run_id>/` (documented in docs/run_folder.md):
   final.json       final metrics (val_loss, train_loss, params, tokens, flops, ...)
   checkpoints/     step_XXXXXXXX.pt (atomic), newest is the resume point
   lock             advisory lock held by the process training this run
+  claim            advisory lock held by the scheduler task that launches (and retries) the training process
 """
 
 from __future__ import annotations
@@ -199,27 +200,40 @@ class RunDir:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
-    @contextlib.contextmanager
-    def lock(self, blocking: bool = False) -> Iterator[bool]:
-        """An exclusive advisory lock (flock) on the run. Yields False if another process holds it."""
-        import fcntl
+    @property
+    def claim_path(self) -> Path:
+        return self.path / "claim"
 
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    def lock(self, blocking: bool = False) -> contextlib.AbstractContextManager[bool]:
+        """An exclusive advisory lock (flock) on the run. Yields False if another process holds it."""
+        return _flock(self.path, self.lock_path, blocking)
+
+    def claim(self, blocking: bool = False) -> contextlib.AbstractContextManager[bool]:
+        """The scheduler's lock on the run (a separate file from the trainer's `lock`, which the training process
+        it launches takes). Held for all attempts, so two schedulers never train one run twice."""
+        return _flock(self.path, self.claim_path, blocking)
+
+
+@contextlib.contextmanager
+def _flock(folder: Path, path: Path, blocking: bool) -> Iterator[bool]:
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-            try:
-                yield True
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        try:
+            yield True
         finally:
-            os.close(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def iter_run_dirs(root: str | Path) -> Iterator[RunDir]:
