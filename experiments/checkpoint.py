@@ -1,0 +1,73 @@
+"""Checkpoints: one atomic file per save, `RUN_DIR/checkpoints/step_XXXXXXXX.pt`, the newest is the resume point.
+
+A checkpoint holds everything the next optimizer step depends on, so a resumed run is bitwise the run that was
+never interrupted (on CPU in fp32): model and optimizer state, the step (the LR schedule is a pure function of it),
+the data loader's position, the trainer's logging window, and every RNG state (Python, NumPy, torch CPU and CUDA)
+of every process. It is written to a temp file in the same folder and renamed, so a `kill -9` mid-save leaves the
+previous checkpoint as the newest complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from experiments.runstore import RunDir
+
+FORMAT_VERSION = 1
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run_dir: RunDir, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Atomically write `state` as the checkpoint of `step`, then drop all but the newest `keep`."""
+    path = run_dir.checkpoint_path(step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT_VERSION, "step": step, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    run_dir.prune_checkpoints(keep)
+    return path
+
+
+def load_latest(run_dir: RunDir) -> dict[str, Any] | None:
+    """The newest checkpoint of the run (on CPU), or None when the run has none yet."""
+    path = run_dir.latest_checkpoint()
+    if path is None:
+        return None
+    # weights_only=False: the RNG states are Python/NumPy objects; the file is one this trainer wrote.
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("format") != FORMAT_VERSION:
+        raise RuntimeError(f"{path}: checkpoint format {state.get('format')!r}, this trainer reads "
+                           f"{FORMAT_VERSION}; delete {path.parent} to restart the run from scratch")
+    return state

@@ -1,0 +1,89 @@
+"""Train one run into its run folder; re-running the same command resumes it (docs/training.md).
+
+  ultramem train CONFIG.yaml [--set train.lr=1e-3 ...] [--out DIR]
+  ultramem train --preset dense-tiny --data ../shared/data/tinyshakespeare.txt --steps 300 --out runs/first
+
+The quick form needs no YAML: --preset, --data (a local file/dir/glob, 'embedded' or 'hf:<dataset>') and --steps
+also override a CONFIG.yaml. The folder defaults to runs/<run_id>. With parallel.nproc > 1 the run is launched
+under `torchrun --standalone --nproc_per_node=K` (DDP). Exit codes: 0 done, 1 failed, 2 bad configuration,
+3 diverged, 4 the run is being trained by another process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HELP = "train one run (auto-resumes from its newest checkpoint)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="run YAML (a RunConfig; see configs/ and docs/training.md)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field, e.g. --set train.lr=1e-3 --set model.memory.top_m=8 (repeatable)")
+    parser.add_argument("--preset", help="model preset (see `ultramem models`); replaces the config's model block")
+    parser.add_argument("--data", help="data.source: a local text/json/jsonl/parquet file, 'embedded' or 'hf:NAME'")
+    parser.add_argument("--steps", type=int, help="train.steps (overrides the token budget)")
+    parser.add_argument("--out", help="run folder (default: runs/<run_id>)")
+
+
+def build_config(args: argparse.Namespace) -> tuple[Any, str]:
+    """The RunConfig the arguments describe and the name errors should cite."""
+    from experiments.config import load_yaml, parse_set, run_config_from_dict
+    from ultramem.config import ConfigError, deep_merge
+
+    if args.config is None and args.preset is None:
+        raise ConfigError("ultramem train: give a CONFIG.yaml or --preset NAME (with --data and --steps)")
+    source = args.config or "command line"
+    data = load_yaml(args.config) if args.config else {}
+    quick: dict[str, Any] = {}
+    if args.preset:
+        data.pop("model", None)
+        quick["model"] = {"preset": args.preset}
+    if args.data:
+        quick["data"] = {"source": args.data}
+    if args.steps is not None:
+        quick["train"] = {"steps": args.steps}
+    data = deep_merge(deep_merge(data, quick), parse_set(args.overrides))
+    return run_config_from_dict(data, source), source
+
+
+def run(args: argparse.Namespace) -> int:
+    from experiments.config import run_id
+    from experiments.resolve import resolve_run_config
+    from experiments.run_one import EXIT_BUSY, EXIT_DIVERGED
+    from experiments.runstore import RunDir
+    from experiments.trainer import Diverged, RunBusy, train, write_run_config
+
+    cfg, source = build_config(args)
+    resolved = resolve_run_config(cfg, source)
+    rid = run_id(resolved.model_dump(mode="json"))
+    rd = RunDir(Path(args.out) if args.out else Path("runs") / rid)
+    if rd.status().get("state") != "done":
+        rd.update_status(attempts=int(rd.status().get("attempts") or 0) + 1)
+    print(f"run {rid} -> {rd.path}", file=sys.stderr)
+    nproc = resolved.parallel.nproc
+    if nproc > 1:
+        write_run_config(rd, resolved)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "experiments.run_one", str(rd.path)]
+        rc = subprocess.call(cmd)
+        final = rd.final() if rc == 0 else None
+    else:
+        try:
+            final = train(resolved, rd.path, source)
+        except Diverged as err:
+            print(f"diverged: {err}", file=sys.stderr)
+            return EXIT_DIVERGED
+        except RunBusy as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BUSY
+        rc = 0
+    if final is not None:
+        keys = ("run_id", "val_loss", "train_loss", "tokens", "active_params", "wall_s")
+        print(json.dumps({k: final.get(k) for k in keys}))
+    return rc

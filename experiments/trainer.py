@@ -1,0 +1,564 @@
+"""The training loop: one resolved RunConfig in, one complete run folder out (docs/training.md).
+
+    final = train(cfg, run_dir)      # resolves cfg, trains, auto-resumes from run_dir/checkpoints
+
+- AdamW (beta1 0.9, beta2 0.95, weight decay 0.1 by default: paper Table 4) over the model's own parameter groups
+  (`model.param_groups`: which tensors decay is the model library's decision, and each group's LR multiplier is a
+  function of training progress, e.g. the value-table multiplier decaying to 1x);
+- LR: linear warmup, then cosine to `min_lr_ratio` of the peak at the last step;
+- gradient accumulation over micro-batches, gradient clipping, `model.on_optimizer_step()` after every optimizer
+  step (the TDQKR rank-1 refresh), auxiliary losses added to the loss and logged separately;
+- bf16 autocast on CUDA, fp32 on CPU; optional torch.compile; DDP under torchrun (nccl on CUDA, gloo on CPU);
+- validation on the held-out split every `eval_every` steps and at the end; throughput and MFU at every log line;
+- checkpoints (atomic) every `ckpt_every` steps and at the end; a re-run resumes from the newest one and reaches
+  the same final state as an uninterrupted run (same data order, same RNG);
+- a non-finite loss or gradient norm ends the run as `diverged` without overwriting the last good checkpoint.
+
+Data order does not depend on the number of processes: every rank draws the same global batch from its own
+loader and keeps its slice, so a DDP run sees exactly the sequences of a single-process run (and can resume on
+another GPU count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from experiments import checkpoint
+from experiments.config import RunConfig, TrainConfig, run_id
+from experiments.resolve import model_config, resolve_run_config
+from experiments.runstore import RunDir
+from experiments.throughput import ThroughputMeter
+from experiments.tracking import WandbMirror
+from ultramem.config import ConfigError, ModelConfig
+
+
+class Diverged(RuntimeError):
+    """The loss or gradient norm became NaN/inf. The run folder keeps the last good checkpoint."""
+
+
+class RunBusy(RuntimeError):
+    """Another process holds the run's lock."""
+
+
+# ---- schedule and optimizer ------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Peak-LR schedule at optimizer step `step` (0-based) of a resolved TrainConfig (paper Table 4).
+
+    Linear warmup over `t.warmup` steps to `t.lr`, then cosine from `t.lr` at the first post-warmup step to
+    `t.lr * t.min_lr_ratio` at the last step.
+    """
+    warmup, steps, peak = int(t.warmup), int(t.steps), float(t.lr)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup - 1))
+    return peak * (t.min_lr_ratio + (1.0 - t.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> tuple[torch.optim.AdamW, list[Any]]:
+    """AdamW over `model.param_groups(weight_decay)`; returns it and each group's LR multiplier function."""
+    groups, mult_fns = [], []
+    for group in model.param_groups(t.weight_decay):
+        group = dict(group)
+        mult_fns.append(group.pop("lr_mult_fn", None))
+        groups.append(group)
+    fused = all(p.is_cuda for g in groups for p in g["params"]) or None
+    opt = torch.optim.AdamW(groups, lr=float(t.lr), betas=(t.beta1, t.beta2), eps=t.eps,
+                            weight_decay=t.weight_decay, fused=fused)
+    return opt, mult_fns
+
+
+def set_lr(opt: torch.optim.Optimizer, mult_fns: list[Any], step: int, t: TrainConfig) -> float:
+    """Set every group's LR for `step`: schedule(step) * the group's multiplier at progress step/steps."""
+    base = lr_at(step, t)
+    progress = step / int(t.steps)
+    for group, fn in zip(opt.param_groups, mult_fns, strict=True):
+        group["lr"] = base * (fn(progress) if fn is not None else 1.0)
+    return base
+
+
+# ---- processes, devices, precision -----------------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    rank: int
+    world_size: int
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype, None = fp32
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dtype_name(self) -> str:
+        return "bf16" if self.amp_dtype == torch.bfloat16 else "fp32"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def setup_env(t: TrainConfig) -> Env:
+    """Device, precision and (under torchrun) the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' requested but torch sees no CUDA device; use 'auto' or 'cpu'")
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    bf16 = t.dtype == "bf16" or (t.dtype == "auto" and device.type == "cuda")
+    return Env(rank, world, device, torch.bfloat16 if bf16 else None)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---- per-step statistics ---------------------------------------------------------------------------------------
+
+
+class Window:
+    """Per-step statistics since the last log line. Tensors until `sync` (one host-device sync per log line),
+    then floats averaged over processes; the float form is what a checkpoint stores."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    def add(self, step: int, stats: dict[str, torch.Tensor]) -> None:
+        self.pending.append((step, stats))
+
+    def sync(self, world_size: int) -> None:
+        if not self.pending:
+            return
+        keys = list(self.pending[0][1])
+        table = torch.stack([torch.stack([s[k].float() for k in keys]) for _, s in self.pending])  # [n, k]
+        if world_size > 1:
+            dist.all_reduce(table)
+            table /= world_size
+        for (step, _), values in zip(self.pending, table.tolist(), strict=True):
+            self.rows.append((step, dict(zip(keys, values, strict=True))))
+        self.pending = []
+
+    def first_nonfinite(self) -> tuple[int, str, float] | None:
+        for step, row in self.rows:
+            for key in ("loss", "aux_loss", "grad_norm"):
+                if not math.isfinite(row[key]):
+                    return step, key, row[key]
+        return None
+
+    def mean(self) -> dict[str, float]:
+        keys = self.rows[0][1]
+        return {k: sum(r[k] for _, r in self.rows) / len(self.rows) for k in keys}
+
+    def clear(self) -> None:
+        self.rows = []
+
+    def state_dict(self) -> list[tuple[int, dict[str, float]]]:
+        assert not self.pending, "sync() before saving"
+        return list(self.rows)
+
+    def load_state_dict(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        self.pending, self.rows = [], [(int(s), dict(r)) for s, r in rows]
+
+
+# ---- steps -----------------------------------------------------------------------------------------------------
+
+
+def rank_slice(batch: torch.Tensor, env: Env) -> torch.Tensor:
+    per_rank = batch.shape[0] // env.world_size
+    return batch[env.rank * per_rank:(env.rank + 1) * per_rank]
+
+
+def train_step(model: torch.nn.Module, raw: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor, t: TrainConfig, env: Env) -> dict[str, torch.Tensor]:
+    """One optimizer step on this rank's rows of the global batch, in micro-batches of t.micro_batch_size."""
+    xs, ys = x.split(t.micro_batch_size), y.split(t.micro_batch_size)
+    n = len(xs)
+    loss_sum = aux_sum = None
+    aux_parts: dict[str, torch.Tensor] = {}
+    for i, (xb, yb) in enumerate(zip(xs, ys, strict=True)):
+        xb, yb = xb.to(env.device, non_blocking=True), yb.to(env.device, non_blocking=True)
+        sync = i == n - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        with (contextlib.nullcontext() if sync else model.no_sync()), env.autocast():
+            out = model(xb, yb)
+            aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=env.device)
+            ((out.loss + aux) / n).backward()
+        loss_sum = out.loss.detach() if loss_sum is None else loss_sum + out.loss.detach()
+        aux_sum = aux.detach() if aux_sum is None else aux_sum + aux.detach()
+        for name, value in (out.aux or {}).items():
+            value = value.detach().float()
+            aux_parts[name] = value if name not in aux_parts else aux_parts[name] + value
+    max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    raw.on_optimizer_step()
+    stats = {"loss": loss_sum / n, "aux_loss": aux_sum / n, "grad_norm": grad_norm}
+    stats.update({f"aux/{k}": v / n for k, v in aux_parts.items()})
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, prepared: Any, cfg: RunConfig, env: Env) -> float:
+    """Mean cross-entropy (nats/token) on `eval_batches` global batches of the held-out split.
+
+    A fresh loader with the run's seed each time, so every evaluation scores the same tokens."""
+    from experiments.data import TokenLoader
+
+    t = cfg.train
+    loader = TokenLoader(prepared, split="val", seq_len=t.seq_len, batch_size=t.batch_size, seed=cfg.seed,
+                         rank=0, world_size=1)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=env.device)
+    count = 0
+    for _ in range(t.eval_batches):
+        x, y = loader.next_batch()
+        for xb, yb in zip(rank_slice(x, env).split(t.micro_batch_size), rank_slice(y, env).split(t.micro_batch_size),
+                          strict=True):
+            with env.autocast():
+                total += model(xb.to(env.device), yb.to(env.device)).loss.float()
+            count += 1
+    model.train(was_training)
+    if env.world_size > 1:
+        dist.all_reduce(total)
+        count *= env.world_size
+    return total.item() / count
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+
+
+def train(cfg: RunConfig, run_dir: str | Path, source: str = "<config>") -> dict[str, Any]:
+    """Train `cfg` into `run_dir` (resuming from its newest checkpoint) and return final.json's content.
+
+    Raises Diverged on a non-finite loss, RunBusy if another process trains this run, ConfigError if `run_dir`
+    holds a different run. A run whose status is already `done` returns its final.json without training.
+    """
+    resolved = resolve_run_config(cfg, source)
+    rd = RunDir(run_dir)
+    env = setup_env(resolved.train)
+    with contextlib.ExitStack() as stack:
+
+        def claim() -> bool:
+            if not stack.enter_context(rd.lock()):
+                raise RunBusy(f"{rd.path}: another process is training this run ({_lock_owner(rd)}); wait for it "
+                              "or stop it first")
+            status = rd.status()
+            if status.get("state") == "diverged":
+                raise Diverged(f"{rd.path}: this run diverged in an earlier attempt ({status.get('error')}); "
+                               "a diverged run is final: train a changed config in a new folder")
+            write_run_config(rd, resolved)
+            return status.get("state") == "done" and rd.final() is not None
+
+        if _on_rank0(claim, env):
+            return rd.final()
+        try:
+            return _run(resolved, rd, env)
+        except Diverged:
+            raise
+        except BaseException as err:
+            if env.main:
+                rd.update_status(state="failed", error=_describe(err))
+            raise
+
+
+def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
+    from experiments.data import TokenLoader, prepare_data
+    from ultramem import build_model
+    from ultramem.accounting import count_params, flops_per_token
+
+    t, rid = cfg.train, run_id(cfg.model_dump(mode="json"))
+    mcfg = model_config(cfg)
+    params = count_params(mcfg)
+    fpt = flops_per_token(mcfg, t.seq_len, training=True)
+    tokens_per_step = t.batch_size * t.seq_len
+
+    if env.main:
+        rd.update_status(state="running", total_steps=t.steps, error=None)
+    prepared = _prepare_data_once(prepare_data, cfg, env)
+
+    seed_everything(cfg.seed)
+    raw = build_model(mcfg).to(env.device)
+    opt, mult_fns = build_optimizer(raw, t)
+    loader = TokenLoader(prepared, split="train", seq_len=t.seq_len, batch_size=t.batch_size, seed=cfg.seed,
+                         rank=0, world_size=1)
+    window = Window()
+    start = 0
+    state = checkpoint.load_latest(rd)
+    if state is not None:
+        start = _restore(state, raw, opt, loader, window, env)
+        if env.main:
+            rd.truncate_metrics_after(start)
+    elif env.main:
+        rd.truncate_metrics_after(0)
+    if env.main:
+        rd.update_status(step=start, tokens=start * tokens_per_step)
+
+    compiled = torch.compile(raw) if t.compile else raw
+    model = compiled
+    if env.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            compiled, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            find_unused_parameters=mcfg.family == "moe")  # an expert may receive no token in a micro-batch
+    model.train()
+
+    wandb = _start_wandb(cfg, rd, rid, mcfg, params, fpt, env)
+    meter = ThroughputMeter(fpt, env.device, env.dtype_name, env.world_size)
+    bar = _progress_bar(t.steps, start, env)
+    last_val: float | None = None
+    last_mean: dict[str, float] | None = None
+    window_start = start
+    t_begin = time.perf_counter()
+    try:
+        for step in range(start, t.steps):
+            done_steps = step + 1
+            base_lr = set_lr(opt, mult_fns, step, t)
+            x, y = loader.next_batch()
+            stats = train_step(model, raw, opt, rank_slice(x, env), rank_slice(y, env), t, env)
+            window.add(done_steps, stats)
+            is_last = done_steps == t.steps
+            if done_steps % t.log_every == 0 or is_last:
+                window.sync(env.world_size)
+                _check_finite(window, rd, env, wandb)
+                rates = meter.rates((done_steps - window_start) * tokens_per_step)
+                last_mean = window.mean()
+                record = _train_record(done_steps, tokens_per_step, fpt, base_lr, last_mean, rates)
+                window.clear()
+                meter.start()
+                window_start = done_steps
+                if env.main:
+                    rd.append_metrics(record)
+                    rd.update_status(step=done_steps, tokens=done_steps * tokens_per_step)
+                    wandb.log(record, done_steps)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+            if done_steps % t.eval_every == 0 or is_last:
+                last_val = evaluate(compiled, prepared, cfg, env)
+                record = {"kind": "eval", "step": done_steps, "tokens": done_steps * tokens_per_step,
+                          "flops": done_steps * tokens_per_step * fpt, "val_loss": last_val, "time": time.time()}
+                if env.main:
+                    rd.append_metrics(record)
+                    wandb.log(record, done_steps)
+                meter.start()
+            if done_steps % t.ckpt_every == 0 or is_last:
+                window.sync(env.world_size)
+                _check_finite(window, rd, env, wandb)
+                _save(rd, done_steps, raw, opt, loader, window, t, env)
+                meter.start()
+            bar.update(1)
+    except BaseException:
+        wandb.finish(1)
+        raise
+    finally:
+        bar.close()
+
+    wall = time.perf_counter() - t_begin
+    final = _final_record(cfg, rid, mcfg, params, fpt, last_mean, last_val, wall, start, prepared)
+    if env.main and t.knowledge_probe:
+        from experiments.data import knowledge_probe
+
+        final["knowledge"] = knowledge_probe(raw, prepared, env.device)
+    if env.main:
+        rd.write_final(final)
+        rd.update_status(state="done", step=t.steps, tokens=t.steps * tokens_per_step, error=None)
+        wandb.summary(final)
+        wandb.finish(0)
+    return final
+
+
+def _prepare_data_once(prepare_data: Any, cfg: RunConfig, env: Env) -> Any:
+    """Rank 0 tokenises (or finds the cache); the others wait, then read the same content-addressed cache."""
+    if env.world_size == 1:
+        return prepare_data(cfg.data)
+    if env.main:
+        prepared = prepare_data(cfg.data)
+    dist.barrier()
+    if not env.main:
+        prepared = prepare_data(cfg.data)
+    return prepared
+
+
+def _restore(state: dict[str, Any], raw: torch.nn.Module, opt: torch.optim.Optimizer, loader: Any,
+             window: Window, env: Env) -> int:
+    raw.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    loader.load_state_dict(state["loader"])
+    window.load_state_dict(state["window"])
+    rngs = state["rng"]
+    if len(rngs) == env.world_size:
+        checkpoint.set_rng_state(rngs[env.rank])
+    else:  # resumed on another process count: per-rank streams cannot carry over, derive fresh ones
+        seed_everything(int(state["seed"]) + 1000 * int(state["step"]) + env.rank)
+    return int(state["step"])
+
+
+def _save(rd: RunDir, step: int, raw: torch.nn.Module, opt: torch.optim.Optimizer, loader: Any, window: Window,
+          t: TrainConfig, env: Env) -> None:
+    rng = checkpoint.rng_state()
+    rngs = [None] * env.world_size
+    if env.world_size > 1:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if env.main:
+        state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "loader": loader.state_dict(),
+                 "window": window.state_dict(), "rng": rngs, "seed": torch.initial_seed()}
+        checkpoint.save(rd, step, state, t.keep_checkpoints)
+    if env.world_size > 1:
+        dist.barrier()
+
+
+def _check_finite(window: Window, rd: RunDir, env: Env, wandb: WandbMirror) -> None:
+    bad = window.first_nonfinite()
+    if bad is None:
+        return
+    step, key, value = bad
+    last = rd.latest_checkpoint()
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
+    msg = (f"{key} became {value} at step {step}; {kept}. Lower train.lr (or raise train.warmup), check the "
+           "data for bad values, and start the run again in a new folder")
+    if env.main:
+        rd.update_status(state="diverged", step=step, error=msg)
+        wandb.finish(1)
+    raise Diverged(msg)
+
+
+def _train_record(step: int, tokens_per_step: int, fpt: float, lr: float, mean: dict[str, float],
+                  rates: dict[str, Any]) -> dict[str, Any]:
+    aux = {k.split("/", 1)[1]: v for k, v in mean.items() if k.startswith("aux/")}
+    return {"kind": "train", "step": step, "tokens": step * tokens_per_step, "flops": step * tokens_per_step * fpt,
+            "loss": mean["loss"], "aux_loss": mean["aux_loss"], "aux": aux, "lr": lr,
+            "grad_norm": mean["grad_norm"], **rates, "time": time.time()}
+
+
+def _final_record(cfg: RunConfig, rid: str, mcfg: ModelConfig, params: dict[str, int], fpt: float,
+                  mean: dict[str, float] | None, val: float | None, wall: float, start: int,
+                  prepared: Any) -> dict[str, Any]:
+    t = cfg.train
+    tokens = t.steps * t.batch_size * t.seq_len
+    trained_here = (t.steps - start) * t.batch_size * t.seq_len
+    meta = getattr(prepared, "meta", {}) or {}
+    return {
+        "run_id": rid, "name": cfg.name, "sweep": cfg.sweep, "family": mcfg.family,
+        "preset": cfg.model.get("preset"), "seed": cfg.seed,
+        "train_loss": None if mean is None else mean["loss"], "val_loss": val,
+        "params": dict(params), "total_params": params["total"], "active_params": params["active"],
+        "non_embedding_params": params["non_embedding"], "flops_per_token": fpt,
+        "tokens": tokens, "flops": tokens * fpt, "steps": t.steps,
+        "batch_size": t.batch_size, "seq_len": t.seq_len, "lr": t.lr,
+        "memory": _memory_summary(mcfg, params), "moe": _moe_summary(mcfg), "knowledge": None,
+        "wall_s": wall, "tokens_per_s": trained_here / wall if wall > 0 else None,
+        "tokenizer": cfg.data.tokenizer, "vocab_size": mcfg.vocab_size,
+        "data_source": meta.get("source", cfg.data.source),
+    }
+
+
+def _memory_summary(mcfg: ModelConfig, params: dict[str, int]) -> dict[str, Any] | None:
+    m = mcfg.memory
+    if m is None:
+        return None
+    num_layers = mcfg.n_layers if m.layers == "every" else len(m.layers.split("/"))
+    return {"num_values": m.num_values, "top_m": m.top_m, "heads": m.heads, "value_expansion": m.value_expansion,
+            "num_layers": num_layers, "value_params": params["sparse"]}
+
+
+def _moe_summary(mcfg: ModelConfig) -> dict[str, Any] | None:
+    return None if mcfg.moe is None else {"num_experts": mcfg.moe.num_experts, "top_k": mcfg.moe.top_k}
+
+
+def _start_wandb(cfg: RunConfig, rd: RunDir, rid: str, mcfg: ModelConfig, params: dict[str, int], fpt: float,
+                 env: Env) -> WandbMirror:
+    if not env.main:
+        return WandbMirror()
+    config = {**cfg.model_dump(mode="json"), "run_id": rid, "family": mcfg.family, "params": dict(params),
+              "n_params_total": params["total"], "n_params_active": params["active"],
+              "n_params_non_embedding": params["non_embedding"], "flops_per_token": fpt,
+              "total_flops": fpt * cfg.train.tokens}
+    return WandbMirror.start(cfg, rd.path, rid, config)
+
+
+def write_run_config(rd: RunDir, resolved: RunConfig) -> None:
+    """Write config.yaml, refusing a folder that already holds a different run."""
+    new = resolved.model_dump(mode="json")
+    old = rd.read_config()
+    if old is not None and run_id(old) != run_id(new):
+        diff = ", ".join(_diff_keys(old, new)) or "content"
+        raise ConfigError(f"{rd.path} already holds another run (its config.yaml differs in: {diff}); choose "
+                          "another output folder or delete this one")
+    rd.write_config(new)
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _progress_bar(total: int, initial: int, env: Env) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                disable=not (env.main and sys.stderr.isatty()))
+
+
+def _on_rank0(fn: Any, env: Env) -> Any:
+    """Run `fn` on rank 0 only; every rank returns its result or raises its exception."""
+    if env.world_size == 1:
+        return fn()
+    box: list[Any] = [None]
+    if env.main:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as err:
+            box[0] = ("err", err)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "err":
+        raise value
+    return value
+
+
+def _lock_owner(rd: RunDir) -> str:
+    try:
+        return "held by " + rd.lock_path.read_text().strip()
+    except OSError:
+        return "lock file unreadable"
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    tb = traceback.extract_tb(err.__traceback__)
+    where = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
+    return f"{type(err).__name__}: {err}{where}"
