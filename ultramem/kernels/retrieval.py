@@ -1,0 +1,134 @@
+"""Fused value retrieval for PKM/UltraMem: gather the selected value rows, weight them by score, pool per IVE group.
+
+    out[t, g*Dv + c*Dc + j] = sum_k [groups[t,k] == g] * scores[t,k,c] * values[rows[t,k], c*Dc + j],  Dc = Dv / C
+
+This is the UltraMem output before the value projection: MCS (§2.4, core c weights its own column slice of each
+value) and IVE (§2.3, weighted-sum pooling grouped by virtual block). PKM is C = E = 1. The semantics are exactly
+those of `ultramem.kernels.reference.gather_pool_reference`; the official code calls this op `FusedLookup`.
+
+Dispatch (`gather_pool`): CUDA tensors with Triton importable -> the Triton kernel (`triton_retrieval.py`), anything
+else -> `gather_pool_torch`, one `F.embedding_bag` call that never builds the [T, K, Dv] gathered tensor:
+  - the table is viewed as [N*C, Dc], so the c-th column slice of row r is row r*C + c;
+  - each (token, core, group) is one bag of that view, weighted by `per_sample_weights`; entries are ordered
+    (token, core, group) by a stable counting sort of the groups within each token, so bags are contiguous;
+  - embedding_bag's own backward accumulates the value gradient per row and returns the score gradient as dot
+    products <values[row, slice], grad_out[bag]>, without a [T, K, Dv] intermediate either.
+Measured on CPU (1024 tokens, 64 rows of 128 floats, C=2, E=4; see tests/test_retrieval.py's module docstring and
+the report in benchmarks/bench_layers.py) this was the fastest exact path: a custom autograd Function with a
+chunked index_add_ backward took the same CPU time and a one-bag-per-group masked embedding_bag (no sort, E times
+the reads) took 2.7x as long for forward+backward, so neither is kept.
+
+Under torch.no_grad() the table is detached before the call: that sends embedding_bag down its forward-only kernel,
+which skips the bookkeeping (offset2bag, bag sizes) that only its backward needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def gather_pool(
+    values: torch.Tensor,  # [N, Dv] physical value table
+    rows: torch.Tensor,  # [T, K] long, row of V for each selected slot
+    scores: torch.Tensor,  # [T, K, C] score of each slot for each MCS core
+    groups: torch.Tensor | None = None,  # [T, K] long in [0, E): IVE virtual block of each slot (None -> all 0)
+    num_groups: int = 1,  # E
+    backend: str = "auto",  # auto (Triton on CUDA when importable, else torch) | torch | triton
+) -> torch.Tensor:  # [T, E * Dv], dtype = promote(values, scores) as in the reference
+    """Grouped multi-core weighted-sum pooling of value rows; differentiable wrt `values` and `scores`."""
+    check_inputs(values, rows, scores, groups, num_groups)
+    if backend not in BACKENDS:
+        raise ValueError(f"gather_pool: backend={backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "triton" or (backend == "auto" and values.is_cuda and triton_available()):
+        from ultramem.kernels.triton_retrieval import gather_pool_triton
+
+        return gather_pool_triton(values, rows, scores, groups, num_groups)
+    return gather_pool_torch(values, rows, scores, groups, num_groups)
+
+
+def gather_pool_torch(
+    values: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor | None, num_groups: int
+) -> torch.Tensor:
+    """The PyTorch path: one F.embedding_bag over (token, core, group) bags of the table viewed as [N*C, Dc]."""
+    T, K = rows.shape
+    N, Dv = values.shape
+    C, E = scores.shape[-1], num_groups
+    Dc = Dv // C
+    dtype = torch.promote_types(values.dtype, scores.dtype)
+    if not torch.is_grad_enabled():
+        values, scores = values.detach(), scores.detach()
+    # A table of a lower precision than the scores is upcast whole (a copy of V): keep them in one dtype.
+    table = values.to(dtype).contiguous().view(N * C, Dc)  # row r*C + c = column slice c of V[r]
+    scores = scores.to(dtype)
+    rows = rows.long()  # embedding_bag wants indices and offsets of one dtype; offsets are built as int64
+    if E == 1 or groups is None:
+        idx, weights = _core_major(rows, scores)  # [T, C, K] each: every (token, core) is one bag of K entries
+        pooled = F.embedding_bag(idx.reshape(T * C, K), table, mode="sum",
+                                 per_sample_weights=weights.reshape(T * C, K))  # [T*C, Dc]
+        out = pooled.view(T, C * Dc)
+        return out if E == 1 else F.pad(out, (0, (E - 1) * Dv)).view(T, E * Dv)  # groups None: all in group 0
+    perm, start = _sort_by_group(groups.long(), E)  # [T, K], [T, E]
+    idx, weights = _core_major(rows.gather(1, perm), scores.gather(1, perm.unsqueeze(-1).expand(T, K, C)))
+    # bag (t, c, g) starts at t*C*K + c*K + start[t, g]; empty groups are empty bags, which pool to zero
+    base = torch.arange(T * C, device=rows.device).view(T, C, 1) * K
+    offsets = (base + start.unsqueeze(1)).reshape(T * C * E)
+    pooled = F.embedding_bag(idx.reshape(-1), table, offsets, mode="sum",
+                             per_sample_weights=weights.reshape(-1))  # [T*C*E, Dc]
+    return pooled.view(T, C, E, Dc).transpose(1, 2).reshape(T, E * Dv)
+
+
+def _core_major(rows: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows [T, K], scores [T, K, C] -> row ids of the [N*C, Dc] view and their weights, both [T, C, K]."""
+    C = scores.shape[-1]
+    if C == 1:
+        return rows.unsqueeze(1), scores.transpose(1, 2)
+    cores = torch.arange(C, device=rows.device).view(1, C, 1)
+    return rows.unsqueeze(1) * C + cores, scores.transpose(1, 2)
+
+
+def _sort_by_group(groups: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable sort of each token's slots by group: (perm [T, K] with groups.gather(1, perm) sorted,
+    start [T, E] = first sorted position of each group; an empty group starts where the next one does)."""
+    T, K = groups.shape
+    sorted_groups, perm = groups.sort(dim=1, stable=True)  # [T, K]
+    if K and (sorted_groups[:, 0].min() < 0 or sorted_groups[:, -1].max() >= E):
+        raise ValueError(f"gather_pool: groups must lie in [0, num_groups={E}), got values in "
+                         f"[{sorted_groups[:, 0].min().item()}, {sorted_groups[:, -1].max().item()}]")
+    wanted = torch.arange(E, device=groups.device, dtype=groups.dtype).expand(T, E).contiguous()
+    return perm, torch.searchsorted(sorted_groups, wanted)
+
+
+def check_inputs(
+    values: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor | None, num_groups: int
+) -> None:
+    """Shape/dtype checks that name the argument and what it must be (the kernels assume them)."""
+    if values.dim() != 2:
+        raise ValueError(f"gather_pool: values must be [N, Dv], got shape {tuple(values.shape)}")
+    if rows.dim() != 2 or rows.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"gather_pool: rows must be an integer [T, K] tensor, got {rows.dtype} {tuple(rows.shape)}")
+    if scores.dim() != 3 or scores.shape[:2] != rows.shape:
+        raise ValueError(f"gather_pool: scores must be [T, K, C] with [T, K] = rows.shape {tuple(rows.shape)}, "
+                         f"got {tuple(scores.shape)}")
+    C = scores.shape[-1]
+    if C < 1 or values.shape[1] % C:
+        raise ValueError(f"gather_pool: the number of cores C = scores.shape[-1] = {C} must divide Dv = "
+                         f"values.shape[1] = {values.shape[1]}")
+    if num_groups < 1:
+        raise ValueError(f"gather_pool: num_groups must be >= 1, got {num_groups}")
+    if groups is not None and (groups.shape != rows.shape or groups.dtype not in (torch.int64, torch.int32)):
+        raise ValueError(f"gather_pool: groups must be an integer tensor shaped like rows {tuple(rows.shape)}, "
+                         f"got {groups.dtype} {tuple(groups.shape)}")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+__all__ = ["BACKENDS", "gather_pool", "gather_pool_torch", "check_inputs", "triton_available"]
