@@ -1,0 +1,150 @@
+"""Plan, run and watch a sweep (a YAML grid of runs; see docs/sweeps.md).
+
+  ultramem sweep plan sweeps/tiny_cpu.yaml              every run: id, params, tokens, FLOPs, GPU-hours, resources
+  ultramem sweep run sweeps/tiny_cpu.yaml               train every unfinished run on a fresh local Ray
+  ultramem sweep run FILE --address HEAD:6379           ... on an existing Ray cluster (or set RAY_ADDRESS)
+  ultramem sweep run FILE --backend local               ... on this machine without Ray
+  ultramem sweep status sweeps/tiny_cpu.yaml            state, step, loss, tokens/s, ETA from the run folders
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import time
+from typing import Any
+
+HELP = "plan, run and watch a sweep of runs (Ray or local)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = sub.add_parser("plan", help="dry run: every run with its size, cost and resources")
+    p.add_argument("file", help="sweep YAML")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+    r = sub.add_parser("run", help="train every unfinished run of the sweep")
+    r.add_argument("file", help="sweep YAML")
+    r.add_argument("--backend", choices=("ray", "local"), default="ray",
+                   help="ray (default): a fresh local Ray, or the cluster at --address / RAY_ADDRESS; "
+                        "local: this machine, no Ray")
+    r.add_argument("--address", default=None, help="Ray cluster address (HEAD_IP:PORT); default $RAY_ADDRESS")
+    r.add_argument("--max-concurrent", type=int, default=None, help="at most this many runs at once")
+    r.add_argument("--retries", type=int, default=2,
+                   help="relaunches of a failed training process (each resumes from the newest checkpoint)")
+
+    s = sub.add_parser("status", help="progress of every run, read from the run folders (no Ray needed)")
+    s.add_argument("file", help="sweep YAML")
+    s.add_argument("--format", choices=("table", "json"), default="table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from experiments.sweep import plan_sweep
+
+    plan = plan_sweep(args.file)
+    if args.action == "plan":
+        return _plan(plan, args.format)
+    if args.action == "run":
+        from experiments.scheduler import run_sweep
+
+        report = run_sweep(plan, backend=args.backend, address=args.address,
+                           max_concurrent=args.max_concurrent, retries=args.retries)
+        return 0 if report.ok else 1
+    return _status(plan, args.format)
+
+
+def _plan(plan: Any, fmt: str) -> int:
+    from experiments.sweep import plan_table
+
+    if fmt == "json":
+        print(json.dumps({"sweep": plan.sweep.name, "runs_dir": str(plan.runs_dir),
+                          "runs": [r.row() for r in plan.runs], "totals": plan.totals()}, indent=1))
+    else:
+        print(plan_table(plan))
+    return 0
+
+
+# ---- status ------------------------------------------------------------------------------------------------------
+
+
+def status_rows(plan: Any) -> list[dict[str, Any]]:
+    """One row per run of the sweep (and per stray run folder in its output dir), from the run folders only."""
+    from experiments.runstore import RunDir, iter_run_dirs
+
+    rows = [_row(RunDir(plan.runs_dir / r.run_id), r.name, int(r.tokens)) for r in plan.runs]
+    known = {r.run_id for r in plan.runs}
+    for rd in iter_run_dirs(plan.runs_dir):
+        if rd.run_id not in known:
+            cfg = rd.read_config() or {}
+            rows.append(_row(rd, "(not in the sweep file)", int((cfg.get("train") or {}).get("tokens") or 0)))
+    return rows
+
+
+def _row(rd: Any, name: str, budget: int) -> dict[str, Any]:
+    from experiments.scheduler import is_claimed
+
+    status = rd.status() if rd.status_path.exists() else {"state": "pending"}
+    state = status.get("state", "pending")
+    train = [m for m in rd.metrics() if m.get("kind") == "train"] if rd.metrics_path.exists() else []
+    last = train[-1] if train else {}
+    tokens = last.get("tokens", status.get("tokens", 0)) or 0
+    tps = last.get("tokens_per_s")
+    if state == "running" and not (is_claimed(rd) or _alive_here(status)):
+        state = "interrupted"  # nothing trains it now: the next `sweep run` resumes it
+    eta = (budget - tokens) / tps if state == "running" and tps and budget > tokens else None
+    final = rd.final() if state == "done" else None
+    return {
+        "run_id": rd.run_id, "name": name, "state": state, "step": status.get("step", last.get("step", 0)),
+        "total_steps": status.get("total_steps"), "loss": last.get("loss"),
+        "val_loss": (final or {}).get("val_loss"), "tokens": tokens, "budget": budget, "tokens_per_s": tps,
+        "eta_s": eta, "attempts": status.get("attempts", 0), "node": status.get("node"),
+        "error": (status.get("error") or "").splitlines()[0] if state == "failed" and status.get("error") else None,
+    }
+
+
+def _alive_here(status: dict[str, Any]) -> bool:
+    if status.get("host") != socket.gethostname() or not status.get("pid"):
+        return False
+    try:
+        os.kill(int(status["pid"]), 0)
+    except (ProcessLookupError, PermissionError, ValueError):
+        return False
+    return True
+
+
+def _status(plan: Any, fmt: str) -> int:
+    rows = status_rows(plan)
+    if fmt == "json":
+        print(json.dumps({"sweep": plan.sweep.name, "runs_dir": str(plan.runs_dir), "runs": rows}, indent=1))
+        return 0
+    from experiments.sweep import format_table, human
+
+    headers = ["run_id", "state", "step", "loss", "val_loss", "tokens", "tok/s", "ETA", "tries", "node", "name"]
+    table = [[
+        r["run_id"], r["state"], f"{r['step']}/{r['total_steps'] or '?'}", _num(r["loss"]), _num(r["val_loss"]),
+        f"{human(r['tokens'])}/{human(r['budget'])}", "-" if r["tokens_per_s"] is None else human(r["tokens_per_s"]),
+        _duration(r["eta_s"]), str(r["attempts"]), r["node"] or "-", r["name"],
+    ] for r in rows]
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    print(f"sweep {plan.sweep.name} ({plan.runs_dir}) at {time.strftime('%H:%M:%S')}: "
+          + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    print(format_table(headers, table))
+    for r in rows:
+        if r["error"]:
+            print(f"{r['run_id']}: {r['error']} (see {plan.runs_dir / r['run_id'] / 'train.log'})")
+    return 0
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -1,0 +1,523 @@
+"""Run the runs of a planned sweep: backends `ray` (default) and `local`, a pre-flight resource check, retries.
+
+The sweep's state lives in its run folders, not in the scheduler: a run whose status is done/diverged is skipped,
+any other run is (re)launched and the trainer resumes it from its newest checkpoint. So re-running a sweep after a
+crash finishes only the remainder, and adding grid points runs only the new ones.
+
+One run = one `train_run` call on some node. It takes the run's `claim` lock (waiting while another scheduler holds
+it), then launches `python -m experiments.run_one RUN_DIR` (or `torchrun --standalone --nproc_per_node=K ...`) as a
+subprocess, up to 1 + retries times. The scheduler never imports the trainer, so a SIGKILLed training process is an
+ordinary failed attempt. The training process is tied to its launcher (PR_SET_PDEATHSIG): when a node's Ray worker
+dies, its training process dies with it and releases the run for the retry on another node.
+
+Backends implement `nodes()` (for the pre-flight check), `run(jobs, ...)` and `close()`:
+  - ray: one plain `@ray.remote` task per run with the run's CPU/GPU/memory request; Ray's `max_retries` re-runs
+    a task whose worker or node died (docs/sweeps.md explains why plain tasks rather than Tune);
+  - local: threads on this machine, admitting runs while their CPUs/GPUs/memory fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import math
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from experiments.run_one import EXIT_BUSY, EXIT_CONFIG
+from experiments.runstore import TERMINAL, RunDir
+from experiments.sweep import Plan, PlannedRun
+from ultramem.config import ConfigError
+
+BACKENDS = ("ray", "local")
+CLAIM_POLL_S = 1.0  # how often a task waiting for another scheduler's claim looks again
+LOG_TAIL_LINES = 20  # lines of train.log kept in status.json's `error` for a failed run
+
+
+class ResourceError(ConfigError):
+    """Runs ask for more than any node has: they would wait forever, so nothing is started."""
+
+
+@dataclass
+class Job:
+    """What a backend runs: one run folder and the resources its training process needs on one node."""
+
+    run_id: str
+    run_dir: str  # absolute, on storage every node sees
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory_gb: float | None = None
+    nproc: int = 1
+
+    @classmethod
+    def from_planned(cls, run: PlannedRun, runs_dir: Path) -> Job:
+        r = run.resources
+        return cls(run.run_id, str((runs_dir / run.run_id).absolute()), r.cpus, r.gpus, r.memory_gb, r.nproc or 1)
+
+    def describe(self) -> str:
+        mem = "" if self.memory_gb is None else f", memory_gb={self.memory_gb:g}"
+        return f"cpus={self.cpus:g}, gpus={self.gpus:g}{mem}"
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    state: str  # done | diverged | failed (after every attempt) | interrupted
+    attempts: int  # training processes this call launched (0: someone else finished it meanwhile)
+    node: str
+    wall_s: float
+    error: str | None = None
+
+
+@dataclass
+class Node:
+    name: str
+    cpus: float
+    gpus: float
+    memory_gb: float | None  # None: unknown, not checked
+
+    def fits(self, job: Job) -> bool:
+        mem_ok = job.memory_gb is None or self.memory_gb is None or job.memory_gb <= self.memory_gb + 1e-9
+        return job.cpus <= self.cpus + 1e-9 and job.gpus <= self.gpus + 1e-9 and mem_ok
+
+    def describe(self) -> str:
+        mem = "" if self.memory_gb is None else f", memory_gb={self.memory_gb:.1f}"
+        return f"{self.name}: cpus={self.cpus:g}, gpus={self.gpus:g}{mem}"
+
+
+class Backend(Protocol):
+    name: str
+
+    def nodes(self) -> list[Node]: ...
+
+    def run(self, jobs: list[Job], retries: int, max_concurrent: int | None,
+            report: Callable[[Outcome], None]) -> list[Outcome]: ...
+
+    def close(self) -> None: ...
+
+
+# ---- one run: claim, launch, retry -------------------------------------------------------------------------------
+
+
+def train_run(job: Job, retries: int, node: str | None = None, env: dict[str, str] | None = None) -> Outcome:
+    """Train one run to a terminal state with up to `retries` relaunches; runs on the node that got the job."""
+    node = node or _node_name()
+    rd = RunDir(job.run_dir)
+    t0 = time.time()
+    while True:
+        with rd.claim() as ours:
+            if ours:
+                return _attempts(job, rd, retries, node, env or {}, t0)
+        time.sleep(CLAIM_POLL_S)
+
+
+def _attempts(job: Job, rd: RunDir, retries: int, node: str, env: dict[str, str], t0: float) -> Outcome:
+    state = rd.status().get("state")
+    if state in TERMINAL:  # finished by another scheduler while we waited for its claim
+        return Outcome(job.run_id, state, 0, node, time.time() - t0)
+    launches, failures, error = 0, 0, None
+    while failures <= retries:
+        rd.update_status(attempts=int(rd.status().get("attempts") or 0) + 1, node=node)
+        launches += 1
+        rc = _launch(job, rd, launches, node, env)
+        state = rd.status().get("state")
+        if state in TERMINAL:
+            return Outcome(job.run_id, state, launches, node, time.time() - t0)
+        if rc == EXIT_BUSY:  # trained by a process outside any scheduler (`ultramem train`): wait for it
+            time.sleep(CLAIM_POLL_S)
+            continue
+        failures += 1
+        error = f"attempt {launches}: exit code {rc}" + (f" (state left at {state!r})" if rc == 0 else "")
+        error += "\n" + _log_tail(rd)
+        if rc == EXIT_CONFIG:  # the same config fails the same way: do not retry
+            break
+    rd.update_status(state="failed", error=error)
+    return Outcome(job.run_id, "failed", launches, node, time.time() - t0, error)
+
+
+def launch_command(job: Job, python: str = sys.executable) -> list[str]:
+    """`python -m experiments.run_one RUN_DIR`, or the torchrun form for nproc > 1 (one process per GPU)."""
+    if job.nproc > 1:
+        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={job.nproc}",
+                "-m", "experiments.run_one", job.run_dir]
+    return [python, "-m", "experiments.run_one", job.run_dir]
+
+
+def _launch(job: Job, rd: RunDir, attempt: int, node: str, env: dict[str, str]) -> int:
+    cmd = launch_command(job)
+    threads = max(1, int(job.cpus // job.nproc))
+    child_env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **env}
+    # torchrun must get the chance to stop its workers; a lone trainer can simply be killed.
+    death_signal = signal.SIGTERM if job.nproc > 1 else signal.SIGKILL
+    with open(rd.path / "train.log", "ab") as log:
+        log.write(f"=== attempt {attempt} on {node} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                  f"{' '.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=child_env, preexec_fn=_die_with_parent(death_signal))
+        _LIVE.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            if proc.poll() is None:  # we are being cancelled: take the training process down with us
+                proc.kill()
+                proc.wait()
+            _LIVE.discard(proc)
+
+
+_LIVE: set[subprocess.Popen] = set()  # training processes launched from this process (killed on interrupt)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(sig: int) -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to send `sig` to the child when the launching thread dies (no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork: the child only makes the call
+    return lambda: prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+def _log_tail(rd: RunDir) -> str:
+    try:
+        with open(rd.path / "train.log", "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            lines = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return ""
+    return "\n".join(lines[-LOG_TAIL_LINES:])
+
+
+def _node_name() -> str:
+    with contextlib.suppress(Exception):
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    return socket.gethostname()
+
+
+# ---- pre-flight --------------------------------------------------------------------------------------------------
+
+
+def preflight(jobs: list[Job], nodes: list[Node], backend: str, source: str) -> None:
+    """Refuse to start if some run fits on no node: on Ray it would stay PENDING forever."""
+    bad = [j for j in jobs if not any(n.fits(j) for n in nodes)]
+    if not bad:
+        return
+    lines = [f"{source}: {len(bad)} run(s) need more than any node of the {backend} cluster offers, so they could "
+             "never start; nothing was launched."]
+    lines += [f"  {j.run_id}: {j.describe()}" for j in bad[:10]]
+    if len(bad) > 10:
+        lines.append(f"  ... and {len(bad) - 10} more")
+    lines.append("nodes:" if nodes else "nodes: none alive")
+    lines += [f"  {n.describe()}" for n in nodes]
+    lines.append("fix: lower `resources` in the sweep file (resources.default / resources.rules), or run on a "
+                 "cluster with such a node (--address / RAY_ADDRESS)")
+    raise ResourceError("\n".join(lines))
+
+
+# ---- ray backend -------------------------------------------------------------------------------------------------
+
+
+def ray_temp_dir() -> str:
+    """Where a fresh local Ray keeps its sessions and logs (short: Ray's socket paths must stay < 108 chars)."""
+    return os.environ.get("ULTRAMEM_RAY_TMP", f"/tmp/ultramem-ray-{os.getuid()}")
+
+
+class RayBackend:
+    """Plain Ray tasks on a fresh local Ray, an existing cluster (address / RAY_ADDRESS), or an already
+    initialised Ray (tests, notebooks), which it then leaves running."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None):
+        import ray
+
+        self.ray = ray
+        self.owned = False
+        if ray.is_initialized():
+            return
+        address = address or os.environ.get("RAY_ADDRESS")
+        kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+        try:
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                # A fresh, private, loopback-only Ray: no dashboard, small object store (runs pass no data).
+                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+                ray.init(address="local", include_dashboard=False, _temp_dir=ray_temp_dir(),
+                         object_store_memory=128 * 2**20, **kwargs)
+        except ray.exceptions.AuthenticationError as err:
+            raise ConfigError(f"Ray at {address}: token authentication failed ({err.message}). Run with "
+                              "RAY_AUTH_MODE=token and the cluster's token in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH "
+                              "or RAY_AUTH_TOKEN (see docs/cluster.md)") from None
+        except ConnectionError as err:
+            raise ConfigError(f"Ray at {address}: cannot connect ({err}); check --address / RAY_ADDRESS and that "
+                              "`ray start --head` runs there (see docs/cluster.md)") from None
+        self.owned = True
+
+    def nodes(self) -> list[Node]:
+        out = []
+        for n in self.ray.nodes():
+            if not n.get("Alive"):
+                continue
+            res = n.get("Resources", {})
+            mem = res.get("memory")
+            out.append(Node(n.get("NodeManagerAddress", "?"), res.get("CPU", 0.0), res.get("GPU", 0.0),
+                            None if mem is None else mem / 2**30))
+        return out
+
+    def run(self, jobs: list[Job], retries: int, max_concurrent: int | None,
+            report: Callable[[Outcome], None]) -> list[Outcome]:
+        ray = self.ray
+        task = ray.remote(train_run)
+        pending, inflight, outcomes = deque(jobs), {}, []
+        limit = max_concurrent or len(jobs) or 1
+        try:
+            while pending or inflight:
+                while pending and len(inflight) < limit:
+                    job = pending.popleft()
+                    opts: dict[str, Any] = {"num_cpus": job.cpus, "num_gpus": job.gpus, "max_retries": retries,
+                                            "retry_exceptions": False, "name": f"train:{job.run_id}"}
+                    if job.memory_gb is not None:
+                        opts["memory"] = int(job.memory_gb * 2**30)
+                    inflight[task.options(**opts).remote(job, retries)] = job
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                for ref in ready:
+                    job = inflight.pop(ref)
+                    outcome = self._result(ref, job)
+                    outcomes.append(outcome)
+                    report(outcome)
+        except BaseException:
+            for ref in inflight:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+            raise
+        return outcomes
+
+    def _result(self, ref: Any, job: Job) -> Outcome:
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayError as err:
+            # The task's worker or node died more often than max_retries allows.
+            error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            rd = RunDir(job.run_dir)
+            with rd.claim() as free:
+                if free and rd.status().get("state") not in TERMINAL:
+                    rd.update_status(state="failed", error=error)
+            return Outcome(job.run_id, "failed", 0, "?", 0.0, error)
+
+    def close(self) -> None:
+        if self.owned:
+            self.ray.shutdown()
+
+
+# ---- local backend -----------------------------------------------------------------------------------------------
+
+
+def local_node() -> Node:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return Node(socket.gethostname(), float(cpus), float(len(_local_gpu_ids())), _total_memory_gb())
+
+
+def _local_gpu_ids() -> list[str]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def _total_memory_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 2**20
+    except FileNotFoundError:
+        pass
+    return None
+
+
+@dataclass
+class _Pool:
+    cpus: float
+    memory_gb: float | None
+    gpus: list[str] = field(default_factory=list)
+
+    def take(self, job: Job) -> list[str] | None:
+        n_gpu = math.ceil(job.gpus)
+        mem_ok = job.memory_gb is None or self.memory_gb is None or job.memory_gb <= self.memory_gb + 1e-9
+        if job.cpus > self.cpus + 1e-9 or n_gpu > len(self.gpus) or not mem_ok:
+            return None
+        self.cpus -= job.cpus
+        if job.memory_gb is not None and self.memory_gb is not None:
+            self.memory_gb -= job.memory_gb
+        taken, self.gpus = self.gpus[:n_gpu], self.gpus[n_gpu:]
+        return taken
+
+    def give(self, job: Job, gpus: list[str]) -> None:
+        self.cpus += job.cpus
+        if job.memory_gb is not None and self.memory_gb is not None:
+            self.memory_gb += job.memory_gb
+        self.gpus += gpus
+
+
+class LocalBackend:
+    """Runs on this machine only: a thread per running job, admitted while its CPUs/GPUs/memory are free."""
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self.node = local_node()
+
+    def nodes(self) -> list[Node]:
+        return [self.node]
+
+    def run(self, jobs: list[Job], retries: int, max_concurrent: int | None,
+            report: Callable[[Outcome], None]) -> list[Outcome]:
+        pool = _Pool(self.node.cpus, self.node.memory_gb, _local_gpu_ids())
+        limit = max_concurrent or len(jobs) or 1
+        pending, done, outcomes = list(jobs), queue.Queue(), []
+        running: dict[str, tuple[Job, list[str]]] = {}
+        try:
+            while pending or running:
+                for job in list(pending):
+                    if len(running) >= limit:
+                        break
+                    gpus = pool.take(job)
+                    if gpus is None:
+                        continue
+                    pending.remove(job)
+                    running[job.run_id] = (job, gpus)
+                    env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {}
+                    threading.Thread(target=self._work, args=(job, retries, env, done), daemon=True).start()
+                outcome = done.get()
+                job, gpus = running.pop(outcome.run_id)
+                pool.give(job, gpus)
+                outcomes.append(outcome)
+                report(outcome)
+        except BaseException:
+            for proc in list(_LIVE):
+                with contextlib.suppress(Exception):
+                    proc.kill()
+            raise
+        return outcomes
+
+    def _work(self, job: Job, retries: int, env: dict[str, str], done: queue.Queue) -> None:
+        try:
+            outcome = train_run(job, retries, self.node.name, env)
+        except Exception as err:
+            outcome = Outcome(job.run_id, "failed", 0, self.node.name, 0.0, f"{type(err).__name__}: {err}")
+        done.put(outcome)
+
+    def close(self) -> None:
+        pass
+
+
+def make_backend(name: str, address: str | None = None) -> Backend:
+    if name == "ray":
+        return RayBackend(address)
+    if name == "local":
+        if address:
+            raise ConfigError("--address only applies to --backend ray")
+        return LocalBackend()
+    raise ConfigError(f"--backend {name!r}: unknown; allowed: {' | '.join(BACKENDS)}")
+
+
+# ---- a whole sweep -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepReport:
+    plan: Plan
+    skipped: list[str]  # run ids already done/diverged before this call
+    outcomes: list[Outcome]
+    wall_s: float
+
+    @property
+    def ok(self) -> bool:
+        return all(o.state in TERMINAL for o in self.outcomes)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {"skipped": len(self.skipped)}
+        for o in self.outcomes:
+            out[o.state] = out.get(o.state, 0) + 1
+        return out
+
+
+def prepare(plan: Plan) -> tuple[list[Job], list[str]]:
+    """Create the run folders (resolved config.yaml, pending status); return the runs still to train."""
+    jobs, skipped = [], []
+    for run in plan.runs:
+        rd = RunDir(plan.runs_dir / run.run_id)
+        if rd.status_path.exists() and rd.status().get("state") in TERMINAL:
+            skipped.append(run.run_id)
+            continue
+        if not rd.config_path.exists():
+            rd.write_config(run.config)
+        if not rd.status_path.exists():
+            rd.update_status(state="pending", attempts=0, name=run.name)
+        jobs.append(Job.from_planned(run, plan.runs_dir))
+    return jobs, skipped
+
+
+def is_claimed(rd: RunDir) -> bool:
+    """Whether some scheduler holds the run's claim right now."""
+    if not rd.claim_path.exists():
+        return False
+    with rd.claim() as free:
+        return not free
+
+
+def run_sweep(plan: Plan, backend: str | Backend = "ray", address: str | None = None,
+              max_concurrent: int | None = None, retries: int = 2,
+              log: Callable[[str], None] = print) -> SweepReport:
+    """Train every unfinished run of `plan`; returns when each has reached done/diverged/failed."""
+    if retries < 0:
+        raise ConfigError(f"--retries {retries}: must be >= 0")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent {max_concurrent}: must be >= 1")
+    t0 = time.time()
+    jobs, skipped = prepare(plan)
+    # Runs another scheduler is training go last, so ours start with work nobody else is doing.
+    jobs.sort(key=lambda j: is_claimed(RunDir(j.run_dir)))
+    runner = make_backend(backend, address) if isinstance(backend, str) else backend
+    try:
+        nodes = runner.nodes()
+        preflight(jobs, nodes, runner.name, str(plan.path))
+        cpus, gpus = sum(n.cpus for n in nodes), sum(n.gpus for n in nodes)
+        log(f"sweep {plan.sweep.name}: {len(plan.runs)} runs, {len(skipped)} already finished, {len(jobs)} to run "
+            f"on {runner.name} ({len(nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs) -> {plan.runs_dir}")
+        names = {r.run_id: r.name for r in plan.runs}
+        done = [0]
+
+        def report(o: Outcome) -> None:
+            done[0] += 1
+            extra = f" - {o.error.splitlines()[0]}" if o.error else ""
+            log(f"[{done[0]}/{len(jobs)}] {o.state:<8} {o.run_id} ({names.get(o.run_id, '')}) "
+                f"{o.wall_s:.1f}s, {o.attempts} attempt(s), node {o.node}{extra}")
+
+        outcomes = runner.run(jobs, retries, max_concurrent, report) if jobs else []
+    finally:
+        runner.close()
+    result = SweepReport(plan, skipped, outcomes, time.time() - t0)
+    counts = ", ".join(f"{v} {k}" for k, v in result.counts().items())
+    log(f"sweep {plan.sweep.name}: {counts} in {result.wall_s:.1f}s")
+    return result
