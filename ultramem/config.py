@@ -31,6 +31,7 @@ class MoEConfig:
     balance_loss_weight: float = 0.01  # Switch load-balancing loss coefficient (E * sum_i f_i P_i)
     z_loss_weight: float = 0.001  # ST-MoE router z-loss coefficient (mean logsumexp(logits)^2)
     grouped_mm: str = "auto"  # auto | on | off: use torch._grouped_mm for the expert matmuls when supported
+    normalize_gates: bool = True  # renormalise the top-k router probs to sum to 1 (official OLMoE/MegaBlocks: false)
 
     def validate(self, path: str = "model.moe") -> None:
         _check(self.num_experts >= 1, f"{path}.num_experts", self.num_experts, "an integer >= 1")
