@@ -44,7 +44,7 @@ class MoEConfig:
 class MemoryConfig:
     """A product-key memory: PKM (Lample et al. 2019) or UltraMem v1 (Huang et al. 2025).
 
-    Per memory layer (shapes for UltraMem; PKM is the special case E=1, r=1, h=1, softmax scores):
+    Per memory layer (shapes for UltraMem; PKM has E=1, r=1, h=1 and additive row + column scores, no cores):
       - physical value table V: [num_keys**2, value_dim]                       (N = num_keys**2 rows)
       - key grid per side: n' = num_keys * sqrt(value_expansion)               (IVE: E*N virtual slots)
       - keys: [heads, 2 (row/col), n', key_dim, tucker_rank]
@@ -71,7 +71,7 @@ class MemoryConfig:
     value_expansion: int = 4  # E: IVE virtual copies (a perfect square); 1 = no expansion
     tucker_penalty: float = 0.0  # alpha of the Tucker-core penalty alpha/(r-1) sum relu(lambda_i - tau)^2 (paper 1e-3)
     tucker_margin: float = 0.15  # tau of that penalty
-    init: str = "paper"  # paper: V ~ N(0, E/(2 m H L)); official: V ~ N(0, 0.02) as in the released code
+    init: str = "paper"  # paper: V ~ N(0, E/(2 m H L)) + score calibration; official: released code; xlm: PKM's
     value_lr_mult: float = 4.0  # value-table LR multiplier at step 0 (official code 4; v1 explainers 10)
     value_lr_decay: float = 1.0  # fraction of training over which that multiplier decays linearly to 1
     dropout: float = 0.0  # dropout on the memory output
@@ -100,7 +100,11 @@ class MemoryConfig:
         _check(self.tucker_rank >= 1, f"{path}.tucker_rank", self.tucker_rank, "an integer >= 1")
         _check(self.num_cores >= 1 and self.value_dim % self.num_cores == 0, f"{path}.num_cores", self.num_cores,
                f"a divisor of value_dim ({self.value_dim})")
-        _check(self.init in ("paper", "official"), f"{path}.init", self.init, "paper | official")
+        _check(self.init in ("paper", "official", "xlm"), f"{path}.init", self.init, "paper | official | xlm")
+        _check(self.tucker_penalty >= 0.0, f"{path}.tucker_penalty", self.tucker_penalty, "a number >= 0")
+        _check(self.tucker_penalty == 0.0 or self.tucker_rank >= 2, f"{path}.tucker_penalty", self.tucker_penalty,
+               "0 when tucker_rank is 1 (the penalty acts on singular values 2..r)")
+        _check(0.0 <= self.dropout < 1.0, f"{path}.dropout", self.dropout, "a fraction in [0, 1)")
         _check(self.value_lr_mult >= 1.0, f"{path}.value_lr_mult", self.value_lr_mult, "a number >= 1")
         _check(0.0 < self.value_lr_decay <= 1.0, f"{path}.value_lr_decay", self.value_lr_decay, "a fraction in (0, 1]")
         _check(self.query_conv >= 0, f"{path}.query_conv", self.query_conv, "0 (off) or a kernel size >= 1")
@@ -148,8 +152,23 @@ class ModelConfig:
         if self.moe is not None:
             self.moe.validate()
         if self.memory is not None:
-            self.memory.validate()
+            self._validate_memory(self.memory)
         return self
+
+    def _validate_memory(self, mem: MemoryConfig) -> None:
+        from ultramem.memory.placement import parse_layers
+
+        mem.validate()
+        parse_layers(mem.layers, self.n_layers)
+        if not mem.value_proj:
+            _check(mem.value_expansion * mem.value_dim == self.d_model, "model.memory.value_dim", mem.value_dim,
+                   f"d_model / value_expansion ({self.d_model} / {mem.value_expansion}) when value_proj is false")
+        if self.family == "pkm":
+            # PKM scores are additive (row + column) with one value table and no cores; these UltraMem fields
+            # have no meaning there, so a non-default value is a mistake rather than something to ignore.
+            for name in ("tucker_rank", "num_cores", "value_expansion"):
+                _check(getattr(mem, name) == 1, f"model.memory.{name}", getattr(mem, name),
+                       "1 for family 'pkm' (TDQKR, MCS and IVE are UltraMem features)")
 
     # ---- conversion -------------------------------------------------------------------------------------------
 

@@ -1,0 +1,12 @@
+"""Memory layers: PKM (Lample et al. 2019) and UltraMem v1 (Huang et al. 2025), their retrieval and placement.
+
+Modules:
+  placement    which blocks a memory layer reads from and writes to ("a:b/c:d" skip-layer spec or "every")
+  query        the shared query path: optional causal depthwise conv -> Linear(d, 2*D_k per query) -> RMSNorm
+  tdqkr        Tucker Decomposed Query-Key Retrieval (UltraMem's two-stage top-m)
+  pkm          the PKM layer (additive product keys, softmax weights)
+  ultramem     the UltraMem v1 layer (TDQKR + MCS + IVE + half value dim and projection)
+  init         the paper's value/score initialisation
+
+This package's __init__ imports nothing, so `ultramem.config` can use `placement` without importing torch.
+"""

@@ -1,0 +1,59 @@
+"""Optimizer parameter groups and the value-table learning-rate multiplier (UltraMem §2.6, "value lr decay").
+
+Groups (each a dict torch optimizers accept, plus "name" and "lr_mult_fn"):
+  decay     every weight with >= 2 dims that is not a value table (linears, embeddings, keys, cores, conv)
+  no_decay  norm weights and other 1-dim parameters
+  values    memory value tables (PKM and UltraMem `values`), with weight decay, at base LR x lr_mult_fn(progress)
+
+`lr_mult_fn(progress)` takes the training progress step / total_steps in [0, 1] and returns the multiplier the
+trainer applies on top of its own schedule. For values it is the official `CosWithWarmup.get_lr` rule
+    mult = 1 + (value_lr_mult - 1) * max(0, 1 - progress / value_lr_decay),
+i.e. value_lr_mult at step 0, decaying linearly to 1x at progress = value_lr_decay and 1x after that.
+The multiplier functions are small picklable objects, but the trainer should keep them out of the optimizer
+(pass the groups without "lr_mult_fn") so optimizer checkpoints stay loadable with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LinearDecayMultiplier:
+    start: float = 1.0  # multiplier at progress 0
+    decay_fraction: float = 1.0  # progress at which it reaches 1
+
+    def __call__(self, progress: float) -> float:
+        return value_lr_multiplier(progress, self.start, self.decay_fraction)
+
+
+def value_lr_multiplier(progress: float, start: float, decay_fraction: float) -> float:
+    return 1.0 + (start - 1.0) * max(0.0, 1.0 - progress / decay_fraction)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split `model`'s trainable parameters into the groups above; empty groups are left out."""
+    from ultramem.memory.pkm import PKMLayer
+    from ultramem.memory.ultramem import UltraMemLayer
+
+    value_ids = {id(m.values) for m in model.modules() if isinstance(m, PKMLayer | UltraMemLayer)}
+    decay, no_decay, values = [], [], []
+    for p in model.parameters():  # shared (tied) parameters are yielded once
+        if not p.requires_grad:
+            continue
+        if id(p) in value_ids:
+            values.append(p)
+        elif p.dim() >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    mem = getattr(getattr(model, "cfg", None), "memory", None)
+    value_mult = LinearDecayMultiplier(mem.value_lr_mult, mem.value_lr_decay) if mem else LinearDecayMultiplier()
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay, "lr_mult_fn": LinearDecayMultiplier()},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr_mult_fn": LinearDecayMultiplier()},
+        {"name": "values", "params": values, "weight_decay": weight_decay, "lr_mult_fn": value_mult},
+    ]
+    return [g for g in groups if g["params"]]
