@@ -70,7 +70,7 @@ def gather_pool_torch(
                                  per_sample_weights=weights.reshape(T * C, K))  # [T*C, Dc]
         out = pooled.view(T, C * Dc)
         return out if E == 1 else F.pad(out, (0, (E - 1) * Dv)).view(T, E * Dv)  # groups None: all in group 0
-    perm, start = _sort_by_group(groups.long(), E)  # [T, K], [T, E]
+    perm, start = _sort_by_group(groups.long().contiguous(), E)  # [T, K], [T, E]
     idx, weights = _core_major(rows.gather(1, perm), scores.gather(1, perm.unsqueeze(-1).expand(T, K, C)))
     # bag (t, c, g) starts at t*C*K + c*K + start[t, g]; empty groups are empty bags, which pool to zero
     base = torch.arange(T * C, device=rows.device).view(T, C, 1) * K
