@@ -1,0 +1,163 @@
+"""Text documents from any source, always through Hugging Face `datasets`.
+
+`data.source` is one of
+  embedded          the generated knowledge corpus (experiments.data.corpus), written once to a jsonl file in the
+                    cache and read back with load_dataset("json")
+  a path            a file, a folder (every .txt/.md/.json/.jsonl/.parquet file in it) or a glob; text files give one
+                    document per paragraph (blank-line separated; tinyshakespeare: one speech per document),
+                    json/jsonl/parquet one document per row (column data.text_field)
+  hf:<name>         a hub dataset (data.hf_config, data.hf_split; data.streaming for ones too large to download)
+
+`resolve_source` is fast and says what the data is (its fingerprint keys the token cache); `load_documents`
+reads it.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ultramem.config import ConfigError
+
+if TYPE_CHECKING:
+    from experiments.config import DataConfig
+
+FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".ndjson": "json",
+           ".parquet": "parquet"}
+CONTENT_HASH_MAX_BYTES = 512 << 20  # above this, local files are fingerprinted by (size, mtime) instead of content
+
+
+@dataclass
+class Source:
+    kind: str  # embedded | local | hub
+    name: str  # short human-readable name for the cache folder
+    description: str  # what meta.json records as `source`
+    fingerprint: dict[str, Any]  # everything about the source that changes its documents
+    builder: str | None = None  # text | json | parquet for local files
+    files: list[str] = field(default_factory=list)
+    text_field: str = "text"
+
+
+def resolve_source(cfg: DataConfig, cache: Path) -> Source:
+    src = cfg.source.strip()
+    if src == "embedded":
+        from experiments.data.corpus import corpus_fingerprint, corpus_options
+
+        opts = corpus_options(cfg.embedded)
+        fp = corpus_fingerprint(opts)
+        return Source("embedded", "embedded", f"embedded corpus {opts.describe()}", fp, "json",
+                      [str(cache / "corpus" / f"embedded-{_short(fp)}" / "corpus.jsonl")])
+    if src.startswith("hf:"):
+        name = src[3:]
+        if not name:
+            raise ConfigError("data.source='hf:': give a hub dataset name, e.g. hf:roneneldan/TinyStories")
+        fp = {"hub": name, "config": cfg.hf_config, "split": cfg.hf_split}
+        return Source("hub", name.replace("/", "--"), src, fp, text_field=cfg.text_field)
+    files = _expand_local(src)
+    builder = _builder(files, cfg.format)
+    fp = {"files": _file_fingerprints(files), "builder": builder,
+          "sample_by": "paragraph" if builder == "text" else None}
+    stem = Path(files[0]).stem if len(files) == 1 else Path(src.rstrip("/*")).name or "files"
+    return Source("local", stem, os.path.abspath(src), fp, builder, files, cfg.text_field)
+
+
+def _expand_local(src: str) -> list[str]:
+    path = Path(src).expanduser()
+    if path.is_file():
+        return [str(path.resolve())]
+    if path.is_dir():
+        found = sorted(str(p.resolve()) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS)
+        if not found:
+            raise ConfigError(f"data.source={src!r}: the folder has no {'/'.join(sorted(FORMATS))} files")
+        return found
+    matches = sorted(str(Path(p).resolve()) for p in glob.glob(os.path.expanduser(src), recursive=True)
+                     if Path(p).is_file())
+    if matches:
+        return matches
+    hubby = src.count("/") == 1 and not src.startswith((".", "/", "~")) and not Path(src).suffix
+    hint = f" (for a hub dataset write 'hf:{src}')" if hubby else ""
+    raise ConfigError(f"data.source={src!r}: no such file, folder or glob match{hint}; allowed: 'embedded', a path "
+                      "to .txt/.md/.json/.jsonl/.parquet files, or 'hf:<dataset>'")
+
+
+def _builder(files: list[str], fmt: str) -> str:
+    if fmt != "auto":
+        return "json" if fmt == "jsonl" else fmt
+    kinds = {FORMATS.get(Path(f).suffix.lower()) for f in files}
+    if None in kinds:
+        bad = next(f for f in files if Path(f).suffix.lower() not in FORMATS)
+        raise ConfigError(f"data.format='auto' cannot tell the format of {bad}; set data.format: text | json | "
+                          "jsonl | parquet")
+    if len(kinds) > 1:
+        raise ConfigError(f"data.source mixes formats ({', '.join(sorted(kinds))}); point it at one kind of file "
+                          "or set data.format")
+    return kinds.pop()
+
+
+def _file_fingerprints(files: list[str]) -> list[Any]:
+    """Content hashes (so a copied or touched file reuses its tokens); stats for very large sources."""
+    if sum(os.path.getsize(f) for f in files) > CONTENT_HASH_MAX_BYTES:
+        return [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+    out = []
+    for f in files:
+        h = hashlib.blake2b(digest_size=16)
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(8 << 20), b""):
+                h.update(chunk)
+        out.append(h.hexdigest())
+    return out
+
+
+def _short(fp: dict[str, Any]) -> str:
+    import json
+
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+
+
+def load_documents(src: Source, cfg: DataConfig, cache: Path) -> Any:
+    """A `datasets.Dataset` (or `IterableDataset` when streaming) with the documents in column `src.text_field`."""
+    import datasets
+
+    hf_cache = str(cache / "hf")
+    if src.kind == "embedded":
+        from experiments.data.corpus import ensure_corpus_file
+
+        ensure_corpus_file(cfg.embedded, Path(src.files[0]))
+    if src.kind == "hub":
+        try:
+            ds = datasets.load_dataset(src.fingerprint["hub"], src.fingerprint["config"], split=cfg.hf_split,
+                                       streaming=cfg.streaming, cache_dir=hf_cache)
+        except Exception as err:  # offline, unknown name, wrong config/split: the user fixes all in data.*
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+            hint = "HF_HUB_OFFLINE=1 is set, so the hub cannot be reached; " if offline else ""
+            raise ConfigError(f"data.source={cfg.source!r}: could not load the hub dataset "
+                              f"(config {cfg.hf_config!r}, split {cfg.hf_split!r}): {type(err).__name__}: {err}. "
+                              f"{hint}check data.source / data.hf_config / data.hf_split, or use a local file or "
+                              "source: embedded") from None
+    else:
+        kwargs = {"sample_by": "paragraph"} if src.builder == "text" else {}
+        try:
+            ds = datasets.load_dataset(src.builder, data_files={"train": src.files}, split="train",
+                                       cache_dir=hf_cache, **kwargs)
+        except Exception as err:
+            raise ConfigError(f"data.source={cfg.source!r}: could not read {len(src.files)} file(s) as "
+                              f"{src.builder}: {type(err).__name__}: {err}") from None
+    columns = ds.column_names
+    if columns is not None and src.text_field not in columns:
+        raise ConfigError(f"data.text_field={src.text_field!r}: no such column in {cfg.source!r}; columns: "
+                          f"{', '.join(columns)}")
+    if columns is not None and len(columns) > 1:
+        ds = ds.select_columns([src.text_field])
+    if cfg.max_documents is not None:
+        if isinstance(ds, datasets.IterableDataset):
+            ds = ds.take(cfg.max_documents)
+        else:
+            ds = ds.select(range(min(cfg.max_documents, len(ds))))
+    return ds
