@@ -153,8 +153,6 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self._load_sum: torch.Tensor | None = None  # [n_layers, E] summed MoE loads since expert_load()
-        self._load_count = 0
 
     def _memory_layer(self) -> nn.Module:
         if self.cfg.family == "ultramem":
@@ -189,8 +187,6 @@ class Transformer(nn.Module):
                 x = x + y
         if cache is not None:
             cache.pos += T
-        if self.cfg.family == "moe" and self.training:
-            self._accumulate_load()
         logits = self.lm_head(self.norm_f(x))  # [B, T, vocab]
         loss = None
         if targets is not None:
@@ -211,21 +207,12 @@ class Transformer(nn.Module):
         for mem in self.memories:
             mem.on_optimizer_step()
 
-    def _accumulate_load(self) -> None:
-        load = torch.stack([block.ffn.last_load.float() for block in self.blocks])  # [n_layers, E]
-        self._load_sum = load if self._load_sum is None else self._load_sum + load
-        self._load_count += 1
-
     def expert_load(self) -> torch.Tensor | None:
-        """Mean per-layer token fraction per expert [n_layers, E] over training forwards since the last call.
-
-        None for non-MoE families or when no training forward ran since the last call.
-        """
-        if self._load_sum is None:
+        """Per-layer fraction of token-slots per expert [n_layers, E] over the training forwards since the last
+        call (zeros if there were none); None for non-MoE families."""
+        if self.cfg.family != "moe":
             return None
-        load = (self._load_sum / self._load_count).cpu()
-        self._load_sum, self._load_count = None, 0
-        return load
+        return torch.stack([block.ffn.take_load() for block in self.blocks]).cpu()
 
     def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:  # noqa: ANN001
         """Empty decode cache for `batch_size` sequences of up to `max_len` (<= model.seq_len) tokens."""

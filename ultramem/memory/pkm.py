@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from ultramem.config import MemoryConfig
+from ultramem.kernels.retrieval import gather_pool
 from ultramem.memory.init import calibrate_scores, init_query_and_keys, value_std
 from ultramem.memory.query import NORM_EPS, ProductQuery
 from ultramem.memory.tdqkr import activate
-from ultramem.memory.values import gather_pool
 
 
 class PKMLayer(nn.Module):

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from ultramem.config import MemoryConfig
+from ultramem.kernels.retrieval import gather_pool
 from ultramem.memory.init import calibrate_scores, init_query_and_keys, value_std
 from ultramem.memory.tdqkr import TDQKR
-from ultramem.memory.values import gather_pool
 
 
 class UltraMemLayer(nn.Module):
