@@ -160,7 +160,7 @@ def activate(scores: torch.Tensor, kind: str, dim: int) -> torch.Tensor:
         return scores
     if kind == "relu":
         return F.relu(scores)
-    return scores.float().softmax(dim=dim).to(scores.dtype)
+    return scores.softmax(dim=dim, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
 
 
 def key_init_std(key_dim: int) -> float:
