@@ -1,0 +1,99 @@
+"""The benchmark harness: timing statistics, peak memory, case selection, ratios, and `ultramem bench layers` end to end
+on a tiny token count (the numbers are not checked, only that they are measured and reported)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.bench_layers import add_ratios, selected, targets
+from benchmarks.common import Timing, peak_memory_mb, time_round_robin
+from experiments.commands import bench
+
+
+def test_timing_median_and_iqr_match_numpy():
+    samples = [5.0, 1.0, 100.0, 3.0, 4.0, 2.0]
+    t = Timing(samples)
+    assert t.median == pytest.approx(np.median(samples))
+    q1, q3 = np.percentile(samples, [25, 75])
+    assert t.iqr == pytest.approx(q3 - q1)
+
+
+def test_round_robin_warms_up_and_interleaves():
+    calls: list[str] = []
+    cases = {name: (lambda n=name: calls.append(n)) for name in ("a", "b", "c")}
+    timings = time_round_robin(cases, torch.device("cpu"), warmup=2, repeats=3)
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]
+    assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # each round starts one case later
+    assert all(len(t.samples_ms) == 3 for t in timings.values())
+
+
+def test_cpu_peak_memory_sees_a_transient_allocation():
+    size_mb = 64
+
+    def allocate_and_touch():
+        x = torch.ones(size_mb * 2**20 // 4)  # written, so every page is resident
+        return float(x[-1])
+
+    peak = peak_memory_mb(allocate_and_touch, torch.device("cpu"))
+    if peak is None:
+        pytest.skip("resident-set peak cannot be reset here (/proc/self/clear_refs)")
+    assert size_mb * 0.95 <= peak <= size_mb * 1.5
+
+
+def test_only_keeps_the_bound_and_the_peers_of_the_chosen_layer():
+    labels = ["lucidrains/ultra-mem/ultramem", "lucidrains/product-key-memory/pkm", "ours/ultramem", "ours/pkm",
+              "ours/moe", "ours/gather_pool", "bound/embedding_bag"]
+    assert selected(labels, ["ours/ultramem"]) == ["lucidrains/ultra-mem/ultramem", "ours/ultramem",
+                                                   "bound/embedding_bag"]
+    assert selected(labels, ["gather"]) == ["ours/gather_pool", "bound/embedding_bag"]
+    assert selected(labels, []) == labels
+
+
+def test_ratios_and_targets():
+    rows = [
+        {"impl": "lucidrains/ultra-mem", "layer": "ultramem", "fwd_bwd_ms": 320.0, "inference_ms": 120.0},
+        {"impl": "bound", "layer": "embedding_bag", "fwd_bwd_ms": 20.0, "inference_ms": 8.0},
+        {"impl": "ours", "layer": "ultramem", "fwd_bwd_ms": 40.0, "inference_ms": 30.0},
+        {"impl": "ours", "layer": "moe", "fwd_bwd_ms": 10.0, "inference_ms": 5.0},
+    ]
+    add_ratios(rows)
+    ours = rows[2]
+    assert ours["speedup_fwd_bwd_vs_peer"] == pytest.approx(8.0)
+    assert ours["speedup_inference_vs_peer"] == pytest.approx(4.0)
+    assert ours["inference_vs_bound"] == pytest.approx(3.75)
+    assert "speedup_fwd_bwd_vs_peer" not in rows[3] and "inference_vs_bound" not in rows[3]
+    met = {t["name"].split()[2]: t["met"] for t in targets(rows)}
+    assert met == {"fwd+bwd": True, "inference": False}
+
+
+def run_bench(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return bench.run(parser.parse_args(list(argv)))
+
+
+def test_bench_layers_writes_json_and_plot(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        rc = run_bench("layers", "--only", "gather_pool", "--seq", "32", "--warmup", "1", "--repeats", "2",
+                       "--threads", "1", "--out", str(tmp_path), "--format", "json")
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    data = json.loads((tmp_path / "layers.json").read_text())
+    assert json.loads(capsys.readouterr().out) == data
+    assert (tmp_path / "layers.png").stat().st_size > 0
+    assert data["threads"] == 1 and data["torch"] == torch.__version__ and data["machine"]["cpu"]
+    by = {(r["impl"], r["layer"]): r for r in data["rows"]}
+    assert set(by) == {("ours", "gather_pool"), ("bound", "embedding_bag")}
+    for r in by.values():
+        for key in ("fwd_ms", "fwd_bwd_ms", "inference_ms"):
+            assert r[key] > 0 and len(r["samples_ms"][key[:-3]]) == 2
+        assert r["peak_mem_mb"] is None or r["peak_mem_mb"] >= 0
+        assert r["config"]["tokens"] == 32
+    assert by[("ours", "gather_pool")]["inference_vs_bound"] > 0
