@@ -23,16 +23,15 @@ from ultramem.config import ConfigError, ModelConfig
 
 def resolve_run_config(cfg: RunConfig, source: str = "<config>") -> RunConfig:
     """The resolved form of `cfg`. Errors name `source` and the field to fix."""
-    from ultramem.accounting import count_params
-
     from experiments.data import tokenizer_vocab_size
+    from ultramem.accounting import count_params
 
     vocab = tokenizer_vocab_size(cfg.data)
     model = resolve_model(cfg.model, vocab, source)
     if model.vocab_size < vocab:
         raise ConfigError(f"{source}: model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's "
                           f"vocabulary ({vocab}); remove model.vocab_size or set it to at least {vocab}")
-    train = _resolve_train(cfg, model, count_params(model)["active"], source)
+    train = _resolve_train(cfg, model, count_params(model).active, source)
     data = cfg.model_dump(mode="json")
     data["model"] = _model_dict(cfg.model, model)
     data["train"] = train

@@ -14,9 +14,9 @@
   the same final state as an uninterrupted run (same data order, same RNG);
 - a non-finite loss or gradient norm ends the run as `diverged` without overwriting the last good checkpoint.
 
-Data order does not depend on the number of processes: every rank draws the same global batch from its own
-loader and keeps its slice, so a DDP run sees exactly the sequences of a single-process run (and can resume on
-another GPU count).
+Data order does not depend on the number of processes: step k consumes the same global batch of windows for any
+world size, rank r taking the r-th block of it (experiments.data.loader), so a DDP run sees exactly the sequences
+of a single-process run and can resume on another GPU count.
 """
 
 from __future__ import annotations
@@ -192,11 +192,6 @@ class Window:
 # ---- steps -----------------------------------------------------------------------------------------------------
 
 
-def rank_slice(batch: torch.Tensor, env: Env) -> torch.Tensor:
-    per_rank = batch.shape[0] // env.world_size
-    return batch[env.rank * per_rank:(env.rank + 1) * per_rank]
-
-
 def train_step(model: torch.nn.Module, raw: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
                y: torch.Tensor, t: TrainConfig, env: Env) -> dict[str, torch.Tensor]:
     """One optimizer step on this rank's rows of the global batch, in micro-batches of t.micro_batch_size."""
@@ -227,23 +222,16 @@ def train_step(model: torch.nn.Module, raw: torch.nn.Module, opt: torch.optim.Op
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, prepared: Any, cfg: RunConfig, env: Env) -> float:
-    """Mean cross-entropy (nats/token) on `eval_batches` global batches of the held-out split.
+def evaluate(model: torch.nn.Module, val_loader: Any, t: TrainConfig, env: Env) -> float:
+    """Mean cross-entropy (nats/token) over the first `eval_batches` fixed batches of the held-out split.
 
-    A fresh loader with the run's seed each time, so every evaluation scores the same tokens."""
-    from experiments.data import TokenLoader
-
-    t = cfg.train
-    loader = TokenLoader(prepared, split="val", seq_len=t.seq_len, batch_size=t.batch_size, seed=cfg.seed,
-                         rank=0, world_size=1)
+    The val loader serves the same batches on every call, sharded by rank like the training batches."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=env.device)
     count = 0
-    for _ in range(t.eval_batches):
-        x, y = loader.next_batch()
-        for xb, yb in zip(rank_slice(x, env).split(t.micro_batch_size), rank_slice(y, env).split(t.micro_batch_size),
-                          strict=True):
+    for x, y in val_loader.eval_batches(t.eval_batches):
+        for xb, yb in zip(x.split(t.micro_batch_size), y.split(t.micro_batch_size), strict=True):
             with env.autocast():
                 total += model(xb.to(env.device), yb.to(env.device)).loss.float()
             count += 1
@@ -298,7 +286,7 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
 
     t, rid = cfg.train, run_id(cfg.model_dump(mode="json"))
     mcfg = model_config(cfg)
-    params = count_params(mcfg)
+    params = count_params(mcfg).to_dict()
     fpt = flops_per_token(mcfg, t.seq_len, training=True)
     tokens_per_step = t.batch_size * t.seq_len
 
@@ -309,8 +297,11 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
     seed_everything(cfg.seed)
     raw = build_model(mcfg).to(env.device)
     opt, mult_fns = build_optimizer(raw, t)
-    loader = TokenLoader(prepared, split="train", seq_len=t.seq_len, batch_size=t.batch_size, seed=cfg.seed,
-                         rank=0, world_size=1)
+    per_rank = t.batch_size // env.world_size
+    loader = TokenLoader(prepared, split="train", seq_len=t.seq_len, batch_size=per_rank, seed=cfg.seed,
+                         rank=env.rank, world_size=env.world_size)
+    val_loader = TokenLoader(prepared, split="val", seq_len=t.seq_len, batch_size=per_rank, seed=cfg.seed,
+                             rank=env.rank, world_size=env.world_size)
     window = Window()
     start = 0
     state = checkpoint.load_latest(rd)
@@ -343,7 +334,7 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
             done_steps = step + 1
             base_lr = set_lr(opt, mult_fns, step, t)
             x, y = loader.next_batch()
-            stats = train_step(model, raw, opt, rank_slice(x, env), rank_slice(y, env), t, env)
+            stats = train_step(model, raw, opt, x, y, t, env)
             window.add(done_steps, stats)
             is_last = done_steps == t.steps
             if done_steps % t.log_every == 0 or is_last:
@@ -361,7 +352,7 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
                     wandb.log(record, done_steps)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
             if done_steps % t.eval_every == 0 or is_last:
-                last_val = evaluate(compiled, prepared, cfg, env)
+                last_val = evaluate(compiled, val_loader, t, env)
                 record = {"kind": "eval", "step": done_steps, "tokens": done_steps * tokens_per_step,
                           "flops": done_steps * tokens_per_step * fpt, "val_loss": last_val, "time": time.time()}
                 if env.main:
@@ -465,7 +456,7 @@ def _final_record(cfg: RunConfig, rid: str, mcfg: ModelConfig, params: dict[str,
     t = cfg.train
     tokens = t.steps * t.batch_size * t.seq_len
     trained_here = (t.steps - start) * t.batch_size * t.seq_len
-    meta = getattr(prepared, "meta", {}) or {}
+    meta = prepared.meta
     return {
         "run_id": rid, "name": cfg.name, "sweep": cfg.sweep, "family": mcfg.family,
         "preset": cfg.model.get("preset"), "seed": cfg.seed,
@@ -485,9 +476,10 @@ def _memory_summary(mcfg: ModelConfig, params: dict[str, int]) -> dict[str, Any]
     m = mcfg.memory
     if m is None:
         return None
-    num_layers = mcfg.n_layers if m.layers == "every" else len(m.layers.split("/"))
+    from ultramem.accounting import num_memory_layers
+
     return {"num_values": m.num_values, "top_m": m.top_m, "heads": m.heads, "value_expansion": m.value_expansion,
-            "num_layers": num_layers, "value_params": params["sparse"]}
+            "num_layers": num_memory_layers(mcfg), "value_params": params["sparse"]}
 
 
 def _moe_summary(mcfg: ModelConfig) -> dict[str, Any] | None:

@@ -1,0 +1,89 @@
+"""LR schedule, optimizer groups and size-derived hyperparameters against closed forms and published numbers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from experiments import hparams
+from experiments.config import TrainConfig
+from experiments.trainer import lr_at, set_lr
+
+
+def _train(**kw) -> TrainConfig:
+    return TrainConfig(**{"lr": 1e-3, "steps": 101, "warmup": 10, "min_lr_ratio": 0.1, **kw})
+
+
+def test_warmup_is_linear_from_lr_over_warmup_to_peak():
+    t = _train()
+    assert [lr_at(s, t) for s in range(10)] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
+
+
+def test_cosine_runs_from_peak_to_ten_percent_at_the_last_step():
+    t = _train()
+    assert lr_at(10, t) == pytest.approx(1e-3)
+    assert lr_at(100, t) == pytest.approx(1e-4)  # paper Table 4: cosine to 10%
+    # first cosine step is 10, last is 100: the midpoint 55 sits halfway between peak and floor
+    assert lr_at(55, t) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))
+    # closed form at an arbitrary step
+    s = 73
+    expected = 1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * (s - 10) / 90))
+    assert lr_at(s, t) == pytest.approx(expected)
+
+
+def test_no_warmup_starts_at_peak():
+    assert lr_at(0, _train(warmup=0)) == pytest.approx(1e-3)
+
+
+def test_group_multiplier_is_a_function_of_training_progress():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [a]}, {"params": [b]}], lr=1.0)
+    t = _train(warmup=0)
+    seen = []
+    mult = lambda progress: seen.append(progress) or 4.0 - 3.0 * progress
+    base = set_lr(opt, [None, mult], 50, t)
+    assert base == pytest.approx(lr_at(50, t))
+    assert opt.param_groups[0]["lr"] == pytest.approx(base)
+    assert seen == [pytest.approx(50 / 101)]
+    assert opt.param_groups[1]["lr"] == pytest.approx(base * (4.0 - 3.0 * 50 / 101))
+
+
+def test_lr_power_law_is_the_least_squares_fit_of_paper_table4():
+    n = np.array([p for p, _ in hparams.PAPER_TABLE4_LR])
+    lr = np.array([v for _, v in hparams.PAPER_TABLE4_LR])
+    assert list(zip(n, lr, strict=True)) == [(151e6, 6e-4), (680e6, 2.5e-4), (1.6e9, 2e-4), (6.5e9, 1.2e-4)]
+    slope, intercept = np.polyfit(np.log(n), np.log(lr), 1)
+    assert pytest.approx(slope, rel=1e-3) == hparams.LR_EXPONENT
+    assert pytest.approx(math.exp(intercept), rel=1e-3) == hparams.LR_COEF
+    for size, published in hparams.PAPER_TABLE4_LR:
+        assert hparams.learning_rate(int(size)) == pytest.approx(published, rel=0.2)
+
+
+def test_lr_is_capped_for_tiny_models():
+    assert hparams.learning_rate(1_000) == hparams.LR_MAX
+
+
+def test_batch_size_follows_the_olmo_ladder_rule():
+    # OLMo ladder: 160 sequences of 2048 tokens at 108M parameters, scaling as N^(2/3)
+    assert hparams.batch_size(108_000_000, 2048) == 160
+    assert hparams.batch_size(108_000_000 * 8, 2048) == 640  # 8^(2/3) = 4
+    assert hparams.batch_size(108_000_000, 1024) == 320  # same tokens per step at half the context
+    assert hparams.batch_size(108_000_000, 2048, multiple=3) % 3 == 0
+
+
+def test_short_budgets_shrink_the_batch_to_keep_min_steps():
+    seq_len, budget = 256, 256 * 1000
+    b = hparams.batch_size(108_000_000, seq_len, token_budget=budget)
+    assert b == 10  # 1000 sequences over MIN_STEPS = 100 steps
+    assert hparams.num_steps(budget, b, seq_len) == hparams.MIN_STEPS
+
+
+def test_warmup_fraction_and_steps():
+    assert hparams.warmup_steps(0.01, 1000) == 10
+    assert hparams.warmup_steps(0.01, 50) == 1  # a nonzero fraction always warms up at least one step
+    assert hparams.warmup_steps(0.0, 50) == 0
+    assert hparams.warmup_steps(25, 1000) == 25
+    assert hparams.warmup_steps(25, 10) == 10
