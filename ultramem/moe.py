@@ -91,10 +91,12 @@ class MoEFFN(nn.Module):
 
     def experts_loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs [S, d] sorted by expert -> [S, d]; one pair of matmuls per expert that received slots."""
+        # unbind, not w_in[e]: its backward stacks the E gradients once instead of adding E full-size zero tensors
+        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
         outs = []
         for e, xe in enumerate(xs.split(counts.tolist())):  # xe [c_e, d], contiguous
             if xe.shape[0]:
-                outs.append(F.gelu(xe @ self.w_in[e]) @ self.w_out[e])  # [c_e, d]
+                outs.append(F.gelu(xe @ w_in[e]) @ w_out[e])  # [c_e, d]
         return torch.cat(outs)
 
     def experts_grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
