@@ -227,7 +227,7 @@ class Transformer(nn.Module):
 
 
 def _combine_aux(terms: list[dict[str, torch.Tensor]], ref: torch.Tensor):
-    """-> (sum of the layers' weighted "aux_loss", {component: mean over the layers reporting it})."""
+    """-> (sum of the layers' weighted "aux_loss", {component: mean over the layers reporting it, detached})."""
     total = ref.new_zeros((), dtype=torch.float32)
     parts: dict[str, list[torch.Tensor]] = {}
     for term in terms:
@@ -235,7 +235,7 @@ def _combine_aux(terms: list[dict[str, torch.Tensor]], ref: torch.Tensor):
             if key == "aux_loss":
                 total = total + value.float()
             else:
-                parts.setdefault(key, []).append(value.float())
+                parts.setdefault(key, []).append(value.detach().float())
     return total, {key: torch.stack(values).mean() for key, values in parts.items()}
 
 
