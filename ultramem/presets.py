@@ -22,15 +22,18 @@ Paper sizes (Huang et al. 2025, Table 1; the v1 Table 6 shapes were not recovere
 Tiny ladder (CPU): six sizes t1..t6 from 0.1M to 4.7M non-embedding params, byte vocabulary (256), context 256
 ------------------------------------------------------------------------------------------------------------------
   dense-tK          d_model 64..256, 2..6 layers, head_dim 32, FFN 4d.
-  ultramem-tK-x6    the same backbone plus UltraMem memory (shapes as the paper presets, key_dim d/4, top_m 16,
-                    one memory layer up to 4 blocks, two from 5 blocks) with num_keys solved so that total
-                    non-embedding params are 6x the dense model's.
+  ultramem-tK-x6    the same backbone plus UltraMem memory (shapes as the paper presets, key_dim d/8 (>= 8),
+                    top_m 16, one memory layer up to 4 blocks, two from 5 blocks) with num_keys solved so that
+                    total non-embedding params are 6x the dense model's. key_dim d/8 rather than the paper
+                    presets' d/4 because keys are dense parameters read by every token and, at this scale, would
+                    otherwise add 40% to the activated FLOPs.
   moe-tK-2inN       the same backbone with top-2 MoE in every block; the expert width is solved so activated
                     params equal the UltraMem model's, then N so that total params equal it too (the paper's
                     rule: MoE and UltraMem of one size have the same activated FLOPs and total parameters).
   pkm-tK-x6         the PKM baseline on the same backbone, total params equal to the UltraMem model's.
 The memory and MoE models carry the memory's dense overhead (keys, query and value projections), so their
-activated FLOPs are 8-25% above the dense model of the same size, as in Table 1 (0.35 vs 0.30 GFLOPs at 151M).
+activated params are 13-26% above the dense model of the same size (the most at t1), as in Table 1 where
+MoE/UltraMem-151M run 0.35 GFLOPs/token against the dense model's 0.30.
 Short names dense-tiny, moe-tiny, pkm-tiny, ultramem-tiny are the t2 models (< 2.5M params), for tests and docs.
 """
 
