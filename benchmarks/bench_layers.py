@@ -14,6 +14,8 @@ Cases, at d = 256 and 1024 tokens (--batch x --seq):
   ours ultramem                  UltraMemLayer, 65536 physical values of width 128 (num_keys 256), 2 heads x top-32
                                  (64 rows of 128 floats per token, as above), 2 MCS cores, E=4, key_dim 128, query
                                  conv 5 (lucidrains' defaults), projection 4*128 -> 256
+  ours ultramem_same_slots       the same with num_keys 128: 16384 physical values, 65536 virtual slots, i.e.
+                                 lucidrains' 256^2 key grid (its num_memories counts slots)
   ours pkm                       PKMLayer, 256^2 values of width 256, 4 heads x top-32, key_dim 128, softmax
   ours moe / dense_ffn           MoEFFN 16 experts top-2 of hidden 1024 (total params = the UltraMem value table),
                                  and the dense MLP 256 -> 1024 -> 256
@@ -128,17 +130,21 @@ def ultramem_input(batch: int, seq: int, device: torch.device) -> torch.Tensor:
     return torch.randn(batch, seq, D_MODEL, device=device).requires_grad_()
 
 
-def our_memory_config(family: str):
+def our_memory_config(layer: str):
+    """MemoryConfig of our memory rows. `ultramem` has NUM_VALUES physical values (grid of (256*2)^2 virtual slots
+    with E=4); `ultramem_same_slots` has NUM_VALUES virtual slots, i.e. lucidrains' key grid of 256^2 over a
+    quarter as many physical rows (its `num_memories` counts slots: each core head's table has 65536/4 rows)."""
     from ultramem.config import MemoryConfig
 
     n = int(NUM_VALUES**0.5)
-    if family == "ultramem":
-        cfg = MemoryConfig(num_keys=n, key_dim=128, value_dim=VALUE_DIM, heads=HEADS, query_share=2, top_m=TOP_M,
-                           score="none", query_conv=5, value_proj=True, tucker_rank=2, num_cores=CORES,
-                           value_expansion=GROUPS)
-    else:
+    if layer == "pkm":
         cfg = MemoryConfig(num_keys=n, key_dim=128, value_dim=D_MODEL, heads=4, query_share=1, top_m=TOP_M,
                            score="softmax", value_proj=False, tucker_rank=1, num_cores=1, value_expansion=1)
+    else:
+        num_keys = n if layer == "ultramem" else n // int(GROUPS**0.5)
+        cfg = MemoryConfig(num_keys=num_keys, key_dim=128, value_dim=VALUE_DIM, heads=HEADS, query_share=2,
+                           top_m=TOP_M, score="none", query_conv=5, value_proj=True, tucker_rank=2,
+                           num_cores=CORES, value_expansion=GROUPS)
     cfg.validate()
     return cfg
 
@@ -150,6 +156,7 @@ def build_cases(batch: int, seq: int, device: torch.device,
         ("lucidrains/ultra-mem/ultramem", lambda: lucidrains_ultramem(batch, seq, device)),
         ("lucidrains/product-key-memory/pkm", lambda: lucidrains_pkm(batch, seq, device)),
         ("ours/ultramem", lambda: ours_memory("ultramem", batch, seq, device)),
+        ("ours/ultramem_same_slots", lambda: ours_memory("ultramem_same_slots", batch, seq, device)),
         ("ours/pkm", lambda: ours_memory("pkm", batch, seq, device)),
         ("ours/moe", lambda: ours_moe(batch, seq, device)),
         ("ours/dense_ffn", lambda: ours_dense(batch, seq, device)),
@@ -193,14 +200,14 @@ def lucidrains_pkm(batch: int, seq: int, device: torch.device) -> Case:
                        {**kwargs, "dim_head": 128})
 
 
-def ours_memory(family: str, batch: int, seq: int, device: torch.device) -> Case:
-    cfg = our_memory_config(family)
-    if family == "ultramem":
-        from ultramem.memory.ultramem import UltraMemLayer as Layer
-    else:
+def ours_memory(layer: str, batch: int, seq: int, device: torch.device) -> Case:
+    cfg = our_memory_config(layer)
+    if layer == "pkm":
         from ultramem.memory.pkm import PKMLayer as Layer
+    else:
+        from ultramem.memory.ultramem import UltraMemLayer as Layer
     module = Layer(D_MODEL, cfg, 1).to(device)
-    return module_case("ours", family, module, ultramem_input(batch, seq, device),
+    return module_case("ours", layer, module, ultramem_input(batch, seq, device),
                        {"d_model": D_MODEL, **dataclasses.asdict(cfg)})
 
 
@@ -306,22 +313,24 @@ def measure(cases: list[Case], device: torch.device, warmup: int, repeats: int) 
     return rows
 
 
-PEER_OF = {"ultramem": "lucidrains/ultra-mem", "pkm": "lucidrains/product-key-memory"}
+# our layer -> the peer row it is compared with
+PEER_OF = {"ultramem": "lucidrains/ultra-mem/ultramem", "ultramem_same_slots": "lucidrains/ultra-mem/ultramem",
+           "pkm": "lucidrains/product-key-memory/pkm"}
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """speedup_*_vs_peer = peer time / our time (ours at the peer's settings); inference_vs_bound = our inference
     time / the bare embedding_bag's (the retrieval rows only: kernel and UltraMem read the same rows as the bound)."""
-    by = {(r["impl"], r["layer"]): r for r in rows}
-    bound = by.get(("bound", "embedding_bag"))
+    by = {f"{r['impl']}/{r['layer']}": r for r in rows}
+    bound = by.get("bound/embedding_bag")
     for r in rows:
         if r["impl"] != "ours":
             continue
-        peer = by.get((PEER_OF.get(r["layer"], ""), r["layer"]))
+        peer = by.get(PEER_OF.get(r["layer"], ""))
         if peer is not None:
             r["speedup_fwd_bwd_vs_peer"] = peer["fwd_bwd_ms"] / r["fwd_bwd_ms"]
             r["speedup_inference_vs_peer"] = peer["inference_ms"] / r["inference_ms"]
-        if bound is not None and (r["layer"] == "ultramem" or r["layer"].startswith("gather_pool")):
+        if bound is not None and (r["layer"].startswith("ultramem") or r["layer"].startswith("gather_pool")):
             r["inference_vs_bound"] = r["inference_ms"] / bound["inference_ms"]
             r["fwd_bwd_vs_bound"] = r["fwd_bwd_ms"] / bound["fwd_bwd_ms"]
 
@@ -354,10 +363,9 @@ def selected(labels: list[str], only: list[str]) -> list[str]:
     """--only filters 'impl/layer' labels; the bound and the peers of every selected layer stay (the ratios)."""
     if not only:
         return labels
-    keep = [label for label in labels if any(t in label for t in only)]
-    layers = {label.rsplit("/", 1)[1] for label in keep}
-    return [label for label in labels if label in keep or label.startswith("bound/")
-            or (not label.startswith("ours/") and label.rsplit("/", 1)[1] in layers)]
+    keep = {label for label in labels if any(t in label for t in only)}
+    keep |= {PEER_OF[label[len("ours/"):]] for label in keep if label[len("ours/"):] in PEER_OF}
+    return [label for label in labels if label in keep or label.startswith("bound/")]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,10 +46,12 @@ def test_cpu_peak_memory_sees_a_transient_allocation():
 
 
 def test_only_keeps_the_bound_and_the_peers_of_the_chosen_layer():
-    labels = ["lucidrains/ultra-mem/ultramem", "lucidrains/product-key-memory/pkm", "ours/ultramem", "ours/pkm",
-              "ours/moe", "ours/gather_pool", "bound/embedding_bag"]
+    labels = ["lucidrains/ultra-mem/ultramem", "lucidrains/product-key-memory/pkm", "ours/ultramem",
+              "ours/ultramem_same_slots", "ours/pkm", "ours/moe", "ours/gather_pool", "bound/embedding_bag"]
     assert selected(labels, ["ours/ultramem"]) == ["lucidrains/ultra-mem/ultramem", "ours/ultramem",
-                                                   "bound/embedding_bag"]
+                                                   "ours/ultramem_same_slots", "bound/embedding_bag"]
+    assert selected(labels, ["same_slots"]) == ["lucidrains/ultra-mem/ultramem", "ours/ultramem_same_slots",
+                                                "bound/embedding_bag"]
     assert selected(labels, ["gather"]) == ["ours/gather_pool", "bound/embedding_bag"]
     assert selected(labels, []) == labels
 

@@ -10,7 +10,7 @@ Dispatch (`gather_pool`): CUDA tensors with Triton importable -> the Triton kern
 else -> `gather_pool_torch`, one `F.embedding_bag` call that never builds the [T, K, Dv] gathered tensor:
   - the table is viewed as [N*C, Dc], so the c-th column slice of row r is row r*C + c;
   - each (token, core, group) is one bag of that view, weighted by `per_sample_weights`; entries are ordered
-    (token, core, group) by a stable counting sort of the groups within each token, so bags are contiguous;
+    (token, core, group) by sorting each token's slots by group, so that every bag is contiguous;
   - embedding_bag's own backward accumulates the value gradient per row and returns the score gradient as dot
     products <values[row, slice], grad_out[bag]>, without a [T, K, Dv] intermediate either.
 Measured on CPU (1024 tokens, 64 rows of 128 floats, C=2, E=4; see tests/test_retrieval.py's module docstring and
@@ -90,15 +90,15 @@ def _core_major(rows: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def _sort_by_group(groups: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stable sort of each token's slots by group: (perm [T, K] with groups.gather(1, perm) sorted,
-    start [T, E] = first sorted position of each group; an empty group starts where the next one does)."""
-    T, K = groups.shape
-    sorted_groups, perm = groups.sort(dim=1, stable=True)  # [T, K]
-    if K and (sorted_groups[:, 0].min() < 0 or sorted_groups[:, -1].max() >= E):
-        raise ValueError(f"gather_pool: groups must lie in [0, num_groups={E}), got values in "
-                         f"[{sorted_groups[:, 0].min().item()}, {sorted_groups[:, -1].max().item()}]")
-    wanted = torch.arange(E, device=groups.device, dtype=groups.dtype).expand(T, E).contiguous()
-    return perm, torch.searchsorted(sorted_groups, wanted)
+    """Sort each token's slots by group: (perm [T, K] with groups.gather(1, perm) sorted, start [T, E] = first
+    sorted position of each group). The order within a group is free (it only changes the summation order), so
+    the cheaper unstable sort is used; CPU and CUDA sorts are deterministic either way."""
+    try:
+        counts = torch.zeros(groups.shape[0], E, dtype=groups.dtype, device=groups.device)
+        counts.scatter_add_(1, groups, torch.ones_like(groups))  # [T, E]; raises on a group outside [0, E)
+    except RuntimeError as err:
+        raise ValueError(f"gather_pool: groups must lie in [0, num_groups={E}): {err}") from None
+    return groups.sort(dim=1).indices, counts.cumsum(1) - counts
 
 
 def check_inputs(
