@@ -31,10 +31,10 @@ class DataConfig(Strict):
     text_field: str = "text"  # column holding the text (json/jsonl/parquet/hub)
     hf_config: str | None = None  # hub dataset config name (e.g. 'sample-10BT')
     hf_split: str = "train"
-    streaming: bool = False  # stream a hub dataset instead of downloading it whole
+    streaming: bool = False  # read documents lazily (hub: no full download); same tokens, one process
     max_documents: int | None = None  # cap on documents read (useful with streaming)
     tokenizer: str = "byte"  # byte | bpe | hf:<name>
-    vocab_size: int | None = None  # bpe: size to train; hf: must match the tokenizer; byte: fixed (ignored)
+    vocab_size: int | None = None  # bpe: size to train (default 4096); byte (257) / hf: None or a padded size
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)  # held-out fraction of documents for validation
     cache_dir: str | None = None  # token-shard cache; default $ULTRAMEM_CACHE or ~/.cache/ultramem
     num_proc: int = Field(2, ge=1)  # tokenisation worker processes

@@ -199,3 +199,17 @@ def test_default_cache_dir_comes_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("ULTRAMEM_CACHE", str(tmp_path / "envcache"))
     assert cache_root(DataConfig()) == (tmp_path / "envcache").resolve()
     assert cache_root(DataConfig(cache_dir=str(tmp_path / "x"))) == (tmp_path / "x").resolve()
+
+
+def test_streaming_gives_the_same_tokens(shakespeare_byte, shakespeare_path, tmp_path):
+    """The streaming path (IterableDataset: lazy map, take, BPE from an iterator) on local files, offline."""
+    streamed = prepare_data(DataConfig(source=str(shakespeare_path), streaming=True, cache_dir=str(tmp_path)),
+                            progress=False)
+    for split in ("train", "val"):
+        assert np.array_equal(np.asarray(streamed.tokens(split)), np.asarray(shakespeare_byte.tokens(split)))
+    capped = dict(source=str(shakespeare_path), tokenizer="bpe", vocab_size=300, max_documents=500)
+    lazy = prepare_data(DataConfig(**capped, streaming=True, cache_dir=str(tmp_path / "a")), progress=False)
+    eager = prepare_data(DataConfig(**capped, cache_dir=str(tmp_path / "b"), num_proc=1), progress=False)
+    assert lazy.meta["documents"] == eager.meta["documents"]
+    assert sum(lazy.meta["documents"].values()) == 500
+    assert np.array_equal(np.asarray(lazy.tokens("train")), np.asarray(eager.tokens("train")))

@@ -6,7 +6,9 @@
   a path            a file, a folder (every .txt/.md/.json/.jsonl/.parquet file in it) or a glob; text files give one
                     document per paragraph (blank-line separated; tinyshakespeare: one speech per document),
                     json/jsonl/parquet one document per row (column data.text_field)
-  hf:<name>         a hub dataset (data.hf_config, data.hf_split; data.streaming for ones too large to download)
+  hf:<name>         a hub dataset (data.hf_config, data.hf_split)
+data.streaming reads documents lazily (hub: without downloading the dataset; local: without converting it to
+Arrow first); tokenisation is then single-process. The tokens are the same either way.
 
 `resolve_source` is fast and says what the data is (its fingerprint keys the token cache); `load_documents`
 reads it.
@@ -145,7 +147,7 @@ def load_documents(src: Source, cfg: DataConfig, cache: Path) -> Any:
         kwargs = {"sample_by": "paragraph"} if src.builder == "text" else {}
         try:
             ds = datasets.load_dataset(src.builder, data_files={"train": src.files}, split="train",
-                                       cache_dir=hf_cache, **kwargs)
+                                       streaming=cfg.streaming, cache_dir=hf_cache, **kwargs)
         except Exception as err:
             raise ConfigError(f"data.source={cfg.source!r}: could not read {len(src.files)} file(s) as "
                               f"{src.builder}: {type(err).__name__}: {err}") from None

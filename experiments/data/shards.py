@@ -196,15 +196,19 @@ def _build(cfg: DataConfig, src: Source, key: str, tmp: Path, progress: bool) ->
         if isinstance(tokenizer, HFTokenizer):
             tokenizer.save(tmp / "tokenizer.json")
         dtype = token_dtype(vocab)
-        (tmp / "map").mkdir()
-        workers = min(cfg.num_proc, max(1, len(docs) // _MAP_BATCH)) if not streaming else 1
-        kwargs = {} if streaming else {"num_proc": workers if workers > 1 else None, "desc": "tokenizing",
-                                       "cache_file_name": str(tmp / "map" / "tokens.arrow")}
-        tokens = docs.map(_tokenize_batch, batched=True, batch_size=_MAP_BATCH, with_indices=True,
-                          remove_columns=[src.text_field],
-                          fn_kwargs={"tokenizer": tokenizer, "text_field": src.text_field, "dtype": dtype.name,
-                                     "val_fraction": cfg.val_fraction}, **kwargs)
-        counts = _write_splits(tokens, tmp, dtype, progress)
+        fn_kwargs = {"tokenizer": tokenizer, "text_field": src.text_field, "dtype": dtype.name,
+                     "val_fraction": cfg.val_fraction}
+        if streaming:  # one process, tokenised as the documents arrive
+            chunks = _streamed_chunks(docs, fn_kwargs)
+        else:
+            (tmp / "map").mkdir()
+            workers = min(cfg.num_proc, max(1, len(docs) // _MAP_BATCH))
+            tokens = docs.map(_tokenize_batch, batched=True, batch_size=_MAP_BATCH, with_indices=True,
+                              remove_columns=[src.text_field], fn_kwargs=fn_kwargs, desc="tokenizing",
+                              num_proc=workers if workers > 1 else None,
+                              cache_file_name=str(tmp / "map" / "tokens.arrow"))
+            chunks = _mapped_chunks(tokens)
+        counts = _write_splits(chunks, tmp, dtype, progress)
     shutil.rmtree(tmp / "map", ignore_errors=True)
     for split in SPLITS:
         if counts["documents"][split] == 0:
@@ -267,24 +271,51 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], tokenizer: Any, 
     return {"ids": ids, "val": is_val(np.asarray(indices), val_fraction).tolist()}
 
 
-def _write_splits(tokens: Any, tmp: Path, dtype: np.dtype, progress: bool) -> dict[str, Any]:
-    """Stream the tokenised documents into train.bin / val.bin; returns token and document counts."""
+Chunk = dict[str, tuple[np.ndarray, int]]  # split -> (its documents' tokens, one flat array; document count)
+
+
+def _mapped_chunks(tokens: Any) -> Iterator[Chunk]:
+    """Chunks of a tokenised `datasets.Dataset`, split without leaving Arrow."""
     import pyarrow.compute as pc
+
+    for table in tokens.with_format("arrow").iter(batch_size=_MAP_BATCH * 10):
+        ids, held = table.column("ids").combine_chunks(), table.column("val").combine_chunks()
+        nonempty = pc.greater(pc.list_value_length(ids), 0)
+        chunk = {}
+        for split, mask in (("val", held), ("train", pc.invert(held))):
+            flat = pc.filter(ids, mask).flatten().to_numpy(zero_copy_only=False)
+            chunk[split] = (flat, int(pc.sum(pc.filter(nonempty, mask)).as_py() or 0))
+        yield chunk
+
+
+def _streamed_chunks(docs: Any, fn_kwargs: dict[str, Any]) -> Iterator[Chunk]:
+    """Chunks of a streamed `datasets.IterableDataset`, tokenised here."""
+    index = 0
+    for batch in docs.iter(batch_size=_MAP_BATCH):
+        n = len(batch[fn_kwargs["text_field"]])
+        out = _tokenize_batch(batch, list(range(index, index + n)), **fn_kwargs)
+        index += n
+        chunk = {}
+        for split, held in (("val", True), ("train", False)):
+            chosen = [ids for ids, v in zip(out["ids"], out["val"], strict=True) if v == held]
+            flat = np.concatenate(chosen) if chosen else np.zeros(0, dtype=fn_kwargs["dtype"])
+            chunk[split] = (flat, sum(len(c) > 0 for c in chosen))
+        yield chunk
+
+
+def _write_splits(chunks: Iterator[Chunk], tmp: Path, dtype: np.dtype, progress: bool) -> dict[str, Any]:
+    """Append each chunk to train.bin / val.bin; returns token and document counts per split."""
     from tqdm.auto import tqdm
 
     counts = {"tokens": dict.fromkeys(SPLITS, 0), "documents": dict.fromkeys(SPLITS, 0)}
     files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115 (closed below)
     try:
         bar = tqdm(desc="writing shards", unit=" tok", unit_scale=True, disable=not progress)
-        for table in tokens.with_format("arrow").iter(batch_size=_MAP_BATCH * 10):
-            ids, held = table.column("ids").combine_chunks(), table.column("val").combine_chunks()
-            lengths = pc.list_value_length(ids)
-            for split, mask in (("val", held), ("train", pc.invert(held))):
-                chosen = pc.filter(ids, mask)
-                flat = chosen.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-                files[split].write(flat.tobytes())
+        for chunk in chunks:
+            for split, (flat, docs) in chunk.items():
+                files[split].write(flat.astype(dtype, copy=False).tobytes())
                 counts["tokens"][split] += len(flat)
-                counts["documents"][split] += int(pc.sum(pc.greater(pc.filter(lengths, mask), 0)).as_py() or 0)
+                counts["documents"][split] += docs
                 bar.update(len(flat))
         bar.close()
     finally:
