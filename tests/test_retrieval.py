@@ -183,16 +183,16 @@ def test_no_grad_uses_the_forward_only_kernel():
 
 # ---- Triton kernels ----------------------------------------------------------------------------------------------
 
-INTERPRETER_CASES = [  # (C, E, with_groups, no_grad)
-    (1, 1, False, False), (2, 1, True, False), (1, 4, True, False), (2, 4, True, False), (2, 3, False, False),
-    (2, 4, True, True),
+INTERPRETER_CASES = [  # (C, E, with_groups, no_grad, K, Dv): K=20 and Dc=80 take several K and column blocks
+    (1, 1, False, False, 7, 8), (2, 1, True, False, 7, 8), (1, 4, True, False, 7, 8), (2, 4, True, False, 7, 8),
+    (2, 3, False, False, 7, 8), (2, 4, True, True, 7, 8), (2, 9, True, False, 20, 160),
 ]
 
 
 def check_triton_cases(gather_pool_triton) -> None:
     """Run by the interpreter subprocess below (and usable on CUDA): every case equal to the float64 reference."""
-    for C, E, with_groups, no_grad in INTERPRETER_CASES:
-        values, rows, scores, groups = make_inputs(T=4, K=7, N=6, Dv=8, C=C, E=E, seed=C * 10 + E)
+    for C, E, with_groups, no_grad, K, Dv in INTERPRETER_CASES:
+        values, rows, scores, groups = make_inputs(T=3, K=K, N=6, Dv=Dv, C=C, E=E, seed=C * 10 + E)
         groups = (groups % 2 * 2 if E == 4 else groups) if with_groups else None  # E=4: groups 1, 3 empty
         grad_out = torch.randn(rows.shape[0], E * values.shape[1])
         want = reference_with_grads(values, rows, scores, groups, E, grad_out)

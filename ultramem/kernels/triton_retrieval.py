@@ -83,8 +83,10 @@ def _gather_pool_bwd(
         tl.store(grad_scores_ptr + (t * K + k) * C + c, ds, mask=k_ok)
 
 
-def _blocks(Dc: int, K: int) -> tuple[int, int]:
-    return min(triton.next_power_of_2(Dc), 64), min(triton.next_power_of_2(K), 16)
+def _blocks(Dc: int, K: int, E: int = 1) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_K): the forward's [BLOCK_K, E_PAD, BLOCK_D] product stays at <= 4096 elements."""
+    e_pad = triton.next_power_of_2(E)
+    return min(triton.next_power_of_2(Dc), 64), min(triton.next_power_of_2(K), max(1, 64 // e_pad), 16)
 
 
 def gather_pool_forward(values, rows, scores, groups, num_groups: int) -> torch.Tensor:
@@ -96,7 +98,7 @@ def gather_pool_forward(values, rows, scores, groups, num_groups: int) -> torch.
     out = torch.empty(T, num_groups * Dv, device=values.device, dtype=values.dtype)
     if T == 0:
         return out
-    BLOCK_D, BLOCK_K = _blocks(Dc, K)
+    BLOCK_D, BLOCK_K = _blocks(Dc, K, num_groups)
     grid = (T, C, triton.cdiv(Dc, BLOCK_D))
     _gather_pool_fwd[grid](
         values, rows, scores, rows if groups is None else groups, out, K, Dv, Dc, C, num_groups,
