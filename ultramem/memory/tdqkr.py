@@ -72,17 +72,17 @@ class TDQKR(nn.Module):
         """x [B, T, d] -> (virtual index [BT, H*m] long in [0, n'^2), per-core scores [BT, H*m, h])."""
         H, s, r, m = self.cfg.heads, self.cfg.query_share, self.cfg.tucker_rank, self.cfg.top_m
         Hq, n, h = H // s, self.n_side, self.cfg.num_cores
-        S = self.rank_scores(x, state)
-        S_row, S_col = S[:, 0], S[:, 1]  # [Hq, BT, s, r, n']
+        S = self.rank_scores(x, state)  # [Hq, 2, BT, s, r, n']
         BT = S.shape[2]
 
-        with torch.no_grad():  # stage 1: rank-1 filter u^T S_row, t^T S_col; indices only
-            u = self.u.view(Hq, 1, s, r, 1).to(S.dtype)
-            t = self.t.view(Hq, 1, s, r, 1).to(S.dtype)
-            row_idx = (S_row * u).sum(3).topk(m, dim=-1).indices  # [Hq, BT, s, m]
-            col_idx = (S_col * t).sum(3).topk(m, dim=-1).indices
-        R = S_row.gather(4, row_idx.unsqueeze(3).expand(-1, -1, -1, r, -1))  # [Hq, BT, s, r, m]
-        Cc = S_col.gather(4, col_idx.unsqueeze(3).expand(-1, -1, -1, r, -1))  # [Hq, BT, s, r, m]
+        with torch.no_grad():  # stage 1: rank-1 filter u^T S_row, t^T S_col (both sides at once); indices only
+            uv = torch.stack([self.u, self.t]).view(2, Hq, s, r).transpose(0, 1)  # [Hq, 2, s, r]
+            proj = (S * uv.unsqueeze(2).unsqueeze(-1).to(S.dtype)).sum(4)  # [Hq, 2, BT, s, n']
+            kept = proj.topk(m, dim=-1).indices  # [Hq, 2, BT, s, m]: kept rows ([:, 0]) and columns ([:, 1])
+        # One gather for both sides, so the backward scatters into a single S-sized buffer.
+        sel = S.gather(5, kept.unsqueeze(4).expand(-1, -1, -1, -1, r, -1))  # [Hq, 2, BT, s, r, m]
+        R, Cc = sel[:, 0], sel[:, 1]  # [Hq, BT, s, r, m]
+        row_idx, col_idx = kept[:, 0], kept[:, 1]  # [Hq, BT, s, m]
 
         cores = self.cores.view(h, Hq, 1, s, r, r).to(R.dtype)
         with torch.no_grad():  # stage 2 ranking: R^T (sum_c C_c) Cc over the m x m survivors; indices only
