@@ -131,3 +131,13 @@ def test_models_command_lists_every_preset_as_json(capsys):
     assert set(row) >= {"family", "total_params", "active_params", "non_embedding_params", "flops_per_token"}
     assert models.run(parser.parse_args(["--table1"])) == 0
     assert "ultramem-1.6b-x12" in capsys.readouterr().out
+
+
+def test_skip_layer_spec_parsing():
+    from ultramem.memory.placement import parse_layers
+
+    assert parse_layers("every", 3) == [(0, 0), (1, 1), (2, 2)]
+    assert parse_layers("2:5/6:9/10:13/14:17", 20) == [(2, 5), (6, 9), (10, 13), (14, 17)]  # official v1 227M
+    for bad in ("2:5/6", "5:2", "0:20", "a:b", "1:2/1:2"):
+        with pytest.raises(ConfigError, match="model.memory.layers"):
+            parse_layers(bad, 20)

@@ -33,18 +33,3 @@ def parse_layers(spec: str, n_layers: int) -> list[tuple[int, int]]:
         raise ConfigError(f"{FIELD}: {spec!r} repeats a pair; each memory layer needs its own a:b")
     return pairs
 
-
-def skip_layout(n_layers: int, n_memories: int, span: int, first: int = 1) -> str:
-    """Evenly spaced skip-layer spec: memory j reads block first + j*stride and writes `span` blocks later.
-
-    The stride is (n_layers - first) // n_memories; the write block is clipped to the last block. Used by presets so
-    a layout is derived from (layers, memories, span) by one visible rule.
-    """
-    stride = (n_layers - first) // n_memories
-    if stride < 1:
-        raise ConfigError(f"{FIELD}: cannot place {n_memories} memories in {n_layers} blocks starting at {first}")
-    pairs = []
-    for j in range(n_memories):
-        a = first + j * stride
-        pairs.append(f"{a}:{min(a + span, n_layers - 1)}")
-    return "/".join(pairs)

@@ -60,10 +60,3 @@ class ProductQuery(nn.Module):
     def scale_(self, factor: float) -> None:
         """Multiply every query by `factor` (through the norm weight, or the projection when there is no norm)."""
         (self.norm.weight if self.norm is not None else self.proj.weight).mul_(factor)
-
-
-def normalise_keys(keys: torch.Tensor, norm: nn.RMSNorm | None) -> torch.Tensor:
-    """RMSNorm over D_k of keys laid out [..., D_k, r] (official layout); returns the same layout."""
-    if norm is None:
-        return keys
-    return norm(keys.transpose(-1, -2)).transpose(-1, -2)

@@ -28,8 +28,6 @@ Departures from the official code, each deliberate:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -161,7 +159,3 @@ def activate(scores: torch.Tensor, kind: str, dim: int) -> torch.Tensor:
     if kind == "relu":
         return F.relu(scores)
     return scores.softmax(dim=dim, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
-
-
-def key_init_std(key_dim: int) -> float:
-    return 1.0 / math.sqrt(key_dim)
