@@ -68,7 +68,7 @@ def calibrate_scores(layer: nn.Module, query: nn.Module, d_model: int) -> float 
     if cfg.init != "paper" or cfg.score == "softmax" or layer.values.is_meta:
         return None
     gen = torch.Generator().manual_seed(CALIBRATION_SEED)
-    x = torch.randn(1, CALIBRATION_SAMPLES, d_model, generator=gen).to(layer.values.device)
+    x = torch.randn(1, CALIBRATION_SAMPLES, d_model, generator=gen, device="cpu").to(layer.values.device)
     rms = layer.selected_scores(x).float().pow(2).mean().sqrt().item()
     query.scale_(rms**-0.5)
     return rms
