@@ -1,0 +1,119 @@
+"""Nonparametric bootstrap over runs, and the point-estimate-plus-interval record every fit reports.
+
+Resampling is by *run*: with one row per run this is case resampling (Epoch, cell 21); when a run contributes
+several rows (intermediate checkpoints) whole runs are drawn as clusters, because checkpoints of one run are
+correlated and treating them as independent shrinks the intervals dishonestly (Epoch, cells 60–61).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with a percentile interval and the bootstrap standard error (nan without a bootstrap)."""
+
+    value: float
+    lo: float = math.nan
+    hi: float = math.nan
+    se: float = math.nan
+
+    @property
+    def has_ci(self) -> bool:
+        return math.isfinite(self.lo) and math.isfinite(self.hi)
+
+    def excludes(self, x: float) -> bool:
+        return self.has_ci and not (self.lo <= x <= self.hi)
+
+    def fmt(self, digits: int = 4) -> str:
+        v = f"{self.value:.{digits}g}"
+        return f"{v} [{self.lo:.{digits}g}, {self.hi:.{digits}g}]" if self.has_ci else v
+
+    def to_dict(self) -> dict[str, float | None]:
+        clean = lambda x: x if math.isfinite(x) else None
+        return {"value": clean(self.value), "lo": clean(self.lo), "hi": clean(self.hi), "se": clean(self.se)}
+
+
+def estimate(value: float, draws: np.ndarray | None, level: float = 0.95) -> Estimate:
+    """Percentile interval of the finite bootstrap draws around `value`."""
+    if draws is None:
+        return Estimate(float(value))
+    d = np.asarray(draws, dtype=float)
+    d = d[np.isfinite(d)]
+    if d.size < 2:
+        return Estimate(float(value))
+    q = (1 - level) / 2
+    lo, hi = np.quantile(d, [q, 1 - q])
+    return Estimate(float(value), float(lo), float(hi), float(np.std(d, ddof=1)))
+
+
+def resample_counts(n_rows: int, groups: np.ndarray | None, n_boot: int, seed: int) -> np.ndarray:
+    """How often each row is drawn in each resample: rows (groups=None) or whole groups with replacement. [B, n]
+
+    A resample as a count vector lets a batched solver refit every resample at once (counts act as row weights,
+    which is the same as duplicating the drawn rows).
+    """
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        draws = rng.integers(0, n_rows, (n_boot, n_rows))
+        return np.stack([np.bincount(d, minlength=n_rows) for d in draws]).astype(float)
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups = int(inverse.max()) + 1
+    draws = rng.integers(0, n_groups, (n_boot, n_groups))
+    group_counts = np.stack([np.bincount(d, minlength=n_groups) for d in draws])  # [B, G]
+    return group_counts[:, inverse].astype(float)
+
+
+@dataclass
+class LawFit:
+    """A fitted law, its bootstrap refits, and estimates (with CIs) of its parameters and derived quantities."""
+
+    law: Any  # PowerLaw | ChinchillaLaw | LogLinear: callable, with .params()
+    estimates: dict[str, Estimate]
+    n_points: int
+    n_groups: int
+    boot: list[Any] = field(default_factory=list)  # refitted laws, one per successful resample
+    n_failed: int = 0  # resamples that could not be fitted (e.g. too few distinct x)
+    level: float = 0.95
+    objective: float = math.nan
+    note: str = ""
+
+    def band(self, *x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pointwise percentile band of the bootstrap predictions at x (the point prediction where no bootstrap)."""
+        if not self.boot:
+            y = np.asarray(self.law(*x), dtype=float)
+            return y, y
+        preds = np.array([np.asarray(b(*x), dtype=float) for b in self.boot])
+        q = (1 - self.level) / 2
+        return np.nanquantile(preds, q, axis=0), np.nanquantile(preds, 1 - q, axis=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"law": type(self.law).__name__, "n_points": self.n_points, "n_groups": self.n_groups,
+                "n_boot": len(self.boot), "n_failed": self.n_failed, "level": self.level,
+                "objective": self.objective if math.isfinite(self.objective) else None, "note": self.note,
+                "estimates": {k: e.to_dict() for k, e in self.estimates.items()}}
+
+
+def bootstrap_fit(refit: Callable[[np.ndarray], list[Any]], law: Any, n_rows: int, *,
+                  groups: np.ndarray | None, n_boot: int, seed: int, quantities: dict[str, Callable[[Any], float]],
+                  level: float = 0.95, objective: float = math.nan, note: str = "") -> LawFit:
+    """Refit on `n_boot` resamples and summarise `quantities` (parameters and derived values) of the refits.
+
+    `refit(counts)` takes the resample count matrix [B, n_rows] and returns one law per resample, or None for a
+    resample that cannot be fitted (e.g. too few distinct x); those are counted in `n_failed`, never replaced.
+    The point estimate is `law`, fitted on all rows.
+    """
+    counts = resample_counts(n_rows, groups, n_boot, seed) if n_boot > 0 else np.zeros((0, n_rows))
+    boot = [b for b in refit(counts) if b is not None] if len(counts) else []
+    estimates = {}
+    for name, fn in quantities.items():
+        draws = np.array([fn(b) for b in boot], dtype=float) if boot else None
+        estimates[name] = estimate(fn(law), draws, level)
+    n_groups = n_rows if groups is None else len(np.unique(np.asarray(groups)))
+    return LawFit(law, estimates, n_rows, n_groups, boot, len(counts) - len(boot), level, objective, note)
