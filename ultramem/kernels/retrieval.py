@@ -66,8 +66,9 @@ def gather_pool_torch(
     rows = rows.long()  # embedding_bag wants indices and offsets of one dtype; offsets are built as int64
     if E == 1 or groups is None:
         idx, weights = _core_major(rows, scores)  # [T, C, K] each: every (token, core) is one bag of K entries
-        pooled = F.embedding_bag(idx.reshape(T * C, K), table, mode="sum",
-                                 per_sample_weights=weights.reshape(T * C, K))  # [T*C, Dc]
+        # contiguous: a strided weight view (C = 1 slices of [T, K, C]) sends embedding_bag down a slow loop
+        pooled = F.embedding_bag(idx.reshape(T * C, K).contiguous(), table, mode="sum",
+                                 per_sample_weights=weights.reshape(T * C, K).contiguous())  # [T*C, Dc]
         out = pooled.view(T, C * Dc)
         return out if E == 1 else F.pad(out, (0, (E - 1) * Dv)).view(T, E * Dv)  # groups None: all in group 0
     perm, start = _sort_by_group(groups.long().contiguous(), E)  # [T, K], [T, E]
@@ -75,8 +76,8 @@ def gather_pool_torch(
     # bag (t, c, g) starts at t*C*K + c*K + start[t, g]; empty groups are empty bags, which pool to zero
     base = torch.arange(T * C, device=rows.device).view(T, C, 1) * K
     offsets = (base + start.unsqueeze(1)).reshape(T * C * E)
-    pooled = F.embedding_bag(idx.reshape(-1), table, offsets, mode="sum",
-                             per_sample_weights=weights.reshape(-1))  # [T*C*E, Dc]
+    pooled = F.embedding_bag(idx.reshape(-1).contiguous(), table, offsets, mode="sum",
+                             per_sample_weights=weights.reshape(-1).contiguous())  # [T*C*E, Dc]
     return pooled.view(T, C, E, Dc).transpose(1, 2).reshape(T, E * Dv)
 
 
