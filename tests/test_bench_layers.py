@@ -47,19 +47,19 @@ def test_cpu_peak_memory_sees_a_transient_allocation():
 
 def test_only_keeps_the_bound_and_the_peers_of_the_chosen_layer():
     labels = ["lucidrains/ultra-mem/ultramem", "lucidrains/product-key-memory/pkm", "ours/ultramem",
-              "ours/ultramem_same_slots", "ours/pkm", "ours/moe", "ours/gather_pool", "bound/embedding_bag"]
+              "ours/ultramem_same_slots", "ours/pkm", "ours/moe", "ours/gather_pool", "bound/embedding_bag/gather"]
     assert selected(labels, ["ours/ultramem"]) == ["lucidrains/ultra-mem/ultramem", "ours/ultramem",
-                                                   "ours/ultramem_same_slots", "bound/embedding_bag"]
+                                                   "ours/ultramem_same_slots", "bound/embedding_bag/gather"]
     assert selected(labels, ["same_slots"]) == ["lucidrains/ultra-mem/ultramem", "ours/ultramem_same_slots",
-                                                "bound/embedding_bag"]
-    assert selected(labels, ["gather"]) == ["ours/gather_pool", "bound/embedding_bag"]
+                                                "bound/embedding_bag/gather"]
+    assert selected(labels, ["gather"]) == ["ours/gather_pool", "bound/embedding_bag/gather"]
     assert selected(labels, []) == labels
 
 
 def test_ratios_and_targets():
     rows = [
         {"impl": "lucidrains/ultra-mem", "layer": "ultramem", "fwd_bwd_ms": 320.0, "inference_ms": 120.0},
-        {"impl": "bound", "layer": "embedding_bag", "fwd_bwd_ms": 20.0, "inference_ms": 8.0},
+        {"impl": "bound/embedding_bag", "layer": "gather", "fwd_bwd_ms": 20.0, "inference_ms": 8.0},
         {"impl": "ours", "layer": "ultramem", "fwd_bwd_ms": 40.0, "inference_ms": 30.0},
         {"impl": "ours", "layer": "moe", "fwd_bwd_ms": 10.0, "inference_ms": 5.0},
     ]
@@ -92,7 +92,7 @@ def test_bench_layers_writes_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "layers.png").stat().st_size > 0
     assert data["threads"] == 1 and data["torch"] == torch.__version__ and data["machine"]["cpu"]
     by = {(r["impl"], r["layer"]): r for r in data["rows"]}
-    assert set(by) == {("ours", "gather_pool"), ("bound", "embedding_bag")}
+    assert set(by) == {("ours", "gather_pool"), ("bound/embedding_bag", "gather")}
     for r in by.values():
         for key in ("fwd_ms", "fwd_bwd_ms", "inference_ms"):
             assert r[key] > 0 and len(r["samples_ms"][key[:-3]]) == 2
