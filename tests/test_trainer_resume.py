@@ -40,7 +40,7 @@ def _final_params(rd: RunDir) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["dense-t1", "ultramem-t1-x6"])
+@pytest.mark.parametrize("preset", ["ultramem-t1-x6"])  # memory buffers, value tables and Tucker refresh included
 def test_kill_9_then_rerun_reaches_the_uninterrupted_final_state(tmp_path, shakespeare_path, preset):
     cache = tmp_path / "cache"
     ref = _prepare(tmp_path / "ref", shakespeare_path, cache, preset)
