@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from experiments.config import (
@@ -146,7 +147,10 @@ class SweepFile(Strict):
 def load_sweep(path: str | Path) -> tuple[SweepFile, dict[str, Any]]:
     """The validated sweep file and its base run-config mapping. Errors name the file and the field."""
     path = Path(path)
-    data = load_yaml(path)
+    try:
+        data = load_yaml(path)
+    except yaml.YAMLError as err:  # includes python/* tags, which safe_load refuses to construct
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
     try:
         sweep = SweepFile.model_validate(data)
     except ValidationError as err:
@@ -262,10 +266,12 @@ def expand(sweep: SweepFile, base: dict[str, Any], source: str = "<sweep>") -> l
         points = [{**p, "seed": s} for p in points for s in sweep.seeds]
     if not points:
         raise ConfigError(f"{source}: the sweep expands to no runs")
-    return [_point(i, p, sweep, base) for i, p in enumerate(points)]
+    blocks = [sweep.parameters, *(c.parameters for c in sweep.conditional)]
+    axes = {k for params in blocks for k, spec in params.items() if len(spec.choices()) > 1} | {"seed"}
+    return [_point(i, p, sweep, base, axes) for i, p in enumerate(points)]
 
 
-def _point(index: int, values: dict[str, Any], sweep: SweepFile, base: dict[str, Any]) -> Point:
+def _point(index: int, values: dict[str, Any], sweep: SweepFile, base: dict[str, Any], axes: set[str]) -> Point:
     cfg = deep_merge(base, expand_dotted(values))
     model = dict(cfg.get("model") or {})
     preset = model.get("preset")
@@ -277,11 +283,12 @@ def _point(index: int, values: dict[str, Any], sweep: SweepFile, base: dict[str,
     cfg["sweep"] = sweep.name
     if sweep.wandb is not None:
         cfg["wandb"] = deep_merge(cfg.get("wandb") or {}, sweep.wandb.model_dump(exclude_unset=True))
-    cfg.setdefault("name", _run_name(values, preset, model))
+    cfg.setdefault("name", _run_name({k: v for k, v in values.items() if k in axes}, preset, model))
     return Point(index, values, cfg, preset)
 
 
 def _run_name(values: dict[str, Any], preset: str | None, model: dict[str, Any]) -> str:
+    """The preset (or family), then the swept axes: 'ultramem-t2-x6-num_keys=64-top_m=8-s0'."""
     parts = [str(preset or model.get("family", "run"))]
     for key, value in values.items():
         if key == "model.preset":
@@ -494,12 +501,12 @@ def _resources(point: Point, sweep: SweepFile, base: dict[str, Any], data: dict[
 # ---- tables ------------------------------------------------------------------------------------------------------
 
 
-def human(n: float, unit: str = "") -> str:
-    """1.23e9 -> '1.23G' (SI prefixes; plain below 1000)."""
+def human(n: float | None, unit: str = "") -> str:
+    """1.23e9 -> '1.23G' (SI prefixes up to Z; plain below 1000)."""
     if n is None or (isinstance(n, float) and math.isnan(n)):
         return "-"
-    for prefix, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
+    for prefix, scale in (("Z", 1e21), ("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale * 0.9995:  # 999.96k prints as 1M, not 1e+03k
             return f"{n / scale:.3g}{prefix}{unit}"
     return f"{n:.3g}{unit}"
 

@@ -40,3 +40,18 @@ def shakespeare_path(shared: Path) -> Path:
 @pytest.fixture(scope="session")
 def scaling_data(shared: Path) -> Path:
     return shared / "data" / "scaling"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One private local Ray for the session (2 CPUs, loopback, no dashboard); the sweep scheduler reuses it."""
+    import logging
+    import tempfile
+
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="umray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, _temp_dir=temp,
+             object_store_memory=128 * 2**20, log_to_driver=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,242 @@
+"""The sweep scheduler with real Ray and the real trainer on tiny presets: every run ends done, re-runs skip
+finished runs, a SIGKILLed training process resumes from its checkpoint, a killed driver leaves only the remainder,
+two concurrent schedulers never train a run twice, and unsatisfiable resources fail fast with a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments.commands.sweep import status_rows
+from experiments.runstore import RunDir
+from experiments.scheduler import ResourceError, run_sweep
+from experiments.sweep import plan_sweep
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+
+
+TINY_BASE = """
+base:
+  data: {source: embedded}
+  train: {log_every: 5, eval_every: 1000, eval_batches: 1, knowledge_probe: false, batch_size: 4}
+"""
+
+
+def write_sweep(tmp_path: Path, body: str, name: str = "sched") -> Path:
+    """A sweep of tiny runs on the embedded corpus, with its run folders under tmp_path."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"name: {name}\noutput_dir: {tmp_path / 'runs'}\n" + TINY_BASE + textwrap.dedent(body))
+    return path
+
+
+def trainer_pids(run_dir: Path) -> list[int]:
+    """Live (non-zombie) `experiments.run_one RUN_DIR` processes, found in /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+            continue
+        if state != "Z" and b"experiments.run_one" in cmd and str(run_dir).encode() in cmd:
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_for(cond, timeout: float, what: str, poll: float = 0.05):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def train_steps(rd: RunDir) -> list[tuple[int, float]]:
+    return [(m["step"], m["time"]) for m in rd.metrics() if m.get("kind") == "train"]
+
+
+def attempt_headers(rd: RunDir) -> int:
+    return sum(line.startswith("=== attempt") for line in (rd.path / "train.log").read_text().splitlines())
+
+
+# ---- a small sweep on the session's local Ray --------------------------------------------------------------------
+
+
+def test_small_sweep_on_local_ray_ends_done_and_reruns_only_new_points(ray_local, tmp_path):
+    body = """
+        parameters:
+          model.preset: {values: [dense-tiny, moe-tiny, ultramem-tiny]}
+          train.steps: {value: 10}
+        seeds: [0]
+        """
+    path = write_sweep(tmp_path, body)
+    lines: list[str] = []
+    report = run_sweep(plan_sweep(path), backend="ray", log=lines.append)
+    assert report.ok, lines
+    assert sorted(o.state for o in report.outcomes) == ["done"] * 3
+    for run in report.plan.runs:
+        rd = RunDir(report.plan.runs_dir / run.run_id)
+        status, final = rd.status(), rd.final()
+        assert status["state"] == "done" and status["attempts"] == 1 and status["node"] == "127.0.0.1"
+        assert final["run_id"] == run.run_id and final["steps"] == 10
+        assert final["total_params"] == run.total_params
+
+    # Ray is not needed to read progress: the status table comes from the run folders alone.
+    out = subprocess.run([sys.executable, "-m", "experiments.cli", "sweep", "status", str(path), "--format", "json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)["runs"]
+    assert [r["state"] for r in rows] == ["done"] * 3 and all(r["step"] == 10 for r in rows)
+
+    # Re-running skips every finished run; a new seed adds exactly the three new points.
+    again = run_sweep(plan_sweep(path), backend="ray", log=lambda s: None)
+    assert again.outcomes == [] and sorted(again.skipped) == sorted(r.run_id for r in report.plan.runs)
+    path.write_text(path.read_text().replace("seeds: [0]", "seeds: [0, 1]"))
+    grown = run_sweep(plan_sweep(path), backend="ray", log=lambda s: None)
+    assert len(grown.plan.runs) == 6 and sorted(grown.skipped) == sorted(again.skipped)
+    assert len(grown.outcomes) == 3 and all(o.state == "done" for o in grown.outcomes)
+    assert {o.run_id for o in grown.outcomes}.isdisjoint(again.skipped)
+
+
+def test_unsatisfiable_resources_fail_fast_with_a_clear_error(ray_local, tmp_path):
+    body = """
+        parameters: {model.preset: {values: [dense-tiny, moe-tiny]}, train.steps: {value: 5}}
+        resources:
+          default: {cpus: 1}
+          rules: [{when: {model.family: moe}, gpus: 1}]
+        """
+    path = write_sweep(tmp_path, body)
+    plan = plan_sweep(path)
+    moe = next(r for r in plan.runs if r.family == "moe")
+    with pytest.raises(ResourceError) as err:
+        run_sweep(plan, backend="ray", log=lambda s: None)
+    msg = str(err.value)
+    assert str(path) in msg and moe.run_id in msg and "gpus=1" in msg and "nothing was launched" in msg
+    assert "127.0.0.1: cpus=2, gpus=0" in msg  # the session's node, as Ray reports it
+    assert not any((plan.runs_dir / r.run_id / "train.log").exists() for r in plan.runs)
+
+    path.write_text(path.read_text().replace("gpus: 1", "memory_gb: 100000"))
+    with pytest.raises(ResourceError, match="memory_gb=100000"):
+        run_sweep(plan_sweep(path), backend="ray", log=lambda s: None)
+
+
+def test_unsatisfiable_resources_cli_exit_code(tmp_path):
+    path = write_sweep(tmp_path, """
+        parameters: {model.preset: {value: dense-tiny}, train.steps: {value: 5}}
+        resources: {default: {cpus: 4096}}
+        """)
+    out = subprocess.run([sys.executable, "-m", "experiments.cli", "sweep", "run", str(path), "--backend", "local"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "need more than any node of the local cluster" in out.stderr and "cpus=4096" in out.stderr
+
+
+# ---- failures: a killed training process, a killed driver, two schedulers -------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkilled_training_process_is_retried_and_resumes_from_its_checkpoint(ray_local, tmp_path):
+    path = write_sweep(tmp_path, """
+        parameters: {model.preset: {value: dense-tiny}, train.steps: {value: 400}, train.ckpt_every: {value: 20}}
+        """)
+    plan = plan_sweep(path)
+    rd = RunDir(plan.runs_dir / plan.runs[0].run_id)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(r=run_sweep(plan, backend="ray", log=lambda s: None)))
+    worker.start()
+    try:
+        wait_for(lambda: rd.checkpoints() and trainer_pids(rd.path), 180, "a first checkpoint")
+        (pid,) = trainer_pids(rd.path)
+        killed_at = time.time()
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        worker.join(timeout=300)
+    report = result["r"]
+    assert report.ok and report.outcomes[0].attempts == 2
+    status = rd.status()
+    assert status["state"] == "done" and status["attempts"] == 2 and attempt_headers(rd) == 2
+
+    # The retry resumed from a checkpoint written before the kill: the steps up to it were logged by the first
+    # process (before the kill) and are not redone; every later step is logged once, by the second process.
+    steps = train_steps(rd)
+    assert [s for s, _ in steps] == list(range(5, 401, 5))
+    resumed_from = max(s for s, t in steps if t < killed_at)
+    assert resumed_from >= 20 and resumed_from % 20 == 0
+    assert all(t > killed_at for s, t in steps if s > resumed_from)
+    assert rd.final()["steps"] == 400 and rd.final()["tokens"] == plan.runs[0].tokens
+
+
+@pytest.mark.slow
+def test_killed_driver_then_rerun_finishes_only_the_remainder(ray_local, tmp_path):
+    path = write_sweep(tmp_path, """
+        parameters: {model.preset: {value: dense-tiny}, train.steps: {value: 300}, train.ckpt_every: {value: 20}}
+        seeds: [0, 1, 2]
+        """)
+    plan = plan_sweep(path)
+    dirs = [RunDir(plan.runs_dir / r.run_id) for r in plan.runs]
+    env = {**os.environ, "ULTRAMEM_RAY_TMP": str(Path("/tmp") / f"umdrv-{os.getpid()}")}
+    driver = subprocess.Popen([sys.executable, "-m", "experiments.cli", "sweep", "run", str(path),
+                               "--max-concurrent", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def one_done_one_halfway():
+            assert driver.poll() is None, driver.stderr.read().decode()
+            states = [rd.status().get("state") for rd in dirs]
+            halfway = [rd for rd in dirs if rd.status().get("state") == "running" and rd.checkpoints()]
+            return "done" in states and halfway
+        wait_for(one_done_one_halfway, 400, "one run done and another past a checkpoint", poll=0.2)
+    finally:
+        driver.kill()
+        driver.wait()
+    killed_at = time.time()
+    # The private Ray dies with its driver, and the training processes with their Ray workers.
+    wait_for(lambda: not any(trainer_pids(rd.path) for rd in dirs), 60, "the training processes to exit")
+    done_before = {rd.run_id: rd.final_path.stat().st_mtime for rd in dirs if rd.status().get("state") == "done"}
+    states = {r["run_id"]: r["state"] for r in status_rows(plan)}
+    assert {s for rid, s in states.items() if rid not in done_before} <= {"interrupted", "pending"}
+    assert "interrupted" in states.values()
+
+    report = run_sweep(plan_sweep(path), backend="ray", log=lambda s: None)
+    assert report.ok and sorted(report.skipped) == sorted(done_before)
+    assert sorted(o.run_id for o in report.outcomes) == sorted(rd.run_id for rd in dirs if rd.run_id not in done_before)
+    for rd in dirs:
+        assert rd.status()["state"] == "done"
+        steps = train_steps(rd)
+        assert [s for s, _ in steps] == list(range(5, 301, 5))
+        if rd.run_id in done_before:  # untouched by the re-run
+            assert rd.final_path.stat().st_mtime == done_before[rd.run_id] and rd.status()["attempts"] == 1
+        elif any(t < killed_at for _, t in steps):  # interrupted mid-run: resumed, not restarted
+            resumed_from = max(s for s, t in steps if t < killed_at)
+            assert resumed_from % 20 == 0 and all(t > killed_at for s, t in steps if s > resumed_from)
+
+
+@pytest.mark.slow
+def test_two_concurrent_sweep_runs_never_train_a_run_twice(tmp_path):
+    path = write_sweep(tmp_path, """
+        parameters: {model.preset: {values: [dense-tiny, moe-tiny, ultramem-tiny]}, train.steps: {value: 30}}
+        """)
+    cmd = [sys.executable, "-m", "experiments.cli", "sweep", "run", str(path), "--backend", "local"]
+    drivers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [d.communicate(timeout=600) for d in drivers]
+    assert [d.returncode for d in drivers] == [0, 0], outs
+    plan = plan_sweep(path)
+    for run in plan.runs:
+        rd = RunDir(plan.runs_dir / run.run_id)
+        assert rd.status()["state"] == "done"
+        assert rd.status()["attempts"] == 1 and attempt_headers(rd) == 1  # one training process per run, ever
+    launched = [sum(" attempt(s)" in line and "0 attempt(s)" not in line for line in out.splitlines())
+                for out, _ in outs]
+    assert sum(launched) == 3, outs
