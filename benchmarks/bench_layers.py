@@ -44,8 +44,10 @@ from benchmarks.common import (
     format_table,
     grouped_bar_plot,
     header,
+    load_warning,
     peak_memory_mb,
     setup,
+    spread_warnings,
     time_round_robin,
     write_json,
 )
@@ -373,11 +375,15 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.seq < 1:
         raise SystemExit(f"error: --batch and --seq must be >= 1 (got {args.batch}, {args.seq})")
     cases, skipped = build_cases(args.batch, args.seq, device, args.only)
+    busy = [load_warning(torch.get_num_threads())]
     rows = measure(cases, device, args.warmup, args.repeats)
+    busy.append(load_warning(0))
+    warnings = [w for w in busy if w][:1] + spread_warnings(rows, ("fwd", "fwd_bwd", "inference"))
     settings = {"batch": args.batch, "seq": args.seq, "tokens": args.batch * args.seq, "d_model": D_MODEL,
                 "warmup": args.warmup, "repeats": args.repeats, "timing": "wall clock, median and IQR of "
                 "interleaved repeats; fwd in train mode, inference in eval mode under torch.no_grad"}
-    payload = {**header(NAME, device, settings), "rows": rows, "targets": targets(rows), "skipped": skipped}
+    payload = {**header(NAME, device, settings), "rows": rows, "targets": targets(rows), "skipped": skipped,
+               "warnings": warnings}
     json_path = write_json(payload, args.out / f"{NAME}.json")
     if not args.no_plot:
         labels = [f"{r['impl']}/{r['layer']}" for r in rows]
@@ -393,5 +399,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"target: {t['name']} = {t['value']:.3g} (want {t['target']}): {'met' if t['met'] else 'NOT met'}")
     for s in skipped:
         print(f"skipped {s['label']}: {s['reason']}")
+    for w in warnings:
+        print(f"warning: {w}")
     print(f"wrote {json_path}" + ("" if args.no_plot else f" and {args.out / (NAME + '.png')}"))
     return 0

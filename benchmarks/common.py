@@ -190,6 +190,30 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def load_warning(threads: int) -> str | None:
+    """A warning when other processes compete for the cores: timings then measure the scheduler as much as the
+    code (with several torch threads, every parallel region waits for its slowest thread). `threads` is what this
+    process is about to add: the 1-min average already counts it after a measurement, so pass 0 then."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load + threads > cpus + 0.5:
+        return (f"machine busy: 1-min load average {load:.1f} on {cpus} logical CPUs (plus {threads} threads here); "
+                "timings are unreliable; rerun on a quiet machine")
+    return None
+
+
+def spread_warnings(rows: Sequence[dict[str, Any]], metrics: Sequence[str], limit: float = 0.25) -> list[str]:
+    """One line per row and metric whose interquartile range exceeds `limit` times its median."""
+    out = []
+    for r in rows:
+        for m in metrics:
+            med, iqr = r.get(f"{m}_ms"), r.get(f"{m}_ms_iqr")
+            if med and iqr is not None and iqr > limit * med:
+                out.append(f"{r['impl']}/{r['layer']} {m}: spread (IQR) {iqr:.3g} ms is {iqr / med:.0%} of the median")
+    return out
+
+
 # ---- output ------------------------------------------------------------------------------------------------------
 
 
@@ -271,6 +295,8 @@ __all__ = [
     "synchronize",
     "time_round_robin",
     "peak_memory_mb",
+    "load_warning",
+    "spread_warnings",
     "machine_info",
     "header",
     "write_json",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks.bench_layers import add_ratios, selected, targets
-from benchmarks.common import Timing, peak_memory_mb, time_round_robin
+from benchmarks.common import Timing, peak_memory_mb, spread_warnings, time_round_robin
 from experiments.commands import bench
 
 
@@ -21,6 +21,13 @@ def test_timing_median_and_iqr_match_numpy():
     assert t.median == pytest.approx(np.median(samples))
     q1, q3 = np.percentile(samples, [25, 75])
     assert t.iqr == pytest.approx(q3 - q1)
+
+
+def test_spread_warnings_flag_only_wide_spreads():
+    rows = [{"impl": "a", "layer": "x", "fwd_ms": 10.0, "fwd_ms_iqr": 2.0, "inference_ms": 10.0,
+             "inference_ms_iqr": 3.0}]
+    warnings = spread_warnings(rows, ("fwd", "inference"), limit=0.25)
+    assert len(warnings) == 1 and warnings[0].startswith("a/x inference") and "30%" in warnings[0]
 
 
 def test_round_robin_warms_up_and_interleaves():
