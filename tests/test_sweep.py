@@ -243,16 +243,18 @@ def test_plan_resolves_ids_params_and_costs(tmp_path):
         parameters:
           model.preset: {values: [dense-tiny, moe-tiny, ultramem-tiny]}
           train.tokens: {values: [2e5, 5xN]}
+        seeds: [0, 3]
         resources:
           default: {cpus: 1}
           rules: [{when: {model.family: moe}, memory_gb: 3}]
         """)
     plan = plan_sweep(path)
-    assert len(plan.runs) == 6 and len({r.run_id for r in plan.runs}) == 6
+    assert len(plan.runs) == 12 and len({r.run_id for r in plan.runs}) == 12
     for run in plan.runs:
         # independent reference: resolve the same point by hand
         cfg = run_config_from_dict({"sweep": "p", "data": {"source": "embedded"}, "name": run.name,
-                                    "model": {"preset": run.preset}, "train": {"tokens": run.values["train.tokens"]}})
+                                    "seed": run.values["seed"], "model": {"preset": run.preset},
+                                    "train": {"tokens": run.values["train.tokens"]}})
         resolved = resolve_run_config(cfg).model_dump(mode="json")
         assert run.run_id == run_id(resolved)
         # the preset with the tokenizer's vocabulary (byte: 256 + end-of-document)
