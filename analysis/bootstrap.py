@@ -83,6 +83,7 @@ class LawFit:
     level: float = 0.95
     objective: float = math.nan
     note: str = ""
+    x_range: tuple[float, float] | None = None  # single-variable laws: the fitted x span (extrapolation beyond)
 
     def band(self, *x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pointwise percentile band of the bootstrap predictions at x (the point prediction where no bootstrap)."""
@@ -97,6 +98,7 @@ class LawFit:
         return {"law": type(self.law).__name__, "n_points": self.n_points, "n_groups": self.n_groups,
                 "n_boot": len(self.boot), "n_failed": self.n_failed, "level": self.level,
                 "objective": self.objective if math.isfinite(self.objective) else None, "note": self.note,
+                "x_range": list(self.x_range) if self.x_range else None,
                 "estimates": {k: e.to_dict() for k, e in self.estimates.items()}}
 
 

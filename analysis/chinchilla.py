@@ -198,8 +198,8 @@ def fit_chinchilla_ci(n: object, d: object, loss: object, *, groups: Sequence | 
 
 
 def _enough_pairs(n: np.ndarray, d: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Resamples holding at least MIN_POINTS distinct (N, D) pairs."""
+    """Resamples holding at least 5 distinct (N, D) pairs, one per parameter (see fit._enough)."""
     _, inverse = np.unique(np.stack([n, d], axis=1), axis=0, return_inverse=True)
     present = np.zeros((len(counts), inverse.max() + 1))
     np.add.at(present.T, inverse.ravel(), (counts > 0).T)
-    return (present > 0).sum(axis=1) >= MIN_POINTS
+    return (present > 0).sum(axis=1) >= 5

@@ -220,7 +220,12 @@ def power_law_objective(law: PowerLaw, x: np.ndarray, y: np.ndarray, delta: floa
 
 
 def _enough(xa: np.ndarray, counts: np.ndarray, need: int) -> np.ndarray:
-    """Which resamples hold at least `need` distinct x (others cannot identify the law)."""
+    """Which resamples hold at least `need` distinct x (others cannot identify the law).
+
+    A resample only needs as many distinct x as the law has parameters: an exactly determined refit is a valid
+    (if extreme) draw. Demanding a spare degree of freedom, as the point fit does, would keep only the resamples
+    that contain nearly every run, which with 3-5 sizes collapses the interval onto the point estimate.
+    """
     _, inverse = np.unique(xa, return_inverse=True)
     present = np.zeros((len(counts), inverse.max() + 1))
     np.add.at(present.T, inverse, (counts > 0).T)
@@ -230,7 +235,7 @@ def _enough(xa: np.ndarray, counts: np.ndarray, need: int) -> np.ndarray:
 def _refit_power(xa: np.ndarray, ya: np.ndarray, law: PowerLaw, counts: np.ndarray, floor: bool, solver: str,
                  delta: float) -> list[PowerLaw | None]:
     """Every resample at once, from the point estimate ("porian" resamples are solved to convergence by LM)."""
-    ok = _enough(xa, counts, MIN_POINTS_FLOOR if floor else MIN_POINTS_PURE)
+    ok = _enough(xa, counts, 3 if floor else 2)
     if not floor:
         intercept, slope = _wls(np.log(xa), np.log(ya), counts)
         laws = [PowerLaw(0.0, math.exp(i), -s) for i, s in zip(intercept, slope, strict=True)]
@@ -254,10 +259,12 @@ def fit_power_law_ci(x: object, y: object, *, groups: Sequence | np.ndarray | No
     quantities = {name: (lambda p, name=name: p.params()[name]) for name in ("E", "A", "alpha")}
     for t in targets:
         quantities[f"L({x_name}={t:.3g})"] = lambda p, t=t: float(p(t))
-    return bootstrap_fit(lambda counts: _refit_power(xa, ya, law, counts, floor, solver, delta), law, len(xa),
-                         groups=None if groups is None else np.asarray(groups), n_boot=n_boot, seed=seed,
-                         quantities=quantities, level=level, objective=power_law_objective(law, xa, ya, delta),
-                         note="" if floor else "pure power law (E = 0) by log-log OLS")
+    fit = bootstrap_fit(lambda counts: _refit_power(xa, ya, law, counts, floor, solver, delta), law, len(xa),
+                        groups=None if groups is None else np.asarray(groups), n_boot=n_boot, seed=seed,
+                        quantities=quantities, level=level, objective=power_law_objective(law, xa, ya, delta),
+                        note="" if floor else "pure power law (E = 0) by log-log OLS")
+    fit.x_range = (float(xa.min()), float(xa.max()))
+    return fit
 
 
 def fit_log_linear_ci(x: object, y: object, *, groups: Sequence | np.ndarray | None = None, n_boot: int = 1000,
@@ -269,10 +276,12 @@ def fit_log_linear_ci(x: object, y: object, *, groups: Sequence | np.ndarray | N
     law = fit_log_linear(xa, ya, x_name=x_name, y_name=y_name, source=source)
 
     def refit(counts: np.ndarray) -> list[LogLinear | None]:
-        ok = _enough(xa, counts, MIN_POINTS_PURE)
+        ok = _enough(xa, counts, 2)
         intercept, slope = _wls(np.log(xa), ya, counts)
         return [LogLinear(float(i), -float(s)) if good else None for i, s, good in zip(intercept, slope, ok, strict=True)]
 
-    return bootstrap_fit(refit, law, len(xa), groups=None if groups is None else np.asarray(groups),
-                         n_boot=n_boot, seed=seed, quantities={"c0": lambda p: p.c0, "k": lambda p: p.k},
-                         level=level, objective=float(np.sum((ya - law(xa)) ** 2)))
+    fit = bootstrap_fit(refit, law, len(xa), groups=None if groups is None else np.asarray(groups),
+                        n_boot=n_boot, seed=seed, quantities={"c0": lambda p: p.c0, "k": lambda p: p.k},
+                        level=level, objective=float(np.sum((ya - law(xa)) ** 2)))
+    fit.x_range = (float(xa.min()), float(xa.max()))
+    return fit

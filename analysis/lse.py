@@ -97,7 +97,7 @@ def huber_objective_batch(thetas: np.ndarray, logx: np.ndarray, logy: np.ndarray
 
 
 def fit_batch(thetas: np.ndarray, logx: np.ndarray, logy: np.ndarray, counts: np.ndarray | None = None,
-              delta: float | None = None, max_iter: int = 300, tol: float = 1e-13) -> tuple[np.ndarray, np.ndarray]:
+              delta: float | None = None, max_iter: int = 500, tol: float = 1e-13) -> tuple[np.ndarray, np.ndarray]:
     """Minimise Σ_i c_i·ρ(LSE_i − log L_i) from many starts at once (batched Levenberg–Marquardt).
 
     ρ(r) = r² (delta=None: least squares) or Huber_δ(r). For Huber each step is Levenberg–Marquardt on the
@@ -115,7 +115,7 @@ def fit_batch(thetas: np.ndarray, logx: np.ndarray, logy: np.ndarray, counts: np
     lam = np.full(s, 1e-3)
     eye = np.eye(p)
 
-    def evaluate(t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def evaluate(t: np.ndarray, cc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a, e, alpha = t[:, :k], t[:, k], t[:, k + 1:]
         z = a[:, :, None] - alpha[:, :, None] * logx[None]  # [S, K, n]
         z = np.concatenate([z, np.broadcast_to(e[:, None, None], (len(t), 1, n))], axis=1)  # [S, K+1, n]
@@ -126,31 +126,32 @@ def fit_batch(thetas: np.ndarray, logx: np.ndarray, logy: np.ndarray, counts: np
         w = ez / tot  # ∂LSE/∂z
         jac = np.concatenate([w[:, :k], w[:, k:], -w[:, :k] * logx[None]], axis=1)  # [S, P, n]
         rho = r * r if delta is None else huber(r, delta)
-        return np.sum(c * rho, axis=1), r, jac
+        return np.sum(cc * rho, axis=1), r, jac
 
     with np.errstate(over="ignore", invalid="ignore"):
-        cost, r, jac = evaluate(theta)
-        finished = ~np.isfinite(cost)
+        cost, r, jac = evaluate(theta, c)
+        live = np.flatnonzero(np.isfinite(cost))  # problems still iterating; the rest are final
         for _ in range(max_iter):
-            if delta is None:
-                psi, omega = r, np.ones_like(r)
-            else:
-                psi = np.clip(r, -delta, delta)
-                omega = np.where(np.abs(r) > delta, delta / np.maximum(np.abs(r), delta), 1.0)
-            g = np.einsum("spn,sn->sp", jac, c * psi)
-            h = np.einsum("spn,sqn,sn->spq", jac, jac, c * omega)
-            damp = lam[:, None, None] * (h * eye + 1e-12 * eye)  # Marquardt: scale by diag(H)
-            step = -np.linalg.solve(h + damp + 1e-15 * eye, g[:, :, None])[:, :, 0]
-            trial = theta + step
-            new_cost, new_r, new_jac = evaluate(trial)
-            better = np.isfinite(new_cost) & (new_cost < cost) & ~finished
-            small = cost - new_cost <= tol * np.abs(cost)
-            finished |= better & small | ~better & (lam > 1e12)
-            theta[better], r[better], jac[better] = trial[better], new_r[better], new_jac[better]
-            cost = np.where(better, new_cost, cost)
-            lam = np.where(better, lam / 3, lam * 4)
-            if finished.all():
+            if not live.size:
                 break
+            t, cl, rl, jl, ll = theta[live], c[live], r[live], jac[live], lam[live]
+            if delta is None:
+                psi, omega = rl, np.ones_like(rl)
+            else:
+                psi = np.clip(rl, -delta, delta)
+                omega = np.where(np.abs(rl) > delta, delta / np.maximum(np.abs(rl), delta), 1.0)
+            g = np.einsum("spn,sn->sp", jl, cl * psi)
+            h = np.einsum("spn,sqn,sn->spq", jl, jl, cl * omega)
+            damp = ll[:, None, None] * (h * eye + 1e-12 * eye)  # Marquardt: scale by diag(H)
+            trial = t - np.linalg.solve(h + damp + 1e-15 * eye, g[:, :, None])[:, :, 0]
+            new_cost, new_r, new_jac = evaluate(trial, cl)
+            old = cost[live]
+            better = np.isfinite(new_cost) & (new_cost < old)
+            done = better & (old - new_cost <= tol * np.abs(old)) | ~better & (ll > 1e12)
+            up = live[better]
+            theta[up], r[up], jac[up], cost[up] = trial[better], new_r[better], new_jac[better], new_cost[better]
+            lam[live] = np.where(better, ll / 3, ll * 4)
+            live = live[~done]
     return theta, cost
 
 

@@ -1,0 +1,240 @@
+"""Run folders (docs/run_folder.md), W&B projects or saved tables -> one tidy table of runs and one of curves.
+
+`runs`: one row per run that wrote final.json (RUN_COLUMNS). `curves`: one row per logged point (CURVE_COLUMNS):
+training loss ("train") and held-out loss ("eval") against step, tokens and FLOPs. Collecting a runs directory
+caches both tables as parquet next to the runs (`.analysis_cache/`), keyed by the size and mtime of every file
+read, so re-collecting an unchanged sweep costs one stat per file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis.checks import FitError
+from experiments.runstore import RunDir, atomic_write_text, iter_run_dirs
+
+RUN_COLUMNS = [
+    "run_id", "name", "sweep", "family", "preset", "seed", "state", "backbone", "n_layers", "d_model",
+    "val_loss", "train_loss", "total_params", "active_params", "non_embedding_params", "embedding_params",
+    "active_non_embedding_params", "sparse_params", "flops_per_token", "tokens", "flops", "steps", "batch_size",
+    "seq_len", "lr", "memory_slots", "memory_top_m", "memory_heads", "memory_value_expansion", "memory_layers",
+    "moe_experts", "moe_top_k", "knowledge_facts", "knowledge_recall", "knowledge_heldout_recall",
+    "knowledge_bits", "wall_s", "tokens_per_s", "tokenizer", "vocab_size", "data_source", "run_dir",
+]
+CURVE_COLUMNS = ["run_id", "family", "kind", "step", "tokens", "flops", "loss"]
+CACHE_DIR = ".analysis_cache"
+TABLE_SUFFIXES = (".csv", ".parquet")
+
+
+@dataclass
+class Collected:
+    runs: pd.DataFrame
+    curves: pd.DataFrame
+    skipped: list[str] = field(default_factory=list)  # "run_id (state)" of folders without final.json
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+
+
+def final_to_row(final: dict[str, Any], config: dict[str, Any] | None = None, state: str = "done",
+                 run_dir: str = "") -> dict[str, Any]:
+    """One runs-table row from a final.json dict (and the run's resolved config.yaml, for the backbone shape)."""
+    params = final.get("params") or {}
+    memory = final.get("memory") or {}
+    moe = final.get("moe") or {}
+    knowledge = final.get("knowledge") or {}
+    model = (config or {}).get("model") or {}
+    n_layers, d_model = model.get("n_layers"), model.get("d_model")
+    row = {
+        "run_id": final.get("run_id"), "name": final.get("name"), "sweep": final.get("sweep"),
+        "family": final.get("family") or model.get("family"), "preset": final.get("preset"),
+        "seed": final.get("seed"), "state": state,
+        "backbone": f"L{n_layers}-d{d_model}" if n_layers and d_model else None,
+        "n_layers": _num(n_layers), "d_model": _num(d_model),
+        "val_loss": _num(final.get("val_loss")), "train_loss": _num(final.get("train_loss")),
+        "total_params": _num(final.get("total_params", params.get("total"))),
+        "active_params": _num(final.get("active_params", params.get("active"))),
+        "non_embedding_params": _num(final.get("non_embedding_params", params.get("non_embedding"))),
+        "embedding_params": _num(params.get("embedding")),
+        "active_non_embedding_params": _num(params.get("active_non_embedding")),
+        "sparse_params": _num(params.get("sparse")),
+        "memory_slots": _num(memory.get("num_values")), "memory_top_m": _num(memory.get("top_m")),
+        "memory_heads": _num(memory.get("heads")), "memory_value_expansion": _num(memory.get("value_expansion")),
+        "memory_layers": _num(memory.get("num_layers")),
+        "moe_experts": _num(moe.get("num_experts")), "moe_top_k": _num(moe.get("top_k")),
+        "knowledge_facts": _num(knowledge.get("facts")), "knowledge_recall": _num(knowledge.get("recall")),
+        "knowledge_heldout_recall": _num(knowledge.get("heldout_recall")),
+        "knowledge_bits": _num(knowledge.get("bits_stored")),
+        "tokenizer": final.get("tokenizer"), "data_source": final.get("data_source"), "run_dir": run_dir,
+    }
+    for key in ("flops_per_token", "tokens", "flops", "steps", "batch_size", "seq_len", "lr", "wall_s",
+                "tokens_per_s", "vocab_size"):
+        row[key] = _num(final.get(key))
+    return row
+
+
+def metrics_to_curve(run_id: str, family: str | None, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Long-format curve rows; "train" rows carry the training loss, "eval" rows the held-out loss."""
+    out = []
+    for r in records:
+        kind = r.get("kind")
+        loss = r.get("loss") if kind == "train" else r.get("val_loss") if kind == "eval" else None
+        if loss is None:
+            continue
+        out.append({"run_id": run_id, "family": family, "kind": kind, "step": _num(r.get("step")),
+                    "tokens": _num(r.get("tokens")), "flops": _num(r.get("flops")), "loss": _num(loss)})
+    return out
+
+
+def _fingerprint(root: Path, dirs: list[RunDir]) -> str:
+    parts = []
+    for rd in dirs:
+        for p in (rd.config_path, rd.status_path, rd.final_path, rd.metrics_path):
+            st = p.stat() if p.exists() else None
+            parts.append([str(p.relative_to(root)), st.st_size if st else -1, st.st_mtime_ns if st else -1])
+    return json.dumps(parts)
+
+
+def _frames(rows: list[dict[str, Any]], curves: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    runs = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    runs = runs.sort_values(["family", "active_params", "memory_slots", "run_id"], kind="stable",
+                            na_position="first").reset_index(drop=True)
+    return runs, pd.DataFrame(curves, columns=CURVE_COLUMNS)
+
+
+def collect_runs(runs_dir: str | Path, *, cache: bool = True) -> Collected:
+    """Every run folder below `runs_dir` that wrote final.json; the others are listed in `skipped`."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise FitError(f"{root}: runs directory not found")
+    dirs = list(iter_run_dirs(root))
+    cache_dir = root / CACHE_DIR
+    key = _fingerprint(root, dirs)
+    if cache and (cache_dir / "key.json").exists() and (cache_dir / "key.json").read_text() == key:
+        skipped = json.loads((cache_dir / "skipped.json").read_text())
+        return Collected(pd.read_parquet(cache_dir / "runs.parquet"), pd.read_parquet(cache_dir / "curves.parquet"),
+                         skipped)
+    rows, curves, skipped = [], [], []
+    for rd in dirs:
+        final = rd.final()
+        state = rd.status().get("state", "pending")
+        if final is None:
+            skipped.append(f"{rd.run_id} ({state})")
+            continue
+        row = final_to_row(final, rd.read_config(), state, str(rd.path.relative_to(root)))
+        row["run_id"] = row["run_id"] or rd.run_id
+        rows.append(row)
+        curves += metrics_to_curve(row["run_id"], row["family"], rd.metrics())
+    out = Collected(*_frames(rows, curves), skipped)
+    if cache:
+        _write_cache(cache_dir, out, key)
+    return out
+
+
+def _write_cache(cache_dir: Path, collected: Collected, key: str) -> None:
+    try:
+        cache_dir.mkdir(exist_ok=True)
+        collected.runs.to_parquet(cache_dir / "runs.parquet", index=False)
+        collected.curves.to_parquet(cache_dir / "curves.parquet", index=False)
+        atomic_write_text(cache_dir / "skipped.json", json.dumps(collected.skipped))
+        atomic_write_text(cache_dir / "key.json", key)  # last: a half-written cache is never taken as valid
+    except OSError:
+        pass  # a read-only results folder is analysed all the same, just not cached
+
+
+def load_table(path: str | Path) -> pd.DataFrame:
+    """A CSV or parquet table; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FitError(f"{path}: file not found")
+    if path.suffix not in TABLE_SUFFIXES:
+        raise FitError(f"{path}: unsupported table format {path.suffix!r}; use {' or '.join(TABLE_SUFFIXES)}")
+    try:
+        return pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    except (ValueError, OSError) as err:
+        raise FitError(f"{path}: cannot read the table ({err})") from None
+
+
+def save_collected(collected: Collected, out_dir: str | Path) -> list[Path]:
+    """runs.csv and curves.csv: the plain-text record a study commits instead of run folders and checkpoints."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "runs.csv", out / "curves.csv"]
+    atomic_write_text(paths[0], collected.runs.to_csv(index=False, float_format="%.10g"))
+    atomic_write_text(paths[1], collected.curves.to_csv(index=False, float_format="%.10g"))
+    return paths
+
+
+def load_collected(path: str | Path) -> Collected:
+    """A runs directory, a saved runs table (runs.csv / runs.parquet, curves.* beside it) or a folder holding one."""
+    path = Path(path)
+    if path.is_dir():
+        saved = [path / f"runs{s}" for s in TABLE_SUFFIXES if (path / f"runs{s}").exists()]
+        if not saved or any(True for _ in iter_run_dirs(path)):
+            return collect_runs(path)
+        path = saved[0]
+    runs = load_table(path)
+    missing = [c for c in ("run_id", "family", "val_loss") if c not in runs.columns]
+    if missing:
+        raise FitError(f"{path}: missing column(s) {', '.join(missing)}; expected a runs table written by "
+                       "`ultramem plots` (runs.csv) or a runs directory")
+    runs = runs.reindex(columns=RUN_COLUMNS + [c for c in runs.columns if c not in RUN_COLUMNS])
+    curves_path = next((path.with_name(f"curves{s}") for s in TABLE_SUFFIXES
+                        if path.with_name(f"curves{s}").exists()), None)
+    curves = load_table(curves_path) if curves_path else pd.DataFrame(columns=CURVE_COLUMNS)
+    return Collected(*_frames(runs.to_dict("records"), curves.to_dict("records")))
+
+
+def collect_wandb(path: str) -> Collected:
+    """Runs of a W&B project ("entity/project") through the public API; needs network access and a login.
+
+    The trainer mirrors final.json into each run's summary, flattened with "/" (experiments/tracking.py), so the
+    rows come from the same conversion as run folders. Training curves are not fetched (use the run folders).
+    """
+    import wandb
+
+    rows = []
+    for run in wandb.Api().runs(path):
+        final = unflatten(dict(run.summary))
+        if "val_loss" not in final:
+            continue
+        final.setdefault("run_id", run.name)
+        rows.append(final_to_row(final, {"model": unflatten(dict(run.config)).get("model")}, run.state, run.url))
+    return Collected(*_frames(rows, []))
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """{'params/total': 1} -> {'params': {'total': 1}} (the inverse of the W&B mirror's flatten)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *heads, last = str(key).split("/")
+        for h in heads:
+            node = node.setdefault(h, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[last] = value
+    return out
+
+
+def read_inference_benchmark(path: str | Path) -> pd.DataFrame | None:
+    """Rows of the inference benchmark's JSON (batch_size, family or model, latency_ms, ...), None if absent."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    rows = data.get("rows", data.get("results", [])) if isinstance(data, dict) else data
+    df = pd.DataFrame(rows)
+    if df.empty or not {"batch_size", "latency_ms"} <= set(df.columns):
+        return None
+    if "family" not in df.columns:
+        df["family"] = df.get("model", "model")
+    return df

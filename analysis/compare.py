@@ -1,0 +1,252 @@
+"""Dense vs MoE vs UltraMem: per-family laws, exponent differences, effective compute multiplier, memory-size law,
+knowledge capacity. Every function takes the runs table of analysis/collect.py and degrades to a stated reason
+("not enough points: ...") instead of raising when a sweep is too small for a law.
+
+- Per-family law L = E + A·x^(−α) in x = training FLOPs or activated parameters (pure power law when there are
+  too few sizes for a floor), with bootstrap CIs over runs.
+- Effective compute multiplier of a sparse run (Clark et al. 2022's "effective parameter count", in compute):
+  the dense compute that reaches the run's loss on the dense law, divided by the run's own compute,
+  M = C_dense(L) / C with C_dense(L) = (A/(L − E))^(1/α). M > 1: the sparse model is worth more dense compute.
+- UltraMem loss vs memory size at a fixed backbone (fixed activated size, top-m): log-linear L = c0 − k·ln M, which
+  is how the paper states it ("the loss decreases linearly as the sparse parameters increase exponentially",
+  Fig. 6b), and a power law with a floor where there are enough sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from analysis.bootstrap import Estimate, LawFit, estimate
+from analysis.checks import FitError, NotEnoughPointsError
+from analysis.fit import MIN_POINTS_FLOOR, MIN_POINTS_PURE, fit_log_linear_ci, fit_power_law_ci
+
+FAMILY_ORDER = ("dense", "moe", "pkm", "ultramem")
+AXES = {  # column -> axis label with units
+    "flops": "training compute C (FLOPs)",
+    "active_params": "activated parameters",
+    "active_non_embedding_params": "activated non-embedding parameters",
+    "total_params": "total parameters",
+    "non_embedding_params": "non-embedding parameters",
+    "tokens": "training tokens",
+    "memory_slots": "memory values per layer",
+    "sparse_params": "sparse (memory value) parameters",
+}
+FLOOR_MIN_SIZES = MIN_POINTS_FLOOR + 1  # "auto" fits a floor only with a residual dof to spare
+
+
+def families(runs: pd.DataFrame) -> list[str]:
+    present = list(dict.fromkeys(runs["family"].dropna()))
+    return [f for f in FAMILY_ORDER if f in present] + sorted(f for f in present if f not in FAMILY_ORDER)
+
+
+def usable(runs: pd.DataFrame, x: str, y: str = "val_loss") -> pd.DataFrame:
+    """Finished runs with positive, finite x and y."""
+    ok = runs["state"].fillna("done").eq("done") if "state" in runs else True
+    for col in (x, y):
+        v = pd.to_numeric(runs[col], errors="coerce")
+        ok = ok & np.isfinite(v) & (v > 0)
+    return runs[ok]
+
+
+@dataclass
+class FamilyFit:
+    family: str
+    x: str
+    n_runs: int
+    fit: LawFit | None = None
+    reason: str = ""  # why there is no fit
+
+    @property
+    def floor(self) -> bool:
+        return self.fit is not None and self.fit.law.E > 0
+
+
+def fit_family(runs: pd.DataFrame, family: str, x: str = "flops", y: str = "val_loss", *, floor: str = "auto",
+               n_boot: int = 1000, seed: int = 0, level: float = 0.95, solver: str = "lsq",
+               targets: tuple[float, ...] = ()) -> FamilyFit:
+    """L = E + A·x^(−α) for one family. floor: "auto" (a floor from 5 distinct sizes, else a pure power law from
+    3), "yes" or "no"."""
+    if floor not in ("auto", "yes", "no"):
+        raise FitError(f"floor {floor!r} unknown; allowed: auto | yes | no")
+    df = usable(runs[runs["family"] == family], x, y)
+    sizes = df[x].nunique()
+    with_floor = floor == "yes" or (floor == "auto" and sizes >= FLOOR_MIN_SIZES)
+    need = MIN_POINTS_FLOOR if with_floor else MIN_POINTS_PURE
+    out = FamilyFit(family, x, len(df))
+    if sizes < need:
+        out.reason = f"not enough points: {sizes} distinct {x} value(s), need {need}"
+        return out
+    try:
+        out.fit = fit_power_law_ci(df[x], df[y], groups=df["run_id"], floor=with_floor, n_boot=n_boot, seed=seed,
+                                   level=level, solver=solver, targets=targets, x_name=x, y_name=y,
+                                   source=f"family {family}")
+    except NotEnoughPointsError as err:
+        out.reason = str(err)
+    return out
+
+
+def fit_families(runs: pd.DataFrame, x: str = "flops", y: str = "val_loss", **kw) -> dict[str, FamilyFit]:
+    return {f: fit_family(runs, f, x, y, **kw) for f in families(runs)}
+
+
+def _draws(fit: LawFit, fn) -> np.ndarray:
+    return np.array([fn(b) for b in fit.boot], dtype=float)
+
+
+def exponent_differences(fits: dict[str, FamilyFit], reference: str = "dense", level: float = 0.95) -> pd.DataFrame:
+    """α_family − α_reference with a percentile CI (the families' bootstraps are independent, so draw i of one is
+    paired with draw i of the other). Only laws of the same form (both with or both without a floor) are compared."""
+    ref = fits.get(reference)
+    rows = []
+    for fam, ff in fits.items():
+        if fam == reference or ff.fit is None:
+            continue
+        row = {"family": fam, "reference": reference, "alpha": ff.fit.law.alpha, "diff": math.nan,
+               "lo": math.nan, "hi": math.nan, "note": ""}
+        rows.append(row)
+        if ref is None or ref.fit is None:
+            row["note"] = f"no {reference} law"
+            continue
+        if ff.floor != ref.floor:
+            row["note"] = "laws of different form (floor vs none); exponents not comparable"
+            continue
+        a, b = _draws(ff.fit, lambda p: p.alpha), _draws(ref.fit, lambda p: p.alpha)
+        k = min(len(a), len(b))
+        e = estimate(ff.fit.law.alpha - ref.fit.law.alpha, a[:k] - b[:k] if k else None, level)
+        row.update(diff=e.value, lo=e.lo, hi=e.hi)
+    return pd.DataFrame(rows, columns=["family", "reference", "alpha", "diff", "lo", "hi", "note"])
+
+
+SUMMARY_COLUMNS = ["family", "n_runs", "multiplier", "lo", "hi", "note"]
+
+
+@dataclass
+class Multiplier:
+    points: pd.DataFrame  # one row per sparse run: multiplier with CI
+    summary: pd.DataFrame  # one row per family: geometric-mean multiplier with CI
+
+
+def compute_multiplier(runs: pd.DataFrame, dense: FamilyFit, y: str = "val_loss",
+                       families_: tuple[str, ...] = ("moe", "pkm", "ultramem"), level: float = 0.95,
+                       seed: int = 0) -> Multiplier:
+    """Effective compute multiplier M = C_dense(L)/C of each sparse run on the dense law fitted in FLOPs.
+
+    Point CIs come from the dense law's bootstrap refits. The family summary is the geometric mean over the
+    family's runs; its CI resamples those runs as well (draw i: dense refit i and a resample of the runs), so it
+    reflects both the dense law's uncertainty and the spread between the family's runs. Runs whose loss is at or
+    below the dense floor E have no finite multiplier (nan, noted); C_dense outside the dense runs' compute range is
+    an extrapolation (noted).
+    """
+    cols = ["run_id", "family", "flops", "loss", "dense_flops", "multiplier", "lo", "hi", "note"]
+    if dense.fit is None or dense.x != "flops":
+        why = dense.reason or "the dense law must be fitted against flops"
+        present = [f for f in families_ if f in set(runs["family"])]
+        summary = pd.DataFrame({"family": present, "n_runs": 0, "multiplier": math.nan, "lo": math.nan,
+                                "hi": math.nan, "note": f"no dense law: {why}"}, columns=SUMMARY_COLUMNS)
+        return Multiplier(pd.DataFrame(columns=cols), summary)
+    law, boot = dense.fit.law, dense.fit.boot
+    dense_runs = usable(runs[runs["family"] == "dense"], "flops", y)
+    c_lo, c_hi = dense_runs["flops"].min(), dense_runs["flops"].max()
+    rows, per_family = [], {}
+    for fam in families_:
+        df = usable(runs[runs["family"] == fam], "flops", y)
+        if df.empty:
+            continue
+        c, loss = df["flops"].to_numpy(float), df[y].to_numpy(float)
+        point = law.inverse(loss) / c
+        draws = np.array([b.inverse(loss) / c for b in boot]) if boot else np.empty((0, len(c)))  # [B, n]
+        per_family[fam] = (point, draws)
+        for i, (rid, ci, li) in enumerate(zip(df["run_id"], c, loss, strict=True)):
+            e = estimate(point[i], draws[:, i] if len(draws) else None, level)
+            cd = point[i] * ci
+            note = ("loss at or below the dense floor E" if not math.isfinite(point[i]) else
+                    "extrapolated beyond the dense runs" if not (c_lo <= cd <= c_hi) else "")
+            rows.append({"run_id": rid, "family": fam, "flops": ci, "loss": li, "dense_flops": cd,
+                         "multiplier": e.value, "lo": e.lo, "hi": e.hi, "note": note})
+    summary = [_family_summary(fam, p, d, level, seed) for fam, (p, d) in per_family.items()]
+    return Multiplier(pd.DataFrame(rows, columns=cols),
+                      pd.DataFrame(summary, columns=SUMMARY_COLUMNS))
+
+
+def _family_summary(fam: str, point: np.ndarray, draws: np.ndarray, level: float, seed: int) -> dict:
+    finite = np.isfinite(point)
+    row = {"family": fam, "n_runs": int(finite.sum()), "multiplier": math.nan, "lo": math.nan, "hi": math.nan,
+           "note": "" if finite.all() else f"{int((~finite).sum())} run(s) below the dense floor left out"}
+    if not finite.any():
+        return row
+    logp = np.log(point[finite])
+    geo = []
+    rng = np.random.default_rng(seed)
+    for d in draws[:, finite]:
+        pick = rng.integers(0, len(logp), len(logp))
+        with np.errstate(invalid="ignore"):
+            geo.append(np.exp(np.mean(np.log(d[pick]))))
+    e = estimate(float(np.exp(logp.mean())), np.array(geo) if geo else None, level)
+    row.update(multiplier=e.value, lo=e.lo, hi=e.hi)
+    return row
+
+
+def loss_gap(fits: dict[str, FamilyFit], a: str, b: str, at: float | None = None,
+             level: float = 0.95) -> tuple[float, Estimate] | None:
+    """L_a(x) − L_b(x) at x = `at` (default: the geometric middle of the x range both families cover), with a CI
+    from the two independent bootstraps. None when either law is missing or their ranges do not overlap."""
+    fa, fb = fits.get(a), fits.get(b)
+    if fa is None or fb is None or fa.fit is None or fb.fit is None:
+        return None
+    if at is None:
+        lo = max(fa.fit.x_range[0], fb.fit.x_range[0])
+        hi = min(fa.fit.x_range[1], fb.fit.x_range[1])
+        if lo > hi:
+            return None
+        at = math.sqrt(lo * hi)
+    da, db = _draws(fa.fit, lambda p: float(p(at))), _draws(fb.fit, lambda p: float(p(at)))
+    k = min(len(da), len(db))
+    return at, estimate(float(fa.fit.law(at) - fb.fit.law(at)), da[:k] - db[:k] if k else None, level)
+
+
+@dataclass
+class MemoryLaw:
+    backbone: str
+    x: str
+    n_runs: int
+    log_linear: LawFit | None
+    power: LawFit | None
+    reason: str = ""
+
+
+def memory_laws(runs: pd.DataFrame, x: str = "memory_slots", y: str = "val_loss", family: str = "ultramem", *,
+                n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[MemoryLaw]:
+    """Loss vs memory size for each backbone (fixed activated size) of `family` with at least 3 memory sizes."""
+    df = usable(runs[runs["family"] == family], x, y)
+    out = []
+    for backbone, g in df.groupby(df["backbone"].fillna("?"), sort=True):
+        sizes = g[x].nunique()
+        ml = MemoryLaw(str(backbone), x, len(g), None, None)
+        out.append(ml)
+        if sizes < MIN_POINTS_PURE:
+            ml.reason = f"not enough points: {sizes} memory size(s), need {MIN_POINTS_PURE}"
+            continue
+        kw = dict(groups=g["run_id"], n_boot=n_boot, seed=seed, level=level, x_name=x, y_name=y,
+                  source=f"{family} {backbone}")
+        ml.log_linear = fit_log_linear_ci(g[x], g[y], **kw)
+        if sizes >= MIN_POINTS_FLOOR:
+            ml.power = fit_power_law_ci(g[x], g[y], floor=True, **kw)
+        else:
+            ml.reason = f"power law with floor needs {MIN_POINTS_FLOOR} memory sizes (have {sizes})"
+    return out
+
+
+def knowledge_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Fact recall per run (embedded-corpus probe): facts recalled = recall × facts probed."""
+    cols = ["family", "run_id", "active_params", "total_params", "knowledge_facts", "knowledge_recall",
+            "knowledge_heldout_recall", "knowledge_bits"]
+    if "knowledge_recall" not in runs:
+        return pd.DataFrame(columns=cols + ["facts_recalled", "bits_per_param"])
+    df = runs[np.isfinite(pd.to_numeric(runs["knowledge_recall"], errors="coerce"))][cols].copy()
+    df["facts_recalled"] = df["knowledge_recall"] * df["knowledge_facts"]
+    df["bits_per_param"] = df["knowledge_bits"] / df["total_params"]
+    return df.reset_index(drop=True)

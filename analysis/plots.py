@@ -1,0 +1,269 @@
+"""Every figure of the analysis: pure functions of the tables and fits, one style, PNG + SVG, byte-reproducible.
+
+Figures are `matplotlib.figure.Figure` objects drawn without pyplot (no global state, no GUI backend; files are
+rendered by Agg and the SVG backend). `save` strips the date and software stamps and fixes the SVG id salt, so
+re-running on the same inputs rewrites identical files. Power laws are drawn on log-log axes; the legend carries
+each fitted formula, and shaded bands are the pointwise bootstrap intervals of the fitted curve.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
+
+from analysis.compare import AXES, FamilyFit, MemoryLaw, Multiplier, families
+
+COLORS = {"dense": "#3b6ea8", "moe": "#d9822b", "pkm": "#8064a2", "ultramem": "#3a9a5b"}
+MARKERS = {"dense": "o", "moe": "s", "pkm": "D", "ultramem": "^"}
+STYLE = {
+    "font.size": 9.5, "axes.titlesize": 10.5, "axes.labelsize": 9.5, "legend.fontsize": 7.5,
+    "axes.grid": True, "grid.alpha": 0.3, "grid.linewidth": 0.6, "axes.spines.top": False,
+    "axes.spines.right": False, "lines.linewidth": 1.6, "lines.markersize": 5, "legend.frameon": False,
+    "savefig.dpi": 150, "svg.hashsalt": "ultramem-analysis", "svg.fonttype": "path",
+    "path.simplify": False,
+}
+LOSS_LABEL = "validation loss (nats/token)"
+SYMBOLS = {"flops": "C", "active_params": "N", "active_non_embedding_params": "N", "total_params": "N_total",
+           "non_embedding_params": "N", "tokens": "D", "memory_slots": "M", "sparse_params": "P_sparse"}
+
+
+def color(family: str) -> str:
+    return COLORS.get(family, "#555555")
+
+
+def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.0) -> tuple[Figure, list]:
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(width * ncols, height), layout="constrained")
+        axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes
+
+
+def save(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
+    """Write <stem>.png and <stem>.svg; identical inputs give identical bytes."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.png", out / f"{stem}.svg"]
+    with matplotlib.rc_context(STYLE):
+        fig.savefig(paths[0], format="png", metadata={"Software": None})
+        fig.savefig(paths[1], format="svg", metadata={"Date": None, "Creator": None})
+    return paths
+
+
+def _tick(v: float, _pos: int | None = None) -> str:
+    """Plain tick text ("3e12", "2.5"): mathtext tick labels cost most of a figure's rendering time."""
+    if v == 0:
+        return "0"
+    if 1e-3 <= abs(v) < 1e4:
+        return f"{v:g}"
+    return f"{v:.0e}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
+def _log(ax, which: str = "xy", base: float = 10) -> None:
+    """Log scale on the named axes with plain tick labels; minor ticks are labelled only on a short span."""
+    for name in which:
+        axis = ax.xaxis if name == "x" else ax.yaxis
+        (ax.set_xscale if name == "x" else ax.set_yscale)("log", base=base)
+        lo, hi = (ax.get_xlim() if name == "x" else ax.get_ylim())
+        short = lo > 0 and math.log(hi / lo, base) < 1.0
+        axis.set_major_formatter(FuncFormatter(_tick))
+        axis.set_minor_formatter(FuncFormatter(_tick) if short else NullFormatter())
+
+
+def _note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="#777777", wrap=True)
+
+
+def _curve_x(lo: float, hi: float, log: bool = True, pad: float = 0.15, n: int = 200) -> np.ndarray:
+    if log:
+        span = math.log10(hi / lo) if hi > lo else 1.0
+        return np.geomspace(lo / 10 ** (pad * span), hi * 10 ** (pad * span), n)
+    return np.linspace(lo, hi, n)
+
+
+def plot_scaling(runs: pd.DataFrame, fits: dict[str, FamilyFit], x: str, y: str = "val_loss",
+                 title: str | None = None) -> Figure:
+    """Loss against `x` per family: runs as markers, the fitted law and its bootstrap band."""
+    fig, (ax,) = _figure()
+    drawn = False
+    for fam in families(runs):
+        df = runs[runs["family"] == fam]
+        df = df[np.isfinite(pd.to_numeric(df[x], errors="coerce")) & np.isfinite(df[y])]
+        if df.empty:
+            continue
+        drawn = True
+        ff = fits.get(fam)
+        if ff is not None and ff.fit is not None:
+            xs = _curve_x(*ff.fit.x_range)
+            lo, hi = ff.fit.band(xs)
+            ax.fill_between(xs, lo, hi, color=color(fam), alpha=0.15, linewidth=0)
+            label = f"{fam}: {ff.fit.law.formula(SYMBOLS.get(x, 'x'))}"
+            ax.plot(xs, ff.fit.law(xs), color=color(fam), label=label)
+            ax.scatter(df[x], df[y], color=color(fam), marker=MARKERS.get(fam, "o"), zorder=3)
+        else:
+            why = ff.reason if ff is not None else ""
+            ax.scatter(df[x], df[y], color=color(fam), marker=MARKERS.get(fam, "o"), zorder=3,
+                       label=f"{fam} (no law: {why})" if why else fam)
+    if not drawn:
+        _note(ax, f"no finished runs with {x}")
+    _log(ax)
+    ax.set_xlabel(f"{AXES.get(x, x)}   [{SYMBOLS.get(x, 'x')}]")
+    ax.set_ylabel(LOSS_LABEL)
+    ax.set_title(title or f"Loss vs {AXES.get(x, x)}")
+    if drawn:
+        ax.legend(loc="upper right")
+    return fig
+
+
+def plot_multiplier(mult: Multiplier) -> Figure:
+    """Effective compute multiplier of each sparse run over the dense law, with its family's geometric mean."""
+    fig, (ax,) = _figure()
+    pts = mult.points.dropna(subset=["multiplier"])
+    if pts.empty:
+        note = "; ".join(mult.summary.get("note", pd.Series(dtype=str)).dropna().astype(str).unique())
+        _note(ax, note or "no multiplier: needs a dense law in FLOPs and sparse runs")
+    for fam, g in pts.groupby("family", sort=False):
+        yerr = np.vstack([g["multiplier"] - g["lo"], g["hi"] - g["multiplier"]])
+        yerr = np.where(np.isfinite(yerr), np.maximum(yerr, 0), 0)
+        s = mult.summary[mult.summary["family"] == fam]
+        label = fam
+        if len(s) and np.isfinite(s["multiplier"].iloc[0]):
+            r = s.iloc[0]
+            label = f"{fam}: geometric mean {r['multiplier']:.2f}× [{r['lo']:.2f}, {r['hi']:.2f}]"
+            ax.axhline(r["multiplier"], color=color(fam), linestyle=":", linewidth=1)
+        ax.errorbar(g["flops"], g["multiplier"], yerr=yerr, fmt=MARKERS.get(fam, "o"), color=color(fam),
+                    capsize=3, label=label)
+    ax.axhline(1.0, color="#333333", linewidth=1, label="dense (1×)")
+    _log(ax)
+    ax.set_xlabel(f"{AXES['flops']} of the sparse run")
+    ax.set_ylabel("effective compute multiplier C_dense(L) / C")
+    ax.set_title("Dense compute each sparse run is worth at equal loss")
+    ax.legend(loc="best")
+    return fig
+
+
+def plot_memory(runs: pd.DataFrame, laws: list[MemoryLaw], y: str = "val_loss") -> Figure:
+    """UltraMem loss against memory size at each fixed backbone: log-linear fit and power law with a floor."""
+    fig, (ax,) = _figure()
+    shades = ["#3a9a5b", "#1f5f8b", "#8c564b", "#7f7f7f"]
+    if not laws:
+        _note(ax, "no UltraMem runs with a memory size")
+    for i, ml in enumerate(laws):
+        c = shades[i % len(shades)]
+        g = runs[(runs["family"] == "ultramem") & (runs["backbone"].fillna("?") == ml.backbone)]
+        g = g[np.isfinite(g[ml.x]) & np.isfinite(g[y])]
+        ax.scatter(g[ml.x], g[y], color=c, marker="^", zorder=3,
+                   label=f"{ml.backbone}" + (f" ({ml.reason})" if ml.log_linear is None else ""))
+        if ml.log_linear is not None:
+            xs = _curve_x(*ml.log_linear.x_range)
+            lo, hi = ml.log_linear.band(xs)
+            k = ml.log_linear.estimates["k"]
+            ax.fill_between(xs, lo, hi, color=c, alpha=0.15, linewidth=0)
+            ax.plot(xs, ml.log_linear.law(xs), color=c,
+                    label=f"{ml.log_linear.law.formula('M')}  (k {k.fmt(3)})")
+        if ml.power is not None:
+            xs = _curve_x(*ml.power.x_range)
+            ax.plot(xs, ml.power.law(xs), color=c, linestyle="--", label=ml.power.law.formula("M"))
+    _log(ax, "x")
+    ax.set_xlabel(f"{AXES.get(laws[0].x if laws else 'memory_slots')}   [M]")
+    ax.set_ylabel(LOSS_LABEL)
+    ax.set_title("UltraMem: loss vs memory size at fixed activated size")
+    if laws:
+        ax.legend(loc="upper right")
+    return fig
+
+
+def plot_isoflop(points: pd.DataFrame, optima: pd.DataFrame, frontier: dict | None, parabolas: dict) -> Figure:
+    """Left: loss vs N at each FLOP budget with its parabola in ln N; right: N*(C) and its power law."""
+    fig, (ax, bx) = _figure(ncols=2, width=5.0)
+    cmap = matplotlib.colormaps["viridis"]
+    budgets = sorted(points["flops"].unique())
+    for i, c in enumerate(budgets):
+        col = cmap(i / max(1, len(budgets) - 1))
+        g = points[points["flops"] == c].sort_values("n")
+        ax.scatter(g["n"], g["loss"], color=col, s=14, label=f"C = {c:.2g}")
+        if c in parabolas:
+            xs = np.geomspace(g["n"].min(), g["n"].max(), 100)
+            ax.plot(xs, np.polyval(parabolas[c], np.log(xs)), color=col, linewidth=1)
+    ok = optima[optima["valid"]]
+    ax.scatter(ok["n_star"], ok["loss_star"], marker="*", color="black", s=50, zorder=4, label="N* (vertex)")
+    _log(ax, "x")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel(LOSS_LABEL)
+    ax.set_title("IsoFLOP profiles (Approach 2)")
+    ax.legend(loc="upper right", ncols=2)
+    bx.scatter(ok["flops"], ok["n_star"], color="black", zorder=3, label="N* per budget")
+    if frontier is not None:
+        xs = _curve_x(ok["flops"].min(), ok["flops"].max())
+        bx.plot(xs, frontier["n"](xs), color="#3b6ea8", label=frontier["n"].formula("C", "N*"))
+    _log(bx)
+    bx.set_xlabel(AXES["flops"])
+    bx.set_ylabel("compute-optimal parameters N*")
+    bx.set_title("Compute-optimal frontier")
+    bx.legend(loc="upper left")
+    return fig
+
+
+def plot_curves(curves: pd.DataFrame, runs: pd.DataFrame) -> Figure:
+    """Training (lines) and held-out (markers) loss against tokens for every run, coloured by family."""
+    fig, (ax,) = _figure(width=6.5)
+    if curves.empty:
+        _note(ax, "no metrics.jsonl curves")
+    order = runs.sort_values(["family", "active_params"], kind="stable")["run_id"].tolist()
+    seen = set()
+    for rid in [r for r in order if r in set(curves["run_id"])]:
+        g = curves[curves["run_id"] == rid]
+        fam = str(g["family"].iloc[0])
+        tr, ev = g[g["kind"] == "train"], g[g["kind"] == "eval"]
+        label = fam if fam not in seen else None
+        seen.add(fam)
+        ax.plot(tr["tokens"], tr["loss"], color=color(fam), alpha=0.55, linewidth=1, label=label)
+        ax.scatter(ev["tokens"], ev["loss"], color=color(fam), marker=MARKERS.get(fam, "o"), s=10)
+    _log(ax)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("loss (nats/token): train — lines, validation — markers")
+    ax.set_title("Training curves")
+    if seen:
+        ax.legend(loc="upper right")
+    return fig
+
+
+def plot_latency(bench: pd.DataFrame) -> Figure:
+    """Inference latency against batch size per model (from benchmarks/results/inference.json)."""
+    fig, (ax,) = _figure()
+    for fam, g in bench.groupby("family", sort=True):
+        g = g.sort_values("batch_size")
+        ax.plot(g["batch_size"], g["latency_ms"], marker=MARKERS.get(str(fam), "o"), color=color(str(fam)),
+                label=str(fam))
+    _log(ax, "x", base=2)
+    _log(ax, "y")
+    ax.set_xlabel("batch size (sequences decoded together)")
+    ax.set_ylabel("latency per decoding step (ms)")
+    ax.set_title("Inference latency vs batch size")
+    ax.legend(loc="upper left")
+    return fig
+
+
+def plot_knowledge(table: pd.DataFrame) -> Figure:
+    """Facts recalled (embedded-corpus probe) against total parameters per family; held-out recall dashed."""
+    fig, (ax,) = _figure()
+    if table.empty:
+        _note(ax, "no knowledge probe in these runs")
+    for fam in families(table):
+        g = table[table["family"] == fam].sort_values("total_params")
+        ax.plot(g["total_params"], g["facts_recalled"], marker=MARKERS.get(fam, "o"), color=color(fam),
+                label=f"{fam}: seen facts")
+        ax.plot(g["total_params"], g["knowledge_heldout_recall"] * g["knowledge_facts"], linestyle="--",
+                color=color(fam), alpha=0.6, label=f"{fam}: held-out phrasing")
+    _log(ax, "x")
+    ax.set_xlabel(AXES["total_params"])
+    ax.set_ylabel("facts recalled (of those probed)")
+    ax.set_title("Knowledge capacity: facts recalled vs parameters")
+    if not table.empty:
+        ax.legend(loc="upper left")
+    return fig

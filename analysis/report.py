@@ -1,0 +1,389 @@
+"""One sweep's report: collect -> fit -> compare -> figures -> Markdown + HTML, all regenerated from what is on disk.
+
+Output folder (default `<runs_dir>/../<name>_report/`):
+  report.md, report.html   tables, fitted laws with CIs, the paper's claims checked against these runs, figures
+  fits.json                every fitted law and estimate, machine-readable
+  runs.csv, curves.csv     the collected tables (what a study commits instead of run folders)
+  inference.json           copy of the inference benchmark used for the latency figure, when there is one
+  figures/<name>.png|svg   every figure
+Deterministic: fixed bootstrap seeds, sorted tables, figures without timestamps, so re-running on the same inputs
+rewrites identical files.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis import plots
+from analysis.bootstrap import Estimate, LawFit
+from analysis.checks import FitError
+from analysis.collect import Collected, load_collected, read_inference_benchmark, save_collected
+from analysis.compare import (
+    AXES,
+    FamilyFit,
+    MemoryLaw,
+    Multiplier,
+    compute_multiplier,
+    exponent_differences,
+    fit_families,
+    knowledge_table,
+    loss_gap,
+    memory_laws,
+)
+from analysis.isoflop import fit_frontier, isoflop_optima, parabola
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_BENCH = REPO / "benchmarks" / "results" / "inference.json"
+SCALING_AXES = ("flops", "active_params", "total_params")
+
+
+@dataclass
+class Analysis:
+    collected: Collected
+    scaling: dict[str, dict[str, FamilyFit]]  # x column -> family -> fit
+    differences: pd.DataFrame
+    multiplier: Multiplier
+    gap: tuple[float, Estimate] | None  # UltraMem − MoE loss at equal compute
+    memory: list[MemoryLaw]
+    knowledge: pd.DataFrame
+    isoflop: dict[str, Any] | None
+    bench: pd.DataFrame | None
+    level: float = 0.95
+    claims: list[dict[str, str]] = field(default_factory=list)
+
+
+def _isoflop(runs: pd.DataFrame) -> dict[str, Any] | None:
+    """Dense runs grouped into FLOP budgets (2 significant figures) with >= 3 sizes each, if there are 3 such."""
+    df = runs[(runs["family"] == "dense") & np.isfinite(runs["flops"]) & np.isfinite(runs["val_loss"])]
+    if df.empty:
+        return None
+    pts = pd.DataFrame({"flops": [float(f"{c:.2g}") for c in df["flops"]], "n": df["active_params"].to_numpy(),
+                        "loss": df["val_loss"].to_numpy()})
+    sizes = pts.groupby("flops")["n"].nunique()
+    pts = pts[pts["flops"].isin(sizes[sizes >= 3].index)]
+    if pts["flops"].nunique() < 3:
+        return None
+    optima = isoflop_optima(pts)
+    try:
+        frontier = fit_frontier(optima)
+    except FitError:
+        frontier = None
+    return {"points": pts, "optima": optima, "frontier": frontier,
+            "parabolas": {c: parabola(pts, c) for c in optima.loc[optima["valid"], "flops"]}}
+
+
+def analyse(collected: Collected, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+            bench: pd.DataFrame | None = None) -> Analysis:
+    runs = collected.runs
+    kw = dict(n_boot=n_boot, seed=seed, level=level)
+    scaling = {x: fit_families(runs, x, **kw) for x in SCALING_AXES}
+    mult = compute_multiplier(runs, scaling["flops"].get("dense", FamilyFit("dense", "flops", 0, None,
+                                                                             "no dense runs")), level=level,
+                              seed=seed)
+    a = Analysis(collected, scaling, exponent_differences(scaling["flops"], level=level), mult,
+                 loss_gap(scaling["flops"], "ultramem", "moe", level=level), memory_laws(runs, **kw),
+                 knowledge_table(runs), _isoflop(runs), bench, level)
+    a.claims = claims(a)
+    return a
+
+
+# ---- the paper's claims -----------------------------------------------------------------------------------------
+
+
+def _verdict(e: Estimate, above: str, below: str, neither: str, at: float) -> str:
+    if not e.has_ci:
+        return "not testable (no interval: too few runs for a bootstrap)"
+    return above if e.lo > at else below if e.hi < at else neither
+
+
+def claims(a: Analysis) -> list[dict[str, str]]:
+    """The UltraMem paper's three headline claims, each with what these runs measure and a CI-based verdict."""
+    out = []
+    s = a.multiplier.summary
+    row = s[s["family"] == "ultramem"] if "family" in s else s.iloc[0:0]
+    if len(row) and np.isfinite(row["multiplier"].iloc[0]):
+        r = row.iloc[0]
+        e = Estimate(r["multiplier"], r["lo"], r["hi"])
+        out.append({"claim": "UltraMem beats dense at equal compute",
+                    "measured": f"effective compute multiplier {e.fmt(3)} over {int(r['n_runs'])} runs",
+                    "verdict": _verdict(e, "supported (interval above 1)", "contradicted (interval below 1)",
+                                        "inconclusive (interval contains 1)", 1.0)})
+    else:
+        why = row["note"].iloc[0] if len(row) else "no UltraMem runs"
+        out.append({"claim": "UltraMem beats dense at equal compute", "measured": "—",
+                    "verdict": f"not testable ({why})"})
+    if a.gap is not None:
+        at, e = a.gap
+        out.append({"claim": "UltraMem rivals MoE (equal activated compute and total parameters)",
+                    "measured": f"loss(UltraMem) − loss(MoE) at C = {at:.3g} FLOPs: {e.fmt(3)} nats/token",
+                    "verdict": _verdict(e, "UltraMem worse than MoE (interval above 0)",
+                                        "UltraMem better than MoE (interval below 0)",
+                                        "no detectable difference (interval contains 0)", 0.0)})
+    else:
+        out.append({"claim": "UltraMem rivals MoE (equal activated compute and total parameters)", "measured": "—",
+                    "verdict": "not testable (needs UltraMem and MoE laws over an overlapping compute range)"})
+    fitted = [m for m in a.memory if m.log_linear is not None]
+    if fitted:
+        m = max(fitted, key=lambda m: m.n_runs)
+        e = m.log_linear.estimates["k"]
+        out.append({"claim": "Loss falls log-linearly in memory size (fixed activated size)",
+                    "measured": f"slope k of L = c0 − k·ln M at {m.backbone}: {e.fmt(3)} over {m.n_runs} runs",
+                    "verdict": _verdict(e, "loss falls with memory size (k > 0); the log-linear form itself is "
+                                           "not tested against curvature", "contradicted (loss rises, k < 0)",
+                                        "inconclusive (interval for k contains 0)", 0.0)})
+    else:
+        why = a.memory[0].reason if a.memory else "no UltraMem memory-size sweep in these runs"
+        out.append({"claim": "Loss falls log-linearly in memory size (fixed activated size)", "measured": "—",
+                    "verdict": f"not testable ({why})"})
+    return out
+
+
+# ---- figures ------------------------------------------------------------------------------------------------------
+
+
+def figures(a: Analysis) -> dict[str, Any]:
+    runs = a.collected.runs
+    figs = {f"loss_vs_{x}": plots.plot_scaling(runs, a.scaling[x], x) for x in SCALING_AXES}
+    figs["compute_multiplier"] = plots.plot_multiplier(a.multiplier)
+    if a.memory:
+        figs["memory_size"] = plots.plot_memory(runs, a.memory)
+    if a.isoflop is not None:
+        i = a.isoflop
+        figs["isoflop"] = plots.plot_isoflop(i["points"], i["optima"], i["frontier"], i["parabolas"])
+    figs["training_curves"] = plots.plot_curves(a.collected.curves, runs)
+    if not a.knowledge.empty:
+        figs["knowledge"] = plots.plot_knowledge(a.knowledge)
+    if a.bench is not None:
+        figs["latency_vs_batch"] = plots.plot_latency(a.bench)
+    return figs
+
+
+# ---- document model: a list of blocks rendered to Markdown and to HTML -----------------------------------------------
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float | np.floating):
+        if not math.isfinite(v):
+            return "—"
+        return f"{v:.4g}"
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return str(v)
+
+
+def _table(df: pd.DataFrame) -> tuple[str, list[str], list[list[str]]]:
+    return ("table", list(map(str, df.columns)), [[_fmt(v) for v in row] for row in df.itertuples(index=False)])
+
+
+def render_markdown(blocks: list[tuple]) -> str:
+    out = []
+    for b in blocks:
+        kind = b[0]
+        if kind == "h":
+            out.append("#" * b[1] + " " + b[2])
+        elif kind == "p":
+            out.append(b[1])
+        elif kind == "ul":
+            out.append("\n".join(f"- {item}" for item in b[1]))
+        elif kind == "table":
+            head, rows = b[1], b[2]
+            esc = lambda s: s.replace("|", "\\|")
+            lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+            out.append("\n".join(lines))
+        elif kind == "img":
+            out.append(f"![{b[2]}]({b[1]})\n\n*{b[2]}* ([SVG]({b[1][:-4]}.svg))")
+    return "\n\n".join(out) + "\n"
+
+
+def render_html(blocks: list[tuple], title: str) -> str:
+    e = html.escape
+    body = []
+    for b in blocks:
+        kind = b[0]
+        if kind == "h":
+            body.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
+        elif kind == "p":
+            body.append(f"<p>{e(b[1])}</p>")
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{e(i)}</li>" for i in b[1]) + "</ul>")
+        elif kind == "table":
+            head = "".join(f"<th>{e(h)}</th>" for h in b[1])
+            rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in b[2])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif kind == "img":
+            body.append(f'<figure><a href="{e(b[1][:-4])}.svg"><img src="{e(b[1])}" alt="{e(b[2])}"></a>'
+                        f"<figcaption>{e(b[2])}</figcaption></figure>")
+    css = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
+           "table{border-collapse:collapse;margin:1em 0;font-size:90%}td,th{border:1px solid #ccc;padding:3px 8px;"
+           "text-align:left}th{background:#f3f3f3}img{max-width:100%}figcaption{color:#555;font-size:90%}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
+            f"<style>{css}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _law_rows(fits: dict[str, FamilyFit], x: str) -> pd.DataFrame:
+    sym = plots.SYMBOLS.get(x, "x")
+    rows = []
+    for fam, ff in fits.items():
+        if ff.fit is None:
+            rows.append({"family": fam, "runs": ff.n_runs, "law": f"— ({ff.reason})", "E": "—", "A": "—",
+                         "alpha": "—", "bootstrap": "—"})
+            continue
+        est = ff.fit.estimates
+        rows.append({"family": fam, "runs": ff.n_runs, "law": ff.fit.law.formula(sym),
+                     "E": est["E"].fmt(4) if ff.floor else "0 (no floor)", "A": est["A"].fmt(4),
+                     "alpha": est["alpha"].fmt(4), "bootstrap": f"{len(ff.fit.boot)} ok, {ff.fit.n_failed} failed"})
+    return pd.DataFrame(rows)
+
+
+def report_blocks(a: Analysis, title: str, figure_names: list[str]) -> list[tuple]:
+    runs = a.collected.runs
+    pct = f"{a.level:.0%}"
+    b: list[tuple] = [("h", 1, title)]
+    fams = ", ".join(f"{f} ({n})" for f, n in runs["family"].value_counts(sort=False).items())
+    b.append(("p", f"{len(runs)} finished runs: {fams or 'none'}. Intervals are {pct} percentile intervals from "
+                   "a bootstrap over runs (whole runs are resampled). Losses are validation losses in nats/token."))
+    if a.collected.skipped:
+        b.append(("p", f"Not included (no final.json): {', '.join(a.collected.skipped)}."))
+    b.append(("h", 2, "The paper's claims, checked against these runs"))
+    b.append(_table(pd.DataFrame(a.claims, columns=["claim", "measured", "verdict"])))
+    b.append(("p", "A small sweep tests these claims weakly: with a few sizes per family the intervals are wide and "
+                   "a law fitted without a floor extrapolates poorly. Read the verdicts with the intervals."))
+    for x in SCALING_AXES:
+        b.append(("h", 2, f"Loss vs {AXES[x]}"))
+        b.append(_table(_law_rows(a.scaling[x], x)))
+        if f"loss_vs_{x}" in figure_names:
+            b.append(("img", f"figures/loss_vs_{x}.png", f"Validation loss vs {AXES[x]}, fitted laws with "
+                                                          f"{pct} bootstrap bands"))
+    b.append(("h", 2, "Scaling exponents relative to dense (in compute)"))
+    if a.differences.empty:
+        b.append(("p", "Not available: needs laws for dense and at least one other family."))
+    else:
+        b.append(_table(a.differences))
+    b.append(("h", 2, "Effective compute multiplier over dense"))
+    b.append(("p", "M = C_dense(L)/C: the dense training compute that reaches a sparse run's loss on the dense law, "
+                   "divided by the sparse run's own compute. Point intervals reflect the dense law's uncertainty; "
+                   "the family's geometric mean also resamples its runs."))
+    b.append(_table(a.multiplier.summary))
+    if not a.multiplier.points.empty:
+        b.append(_table(a.multiplier.points))
+    b.append(("img", "figures/compute_multiplier.png", "Effective compute multiplier per sparse run"))
+    b.append(("h", 2, "UltraMem: loss vs memory size"))
+    if not a.memory:
+        b.append(("p", "No UltraMem runs with a memory size in this sweep."))
+    for m in a.memory:
+        items = [f"backbone {m.backbone}: {m.n_runs} runs"]
+        if m.log_linear is not None:
+            e = m.log_linear.estimates
+            items.append(f"log-linear {m.log_linear.law.formula('M')}: c0 {e['c0'].fmt(4)}, k {e['k'].fmt(4)}")
+        if m.power is not None:
+            e = m.power.estimates
+            items.append(f"power law with floor {m.power.law.formula('M')}: E {e['E'].fmt(4)}, "
+                         f"alpha {e['alpha'].fmt(4)}")
+        if m.reason:
+            items.append(m.reason)
+        b.append(("ul", items))
+    if "memory_size" in figure_names:
+        b.append(("img", "figures/memory_size.png", "UltraMem loss vs memory size at fixed activated size"))
+    if a.isoflop is not None:
+        b.append(("h", 2, "IsoFLOP profiles and the compute-optimal frontier (dense)"))
+        opt = a.isoflop["optima"]
+        b.append(_table(opt))
+        if a.isoflop["frontier"] is not None:
+            b.append(("p", f"Frontier: {a.isoflop['frontier']['n'].formula('C', 'N*')}, "
+                           f"{a.isoflop['frontier']['d'].formula('C', 'D*')}."))
+        b.append(("img", "figures/isoflop.png", "IsoFLOP parabolas and N*(C)"))
+    b.append(("h", 2, "Knowledge capacity"))
+    if a.knowledge.empty:
+        b.append(("p", "No knowledge probe in these runs (it runs on the embedded corpus only)."))
+    else:
+        b.append(_table(a.knowledge))
+        b.append(("img", "figures/knowledge.png", "Facts recalled vs total parameters per family"))
+    if a.bench is not None:
+        b.append(("h", 2, "Inference latency"))
+        b.append(("img", "figures/latency_vs_batch.png", "Latency per decoding step vs batch size "
+                                                          "(benchmarks/results/inference.json)"))
+    b.append(("h", 2, "Training curves"))
+    b.append(("img", "figures/training_curves.png", "Training and validation loss vs tokens"))
+    b.append(("h", 2, "Runs"))
+    cols = ["run_id", "family", "active_params", "total_params", "flops", "tokens", "val_loss", "memory_slots",
+            "knowledge_recall"]
+    b.append(_table(runs[cols]))
+    return b
+
+
+def fits_json(a: Analysis) -> dict[str, Any]:
+    def law(fit: LawFit | None) -> dict[str, Any] | None:
+        if fit is None:
+            return None
+        return {**fit.to_dict(), "formula": fit.law.formula(), "params": fit.law.params()}
+
+    scaling = {x: {f: {"n_runs": ff.n_runs, "reason": ff.reason, "fit": law(ff.fit)} for f, ff in fits.items()}
+               for x, fits in a.scaling.items()}
+    memory = [{"backbone": m.backbone, "x": m.x, "n_runs": m.n_runs, "reason": m.reason,
+               "log_linear": law(m.log_linear), "power": law(m.power)} for m in a.memory]
+    records = lambda df: json.loads(df.to_json(orient="records"))
+    return {"level": a.level, "scaling": scaling, "exponent_differences": records(a.differences),
+            "compute_multiplier": {"summary": records(a.multiplier.summary),
+                                   "points": records(a.multiplier.points)},
+            "memory": memory, "knowledge": records(a.knowledge), "claims": a.claims}
+
+
+# ---- entry point ----------------------------------------------------------------------------------------------------
+
+
+def default_out_dir(runs_dir: str | Path) -> Path:
+    runs_dir = Path(runs_dir).absolute()
+    return runs_dir.parent / f"{runs_dir.name}_report"
+
+
+def build_report(source: str | Path, out_dir: str | Path | None = None, *, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95, bench: str | Path | None = None, title: str | None = None) -> Path:
+    """Collect `source` (runs directory or saved runs table), analyse, write figures, tables and the report.
+
+    bench: the inference benchmark JSON; default `<out_dir>/inference.json` if present, else the repository's
+    benchmarks/results/inference.json (copied into out_dir so that the report can be regenerated exactly).
+    Returns the path of report.md.
+    """
+    source = Path(source)
+    name = source.stem if source.is_file() else source.name
+    out = Path(out_dir) if out_dir is not None else (
+        source.parent if source.is_file() else default_out_dir(source))
+    out.mkdir(parents=True, exist_ok=True)
+    collected = load_collected(source)
+    if collected.runs.empty:
+        raise FitError(f"{source}: no finished runs (no final.json) to analyse"
+                       + (f"; not finished: {', '.join(collected.skipped)}" if collected.skipped else ""))
+    bench_path = Path(bench) if bench is not None else (
+        out / "inference.json" if (out / "inference.json").exists() else DEFAULT_BENCH)
+    bench_df = read_inference_benchmark(bench_path)
+    if bench_df is not None and bench_path.resolve() != (out / "inference.json").resolve():
+        shutil.copyfile(bench_path, out / "inference.json")
+    a = analyse(collected, n_boot=n_boot, seed=seed, level=level, bench=bench_df)
+    figs = figures(a)
+    for stem, fig in figs.items():
+        plots.save(fig, out / "figures", stem)
+    if not (source.is_file() and source.parent.resolve() == out.resolve()):
+        save_collected(collected, out)
+    (out / "fits.json").write_text(json.dumps(fits_json(a), indent=2, sort_keys=True, allow_nan=False,
+                                              default=_json_default) + "\n")
+    title = title or f"Scaling report: {name}"
+    blocks = report_blocks(a, title, list(figs))
+    (out / "report.md").write_text(render_markdown(blocks))
+    (out / "report.html").write_text(render_html(blocks, title))
+    return out / "report.md"
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

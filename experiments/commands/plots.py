@@ -1,0 +1,58 @@
+"""Regenerate every plot and the report of a sweep from what is on disk.
+
+  ultramem plots sweeps/tiny_cpu.yaml          the sweep's runs directory -> runs/tiny_cpu_report/
+  ultramem plots runs/tiny_cpu --out DIR       a runs directory (report in DIR)
+  ultramem plots docs/results/study/runs.csv   a saved runs table (curves.csv beside it): regenerates the committed
+                                               figures and report in that folder, byte for byte
+
+Writes report.md, report.html, fits.json, runs.csv, curves.csv and figures/*.png|svg (see analysis/report.py).
+The latency figure uses benchmarks/results/inference.json when present (or --bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "regenerate the plots and the Markdown/HTML report of a sweep"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SWEEP_FILE_OR_RUNS_DIR",
+                        help="sweep YAML, runs directory, or saved runs table (runs.csv / runs.parquet)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default <runs_dir>/../<name>_report, or the table's folder)")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="K",
+                        help="bootstrap resamples for every interval (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--bench", type=Path, default=None, help="inference benchmark JSON for the latency figure")
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A sweep YAML -> its runs directory; anything else as given."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml"):
+        from experiments.sweep import sweep_runs_dir
+
+        return sweep_runs_dir(path)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from analysis.checks import FitError
+    from analysis.report import build_report
+
+    src = resolve_source(args.source)
+    if not src.exists():
+        hint = " (run the sweep first: ultramem sweep run FILE)" if src != Path(args.source) else ""
+        print(f"error: {args.source}: {src} not found{hint}", file=sys.stderr)
+        return 2
+    try:
+        report = build_report(src, args.out, n_boot=args.bootstrap, seed=args.seed, bench=args.bench)
+    except FitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {report}")
+    print(f"        {report.with_suffix('.html')}")
+    return 0
