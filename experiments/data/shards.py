@@ -146,7 +146,7 @@ def prepare_data(data_cfg: DataConfig, progress: bool | None = None) -> Prepared
 
     progress: show progress bars (None: only when stderr is a terminal).
     """
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     folder, src, key = prepared_dir(data_cfg)
     if (folder / "meta.json").exists():
@@ -157,7 +157,7 @@ def prepare_data(data_cfg: DataConfig, progress: bool | None = None) -> Prepared
         progress = sys.stderr.isatty()
     try:
         lock.acquire(timeout=0)
-    except Exception:
+    except Timeout:
         print(f"waiting for another process preparing {folder}", file=sys.stderr)
         lock.acquire()
     try:
