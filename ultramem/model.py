@@ -227,7 +227,11 @@ class Transformer(nn.Module):
 
 
 def _combine_aux(terms: list[dict[str, torch.Tensor]], ref: torch.Tensor):
-    """-> (sum of the layers' weighted "aux_loss", {component: mean over the layers reporting it, detached})."""
+    """-> (mean over layers of the weighted "aux_loss", {component: mean over the layers reporting it, detached}).
+
+    Averaging over layers (not summing) follows MegaBlocks/OLMoE, which the official code's MoE baseline uses, so
+    the configured weights mean the same thing at any depth.
+    """
     total = ref.new_zeros((), dtype=torch.float32)
     parts: dict[str, list[torch.Tensor]] = {}
     for term in terms:
@@ -236,6 +240,7 @@ def _combine_aux(terms: list[dict[str, torch.Tensor]], ref: torch.Tensor):
                 total = total + value.float()
             else:
                 parts.setdefault(key, []).append(value.detach().float())
+    total = total / max(1, sum("aux_loss" in term for term in terms))
     return total, {key: torch.stack(values).mean() for key, values in parts.items()}
 
 

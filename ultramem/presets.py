@@ -9,7 +9,8 @@ Paper sizes (Huang et al. 2025, Table 1; the v1 Table 6 shapes were not recovere
              1.6B = 32 x 2048, 6.5B = 32 x 4096 (FFN 4d, head_dim 64 or 128), vocab 50304 (OLMo tokenizer,
              padded; the v1 tokenizer is unknown and does not enter Table 1, which counts non-embedding params).
   moe-*-2inN top-2 of N experts in every block, each a 2-matrix GELU MLP whose inner width is solved from the
-             Table 1 total (2529 = 2.47 d, 3585 = 2.33 d, 4672 = 2.28 d); activated FLOPs then match too.
+             Table 1 total, rounded to a multiple of 8 for grouped GEMM (2528 = 2.47 d, 3584 = 2.33 d,
+             4672 = 2.28 d); activated FLOPs then match too.
   ultramem-*-x12  the v1 recipe: skip-layer layout (memory j reads block a, adds after block a+3 or a+4; 3, 6, 6
              memory layers, 1.6B's layout is the digest's '3:7/.../28:32' read as 1-indexed), E = 4, r = 2, h = 2,
              H = 2 heads sharing one query, raw scores, q/k RMSNorm, half value dim (d/2) + projection, paper init.
@@ -93,7 +94,8 @@ def _matched_moe(base: ModelConfig, like: ModelConfig, top_k: int = 2) -> ModelC
     d, L = base.d_model, base.n_layers
     target = count_params(like)
     shared = count_params(_with(base, ffn_hidden=1)).non_embedding - L * 2 * d  # everything but the FFN
-    hidden = round((target.active_non_embedding - shared) / (L * top_k * 2 * d))
+    # A multiple of 8 keeps every expert row 16-byte aligned, which torch._grouped_mm requires.
+    hidden = 8 * round((target.active_non_embedding - shared) / (L * top_k * 2 * d * 8))
     experts = round((target.non_embedding - shared) / (L * (2 * d * hidden + d)))
     return _with(base, family="moe", moe=MoEConfig(num_experts=experts, top_k=top_k, expert_hidden=hidden))
 
@@ -102,8 +104,8 @@ def _matched_moe(base: ModelConfig, like: ModelConfig, top_k: int = 2) -> ModelC
 
 # name: (n_layers, d_model, n_heads, moe experts, moe expert width, memory layout, key_dim, top_m, num_keys)
 _PAPER = {
-    "151m": (12, 1024, 16, 32, 2529, "1:4/5:8/9:11", 256, 32, 1100),
-    "680m": (24, 1536, 24, 33, 3585, "1:4/5:8/9:12/13:16/17:20/21:23", 256, 32, 1333),
+    "151m": (12, 1024, 16, 32, 2528, "1:4/5:8/9:11", 256, 32, 1100),
+    "680m": (24, 1536, 24, 33, 3584, "1:4/5:8/9:12/13:16/17:20/21:23", 256, 32, 1333),
     "1.6b": (32, 2048, 16, 34, 4672, "2:6/7:11/12:16/17:21/22:26/27:31", 512, 42, 1789),
 }
 
