@@ -472,7 +472,9 @@ def prepare(plan: Plan) -> tuple[list[Job], list[str]]:
         if rd.status_path.exists() and rd.status().get("state") in TERMINAL:
             skipped.append(run.run_id)
             continue
-        if not rd.config_path.exists():
+        # (Re)written unless another scheduler trains the run: bookkeeping edits (log_every, eval_every, ...)
+        # reach unfinished runs, whose id and checkpoints they do not change.
+        if not rd.config_path.exists() or not is_claimed(rd):
             rd.write_config(run.config)
         if not rd.status_path.exists():
             rd.update_status(state="pending", attempts=0, name=run.name)

@@ -423,35 +423,70 @@ def _runs_dir(sweep: SweepFile) -> Path:
 
 def plan_sweep(path: str | Path) -> Plan:
     """Expand, resolve and price every run of a sweep file. Fast (no torch, no data); errors name file and field."""
-    from experiments.resolve import resolve_run_config
-
     path = Path(path)
     sweep, base = load_sweep(path)
     plan = Plan(path=path, sweep=sweep, runs_dir=_runs_dir(sweep))
+    planner = _Planner(sweep, base)
     seen: dict[str, PlannedRun] = {}
-    counts: dict[str, tuple[Any, float]] = {}
-    resolved_by_content: dict[str, dict[str, Any]] = {}
     for point in expand(sweep, base, str(path)):
-        where = f"{path} (run {point.index}: {_describe(point.values)})"
-        cfg = run_config_from_dict(point.config, where)
-        # Resolution never reads `seed` or `name` (they pass through), so seeds of one point resolve once.
-        content = canonical_json({k: v for k, v in point.config.items() if k not in ("seed", "name")})
-        if content not in resolved_by_content:
-            try:
-                resolved_by_content[content] = resolve_run_config(cfg).model_dump(mode="json")
-            except ConfigError as err:
-                raise ConfigError(f"{where}: {err}") from None
-        data = _copy_tree(resolved_by_content[content])
-        data["seed"], data["name"] = cfg.seed, cfg.name
-        rid = run_id(data)
-        if rid in seen:
-            raise ConfigError(f"{path}: runs {seen[rid].index} ({_describe(seen[rid].values)}) and {point.index} "
-                              f"({_describe(point.values)}) resolve to the same run {rid}; the keys that differ do "
-                              "not change what is trained (see experiments.config.run_id); drop one")
-        run = _planned(point, rid, data, sweep, base, counts, where)
-        seen[rid] = run
+        run = planner.plan(point, f"{path} (run {point.index}: {_describe(point.values)})")
+        if run.run_id in seen:
+            first = seen[run.run_id]
+            raise ConfigError(f"{path}: runs {first.index} ({_describe(first.values)}) and {point.index} "
+                              f"({_describe(point.values)}) resolve to the same run {run.run_id}; the keys that "
+                              "differ do not change what is trained (see experiments.config.run_id); drop one")
+        seen[run.run_id] = run
         plan.runs.append(run)
     return plan
+
+
+class _Planner:
+    """Resolves, counts and prices grid points, computing once what seeds and repeated models share."""
+
+    def __init__(self, sweep: SweepFile, base: dict[str, Any]):
+        self.sweep, self.base = sweep, base
+        self.resolved: dict[str, dict[str, Any]] = {}
+        self.counts: dict[str, tuple[Any, float]] = {}
+
+    def plan(self, point: Point, where: str) -> PlannedRun:
+        data = self.resolve(point.config, where)
+        params, fpt = self.count(data["model"], data["train"]["seq_len"])
+        resources = _resources(point, self.sweep, self.base, data, _count(params, "total"), where)
+        if resources.nproc != data["parallel"]["nproc"]:
+            # torchrun's process count is the run's parallel.nproc too (batch rounding, data sharding)
+            data = self.resolve(deep_merge(point.config, {"parallel": {"nproc": resources.nproc}}), where)
+        model = data["model"]
+        return PlannedRun(
+            index=point.index, run_id=run_id(data), name=data.get("name") or "", values=point.values,
+            config=data, family=model["family"], preset=point.preset, total_params=_count(params, "total"),
+            active_params=_count(params, "active"), non_embedding_params=_count(params, "non_embedding"),
+            tokens=int(data["train"]["tokens"]), flops_per_token=fpt, resources=resources,
+        )
+
+    def resolve(self, config: dict[str, Any], where: str) -> dict[str, Any]:
+        from experiments.resolve import resolve_run_config
+
+        cfg = run_config_from_dict(config, where)
+        # Resolution never reads `seed` or `name` (they pass through), so the seeds of a point resolve once.
+        content = canonical_json({k: v for k, v in config.items() if k not in ("seed", "name")})
+        if content not in self.resolved:
+            try:
+                self.resolved[content] = resolve_run_config(cfg).model_dump(mode="json")
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {err}") from None
+        data = _copy_tree(self.resolved[content])
+        data["seed"], data["name"] = cfg.seed, cfg.name
+        return data
+
+    def count(self, model: dict[str, Any], seq_len: int) -> tuple[Any, float]:
+        from ultramem.accounting import count_params, flops_per_token
+
+        fields = {k: v for k, v in model.items() if k != "preset"}
+        key = canonical_json([fields, seq_len])
+        if key not in self.counts:
+            cfg = ModelConfig.from_dict(fields)
+            self.counts[key] = (count_params(cfg), float(flops_per_token(cfg, seq_len, training=True)))
+        return self.counts[key]
 
 
 def _copy_tree(x: Any) -> Any:
@@ -467,27 +502,6 @@ def _describe(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
-def _planned(point: Point, rid: str, data: dict[str, Any], sweep: SweepFile, base: dict[str, Any],
-             counts: dict[str, tuple[Any, float]], where: str) -> PlannedRun:
-    from ultramem.accounting import count_params, flops_per_token
-
-    model_data = {k: v for k, v in data["model"].items() if k != "preset"}
-    seq_len = data["train"].get("seq_len") or model_data.get("seq_len")
-    key = canonical_json([model_data, seq_len])
-    if key not in counts:
-        model = ModelConfig.from_dict(model_data)
-        counts[key] = (count_params(model), float(flops_per_token(model, seq_len, training=True)))
-    params, fpt = counts[key]
-    total, active = _count(params, "total"), _count(params, "active")
-    resources = _resources(point, sweep, base, data, total, where)
-    return PlannedRun(
-        index=point.index, run_id=rid, name=data.get("name") or rid, values=point.values, config=data,
-        family=model_data["family"], preset=point.preset, total_params=total, active_params=active,
-        non_embedding_params=_count(params, "non_embedding"), tokens=int(data["train"]["tokens"]),
-        flops_per_token=fpt, resources=resources,
-    )
-
-
 def _count(params: Any, name: str) -> int:
     return int(params[name] if isinstance(params, dict) else getattr(params, name))
 
@@ -501,7 +515,7 @@ def _resources(point: Point, sweep: SweepFile, base: dict[str, Any], data: dict[
         if rule.when and not _matches(rule.when, point.values, base, sweep):
             continue
         spec.update(rule.model_dump(exclude={"when", "min_params"}, exclude_none=True))
-    nproc = data.get("parallel", {}).get("nproc", 1)
+    nproc = data["parallel"]["nproc"]
     if spec["nproc"] is not None and spec["nproc"] != nproc and nproc != 1:
         raise ConfigError(f"{where}: resources give nproc={spec['nproc']} but the run config sets "
                           f"parallel.nproc={nproc}; set it in one place")

@@ -145,6 +145,22 @@ def test_unsatisfiable_resources_cli_exit_code(tmp_path):
     assert "need more than any node of the local cluster" in out.stderr and "cpus=4096" in out.stderr
 
 
+@pytest.mark.slow
+def test_multi_process_run_launches_torchrun_inside_its_allocation(ray_local, tmp_path):
+    """nproc 2 on CPU: torchrun --standalone with 2 gloo processes in one 2-CPU Ray task (the GPU path's launch)."""
+    path = write_sweep(tmp_path, """
+        parameters: {model.preset: {value: dense-tiny}, train.steps: {value: 6}}
+        resources: {default: {cpus: 2, nproc: 2}}
+        """)
+    plan = plan_sweep(path)
+    report = run_sweep(plan, backend="ray", log=lambda s: None)
+    rd = RunDir(plan.runs_dir / plan.runs[0].run_id)
+    assert report.ok, (rd.path / "train.log").read_text()
+    header = (rd.path / "train.log").read_text().splitlines()[0]
+    assert "torch.distributed.run --standalone --nproc_per_node=2 -m experiments.run_one" in header
+    assert rd.read_config()["parallel"]["nproc"] == 2 and rd.final()["steps"] == 6
+
+
 # ---- failures: a killed training process, a killed driver, two schedulers -------------------------------------
 
 

@@ -343,3 +343,22 @@ def test_shipped_sweeps_plan(monkeypatch):
     # at one top-m, total params grow with the memory while activated params barely move (Fig. 6b's x-axis)
     at8 = sorted((r for r in ultra if r.config["model"]["memory"]["top_m"] == 8), key=lambda r: r.total_params)
     assert at8[-1].total_params > 5 * at8[0].total_params and at8[-1].active_params < 1.2 * at8[0].active_params
+
+
+def test_resource_nproc_becomes_the_runs_parallel_nproc(tmp_path):
+    path = write(tmp_path, """
+        name: p
+        parameters: {model.preset: {values: [dense-t1, dense-t3]}, train.steps: {value: 10}, train.batch_size: {value: 8}}
+        resources:
+          default: {cpus: 1}
+          rules: [{min_params: 5.0e5, cpus: 2, nproc: 2}]
+        """)
+    small, big = plan_sweep(path).runs
+    assert (small.resources.nproc, small.config["parallel"]["nproc"]) == (1, 1)
+    assert (big.resources.nproc, big.config["parallel"]["nproc"], big.resources.cpus) == (2, 2, 2)
+    assert big.config["train"]["micro_batch_size"] == 4  # 8 sequences per step over 2 processes
+
+    path.write_text(path.read_text().replace("train.steps: {value: 10}", "train.steps: {value: 10}, "
+                                                                         "parallel.nproc: {value: 4}"))
+    with pytest.raises(ConfigError, match="resources give nproc=2 but the run config sets parallel.nproc=4"):
+        plan_sweep(path)
