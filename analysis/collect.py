@@ -163,12 +163,15 @@ def load_table(path: str | Path) -> pd.DataFrame:
 
 
 def save_collected(collected: Collected, out_dir: str | Path) -> list[Path]:
-    """runs.csv and curves.csv: the plain-text record a study commits instead of run folders and checkpoints."""
+    """runs.csv and curves.csv: the plain-text record a study commits instead of run folders and checkpoints.
+
+    Floats are written as their shortest round-trip repr, so reading the files back gives the very same numbers.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "runs.csv", out / "curves.csv"]
-    atomic_write_text(paths[0], collected.runs.to_csv(index=False, float_format="%.10g"))
-    atomic_write_text(paths[1], collected.curves.to_csv(index=False, float_format="%.10g"))
+    atomic_write_text(paths[0], collected.runs.to_csv(index=False))
+    atomic_write_text(paths[1], collected.curves.to_csv(index=False))
     return paths
 
 

@@ -75,7 +75,9 @@ class PowerLaw:
         return cls(E=float(np.exp(e)), A=float(np.exp(a)), alpha=float(alpha))
 
     def theta(self) -> np.ndarray:
-        return np.array([math.log(self.A), math.log(self.E), self.alpha])
+        """(a, e, α); a floor that underflowed to 0 (e → −∞ in the fit) maps back to a very negative e."""
+        log = lambda v: math.log(v) if v > 0 else -700.0
+        return np.array([log(self.A), log(self.E), self.alpha])
 
 
 @dataclass(frozen=True)

@@ -368,19 +368,27 @@ def build_report(source: str | Path, out_dir: str | Path | None = None, *, n_boo
     bench_df = read_inference_benchmark(bench_path)
     if bench_df is not None and bench_path.resolve() != (out / "inference.json").resolve():
         shutil.copyfile(bench_path, out / "inference.json")
+    if not (source.is_file() and source.parent.resolve() == out.resolve()):
+        save_collected(collected, out)
+        # analyse what was just written, so that re-running on the saved tables reproduces every figure exactly
+        collected = Collected(*_reload(out), collected.skipped)
     a = analyse(collected, n_boot=n_boot, seed=seed, level=level, bench=bench_df)
     figs = figures(a)
     for stem, fig in figs.items():
         plots.save(fig, out / "figures", stem)
-    if not (source.is_file() and source.parent.resolve() == out.resolve()):
-        save_collected(collected, out)
     (out / "fits.json").write_text(json.dumps(fits_json(a), indent=2, sort_keys=True, allow_nan=False,
                                               default=_json_default) + "\n")
-    title = title or f"Scaling report: {name}"
+    sweeps = sorted({str(s) for s in collected.runs["sweep"].dropna()}) if "sweep" in collected.runs else []
+    title = title or f"Scaling report: {', '.join(sweeps) or name}"
     blocks = report_blocks(a, title, list(figs))
     (out / "report.md").write_text(render_markdown(blocks))
     (out / "report.html").write_text(render_html(blocks, title))
     return out / "report.md"
+
+
+def _reload(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    saved = load_collected(out / "runs.csv")
+    return saved.runs, saved.curves
 
 
 def _json_default(o: Any) -> Any:
