@@ -22,7 +22,7 @@ HELP = "train one run (auto-resumes from its newest checkpoint)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="run YAML (a RunConfig; see configs/ and docs/training.md)")
+    parser.add_argument("config", nargs="?", help="run YAML (a RunConfig; see docs/training.md)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field, e.g. --set train.lr=1e-3 --set model.memory.top_m=8 (repeatable)")
     parser.add_argument("--preset", help="model preset (see `ultramem models`); replaces the config's model block")
