@@ -37,3 +37,20 @@ def test_clustered_checkpoints_need_the_cluster_bootstrap():
         hits_runs += runs.lo <= 0.04 <= runs.hi
     assert hits_runs / reps >= 0.85
     assert hits_rows / reps < 0.7  # treating checkpoints as independent gives dishonestly narrow intervals
+
+
+@pytest.mark.slow
+def test_chinchilla_95_intervals_cover_the_truth():
+    from analysis.chinchilla import HOFFMANN_2022, fit_chinchilla_ci
+
+    n, d = np.meshgrid(np.geomspace(1e7, 1e10, 8), np.geomspace(1e9, 1e12, 8))
+    n, d = n.ravel(), d.ravel()
+    truth = {"alpha": HOFFMANN_2022.alpha, "beta": HOFFMANN_2022.beta, "E": HOFFMANN_2022.E, "a": HOFFMANN_2022.a}
+    reps, hits = 40, dict.fromkeys(truth, 0)
+    for r in range(reps):
+        loss = HOFFMANN_2022(n, d) * np.exp(np.random.default_rng(10_000 + r).normal(0, 0.01, n.size))
+        est = fit_chinchilla_ci(n, d, loss, n_boot=100, seed=r).estimates
+        for k, v in truth.items():
+            hits[k] += est[k].lo <= v <= est[k].hi
+    for k, h in hits.items():
+        assert h / reps >= 0.85, (k, h / reps)

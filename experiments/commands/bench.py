@@ -18,6 +18,7 @@ BENCHMARKS = {
     "layers": ("benchmarks.bench_layers", "layer fwd / fwd+bwd / inference time and memory vs lucidrains peers"),
     "trainer": ("benchmarks.bench_trainer", "trainer overhead vs a bare PyTorch loop, same model/data/steps (<= 10%)"),
     "scheduler": ("benchmarks.bench_scheduler", "sweep planning time and makespan of 12 short runs vs the ideal"),
+    "fit": ("benchmarks.bench_fit", "4,500-start Chinchilla fit time (<= 5 s) and bootstrap CI coverage"),
 }
 
 
