@@ -1,16 +1,17 @@
 """Scaling-law analysis: collect run folders into tables, fit laws with bootstrap CIs, compare families, plot, report.
 
 ```python
-from analysis import collect_runs, fit_power_law_ci, fit_chinchilla, compare_families, build_report
-runs = collect_runs("runs/tiny_cpu").runs            # one row per run (pandas)
+from analysis import collect_runs, fit_power_law_ci, fit_chinchilla, build_report
+runs = collect_runs("runs/tiny-cpu").runs              # one row per finished run (pandas)
 fit = fit_power_law_ci(runs.flops, runs.val_loss, n_boot=1000)
-fit.law.formula("C"), fit.estimates["alpha"].fmt()   # 'L = 1.82 + 482·C^−0.348', '0.348 [0.317, 0.373]'
+fit.law.formula("C"), fit.estimates["alpha"].fmt()     # 'L = 1.521 + 51.6·C^−0.113', '0.1133 [0.0989, 0.1242]'
+build_report("runs/tiny-cpu")                          # what `ultramem plots` runs: figures, report.md/.html
 ```
 
 Modules: checks (input errors), lse (the log-sum-exp law family, robust objectives, batched solver), fit
 (single-variable laws), chinchilla (L(N, D) and its frontier), isoflop (Approach 2), bootstrap (CIs over runs),
-collect (run folders -> tables), compare (families, compute multiplier, memory law, knowledge), plots, report.
-Heavy modules (plots, report) are imported on first use.
+collect (run folders -> tables), compare (families, compute multiplier, memory law, knowledge), synthetic (run
+folders drawn from known laws, for checks), plots, report. matplotlib loads only with plots/report (build_report).
 """
 
 from analysis.bootstrap import Estimate, LawFit
@@ -22,6 +23,8 @@ from analysis.chinchilla import (
     fit_chinchilla,
     fit_chinchilla_ci,
 )
+from analysis.collect import collect_runs, load_collected
+from analysis.compare import compute_multiplier, fit_families, memory_laws
 from analysis.fit import (
     LogLinear,
     PowerLaw,
@@ -34,6 +37,15 @@ from analysis.fit import (
 )
 from analysis.isoflop import fit_frontier, isoflop_optima
 
+
+def __getattr__(name: str):
+    if name == "build_report":
+        from analysis.report import build_report
+
+        return build_report
+    raise AttributeError(f"module 'analysis' has no attribute {name!r}")
+
+
 __all__ = [
     "EPOCH_2024",
     "HOFFMANN_2022",
@@ -45,6 +57,10 @@ __all__ = [
     "NotEnoughPointsError",
     "PowerLaw",
     "PurePowerLaw",
+    "build_report",
+    "collect_runs",
+    "compute_multiplier",
+    "fit_families",
     "fit_chinchilla",
     "fit_chinchilla_ci",
     "fit_frontier",
@@ -54,4 +70,6 @@ __all__ = [
     "fit_power_law_ci",
     "fit_pure_power_law",
     "isoflop_optima",
+    "load_collected",
+    "memory_laws",
 ]
