@@ -15,7 +15,7 @@ knowledge capacity. Every function takes the runs table of analysis/collect.py a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -210,22 +210,29 @@ def loss_gap(fits: dict[str, FamilyFit], a: str, b: str, at: float | None = None
 
 @dataclass
 class MemoryLaw:
-    backbone: str
+    backbone: str  # "<backbone> top-m <m>": the group at fixed activated size
     x: str
     n_runs: int
     log_linear: LawFit | None
     power: LawFit | None
     reason: str = ""
+    run_ids: list[str] = field(default_factory=list)
 
 
 def memory_laws(runs: pd.DataFrame, x: str = "memory_slots", y: str = "val_loss", family: str = "ultramem", *,
                 n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[MemoryLaw]:
-    """Loss vs memory size for each backbone (fixed activated size) of `family` with at least 3 memory sizes."""
+    """Loss vs memory size at each fixed backbone and top-m (fixed activated size), one law per such group.
+
+    Groups with fewer than 3 memory sizes are returned with the reason instead of a law.
+    """
     df = usable(runs[runs["family"] == family], x, y)
+    top_m = pd.to_numeric(df["memory_top_m"], errors="coerce")
+    label = df["backbone"].fillna("?") + np.where(np.isfinite(top_m), " top-m " + top_m.fillna(0).astype(int)
+                                                  .astype(str), "")
     out = []
-    for backbone, g in df.groupby(df["backbone"].fillna("?"), sort=True):
+    for backbone, g in df.groupby(label, sort=True):
         sizes = g[x].nunique()
-        ml = MemoryLaw(str(backbone), x, len(g), None, None)
+        ml = MemoryLaw(str(backbone), x, len(g), None, None, run_ids=list(g["run_id"]))
         out.append(ml)
         if sizes < MIN_POINTS_PURE:
             ml.reason = f"not enough points: {sizes} memory size(s), need {MIN_POINTS_PURE}"

@@ -155,8 +155,7 @@ def plot_memory(runs: pd.DataFrame, laws: list[MemoryLaw], y: str = "val_loss") 
         _note(ax, "no UltraMem runs with a memory size")
     for i, ml in enumerate(laws):
         c = shades[i % len(shades)]
-        g = runs[(runs["family"] == "ultramem") & (runs["backbone"].fillna("?") == ml.backbone)]
-        g = g[np.isfinite(g[ml.x]) & np.isfinite(g[y])]
+        g = runs[runs["run_id"].isin(ml.run_ids)]
         ax.scatter(g[ml.x], g[y], color=c, marker="^", zorder=3,
                    label=f"{ml.backbone}" + (f" ({ml.reason})" if ml.log_linear is None else ""))
         if ml.log_linear is not None:

@@ -100,7 +100,7 @@ def test_memory_law_recovers_the_log_linear_slope(tmp_path):
     runs = collect_runs(tmp_path, cache=False).runs
     (law,) = memory_laws(runs, n_boot=300)
     k = law.log_linear.estimates["k"]
-    assert law.backbone == "L2-d64" and law.n_runs == 5
+    assert law.backbone == "L2-d64 top-m 16" and law.n_runs == 5
     assert k.lo <= truth.memory_k <= k.hi and k.value == pytest.approx(truth.memory_k, rel=0.1)
     assert law.power is not None and law.power.law.alpha > 0
     (few,) = memory_laws(runs[runs["memory_slots"] <= 4096], n_boot=50)
