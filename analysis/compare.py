@@ -52,6 +52,33 @@ def usable(runs: pd.DataFrame, x: str, y: str = "val_loss") -> pd.DataFrame:
     return runs[ok]
 
 
+SPARSE_CONFIG = ("memory_slots", "memory_top_m", "moe_experts", "moe_top_k")
+
+
+def ladder(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """One family's runs at a single sparsity, and how many were set aside.
+
+    A family's law follows one sparsity (the paper compares at a fixed total/activated ratio). Where a backbone
+    carries several sparse configurations (a memory-size or expert-count sweep in the same runs directory), the
+    runs whose log(total/active) is closest to the ladder's (the median over single-configuration backbones, or
+    over all runs if there are none) stand for the family there; the others belong to the memory-size law.
+    """
+    if df.empty or "backbone" not in df:
+        return df, 0
+    config = df.reindex(columns=list(SPARSE_CONFIG)).astype(float).fillna(-1).astype(str).agg("/".join, axis=1)
+    backbone = df["backbone"].fillna(df["run_id"])
+    n_configs = config.groupby(backbone).transform("nunique")
+    if (n_configs <= 1).all():
+        return df, 0
+    ratio = np.log(pd.to_numeric(df["total_params"], errors="coerce") / pd.to_numeric(df["active_params"],
+                                                                                       errors="coerce"))
+    single = ratio[n_configs <= 1]
+    ref = float(np.nanmedian(single if len(single) else ratio))
+    dist = (ratio - ref).abs()
+    keep = (n_configs <= 1) | (dist <= dist.groupby(backbone).transform("min") + 1e-9)
+    return df[keep], int((~keep).sum())
+
+
 @dataclass
 class FamilyFit:
     family: str
@@ -59,6 +86,7 @@ class FamilyFit:
     n_runs: int
     fit: LawFit | None = None
     reason: str = ""  # why there is no fit
+    set_aside: int = 0  # runs at other sparsities (see `ladder`)
 
     @property
     def floor(self) -> bool:
@@ -72,11 +100,11 @@ def fit_family(runs: pd.DataFrame, family: str, x: str = "flops", y: str = "val_
     3), "yes" or "no"."""
     if floor not in ("auto", "yes", "no"):
         raise FitError(f"floor {floor!r} unknown; allowed: auto | yes | no")
-    df = usable(runs[runs["family"] == family], x, y)
+    df, aside = ladder(usable(runs[runs["family"] == family], x, y))
     sizes = df[x].nunique()
     with_floor = floor == "yes" or (floor == "auto" and sizes >= FLOOR_MIN_SIZES)
     need = MIN_POINTS_FLOOR if with_floor else MIN_POINTS_PURE
-    out = FamilyFit(family, x, len(df))
+    out = FamilyFit(family, x, len(df), set_aside=aside)
     if sizes < need:
         out.reason = f"not enough points: {sizes} distinct {x} value(s), need {need}"
         return out
@@ -133,7 +161,7 @@ class Multiplier:
 def compute_multiplier(runs: pd.DataFrame, dense: FamilyFit, y: str = "val_loss",
                        families_: tuple[str, ...] = ("moe", "pkm", "ultramem"), level: float = 0.95,
                        seed: int = 0) -> Multiplier:
-    """Effective compute multiplier M = C_dense(L)/C of each sparse run on the dense law fitted in FLOPs.
+    """Effective compute multiplier M = C_dense(L)/C of each sparse run (of the family's ladder) on the dense law.
 
     Point CIs come from the dense law's bootstrap refits. The family summary is the geometric mean over the
     family's runs; its CI resamples those runs as well (draw i: dense refit i and a resample of the runs), so it
@@ -153,7 +181,7 @@ def compute_multiplier(runs: pd.DataFrame, dense: FamilyFit, y: str = "val_loss"
     c_lo, c_hi = dense_runs["flops"].min(), dense_runs["flops"].max()
     rows, per_family = [], {}
     for fam in families_:
-        df = usable(runs[runs["family"] == fam], "flops", y)
+        df, _ = ladder(usable(runs[runs["family"] == fam], "flops", y))
         if df.empty:
             continue
         c, loss = df["flops"].to_numpy(float), df[y].to_numpy(float)

@@ -239,7 +239,8 @@ def _law_rows(fits: dict[str, FamilyFit], x: str) -> pd.DataFrame:
                          "alpha": "—", "bootstrap": "—"})
             continue
         est = ff.fit.estimates
-        rows.append({"family": fam, "runs": ff.n_runs, "law": ff.fit.law.formula(sym),
+        runs = f"{ff.n_runs} (+{ff.set_aside} at other sparsities)" if ff.set_aside else ff.n_runs
+        rows.append({"family": fam, "runs": runs, "law": ff.fit.law.formula(sym),
                      "E": est["E"].fmt(4) if ff.floor else "0 (no floor)", "A": est["A"].fmt(4),
                      "alpha": est["alpha"].fmt(4), "bootstrap": f"{len(ff.fit.boot)} ok, {ff.fit.n_failed} failed"})
     return pd.DataFrame(rows)

@@ -112,3 +112,14 @@ def test_knowledge_table_counts_recalled_facts(ladder):
     table = knowledge_table(runs)
     assert len(table) == len(runs)
     np.testing.assert_allclose(table["facts_recalled"], table["knowledge_recall"] * table["knowledge_facts"])
+
+
+def test_a_memory_sweep_in_the_same_directory_stays_out_of_the_family_law(tmp_path):
+    write_synthetic_ladder(tmp_path, sizes=4, seed=0)
+    alone = fit_family(collect_runs(tmp_path, cache=False).runs, "ultramem", "flops", n_boot=0)
+    write_synthetic_memory_sweep(tmp_path, sizes=4, seed=0)  # 4 more UltraMem runs on the smallest backbone
+    runs = collect_runs(tmp_path, cache=False).runs
+    mixed = fit_family(runs, "ultramem", "flops", n_boot=0)
+    assert mixed.set_aside == 4 and mixed.n_runs == 4
+    assert mixed.fit.law == alone.fit.law
+    assert len(memory_laws(runs, n_boot=0)[0].run_ids) == 5  # the ladder's run joins its backbone's memory law
