@@ -8,9 +8,11 @@ exists, and on GPUs missing from PEAK_FLOPS.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -45,7 +47,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class ThroughputMeter:
-    """Rates over a window of optimizer steps. Call `start()` when a window opens and `rates(tokens)` to close it.
+    """Training rates over a window of optimizer steps: `start()` opens a window, `rates(tokens)` closes it, and
+    time spent inside `with meter.paused():` (evaluation, checkpoints) is left out.
 
     `tokens` is the global count processed in the window (all processes), so FLOPs/s and MFU are global too.
     """
@@ -55,14 +58,22 @@ class ThroughputMeter:
         self.device = device
         peak = peak_flops(device, dtype)
         self.peak_total = None if peak is None else peak * world_size
-        self.t0 = time.perf_counter()
+        self.start()
 
     def start(self) -> None:
-        self.t0 = time.perf_counter()
+        self.t0, self.excluded = time.perf_counter(), 0.0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t
 
     def rates(self, tokens: int) -> dict[str, float | None]:
         """Call after a host-device sync (reading the loss), so the elapsed time covers the queued GPU work."""
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        elapsed = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
         tokens_per_s = tokens / elapsed
         flops_per_s = tokens_per_s * self.flops_per_token
         mfu = None if self.peak_total is None else flops_per_s / self.peak_total

@@ -44,6 +44,8 @@ from experiments.throughput import ThroughputMeter
 from experiments.tracking import WandbMirror
 from ultramem.config import ConfigError, ModelConfig
 
+STATUS_EVERY_S = 10.0  # status.json progress between checkpoints: often enough for `sweep status`, no fsync storm
+
 
 class Diverged(RuntimeError):
     """The loss or gradient norm became NaN/inf. The run folder keeps the last good checkpoint."""
@@ -328,6 +330,7 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
     last_val: float | None = None
     last_mean: dict[str, float] | None = None
     window_start = start
+    status_at = time.monotonic()
     t_begin = time.perf_counter()
     try:
         for step in range(start, t.steps):
@@ -348,22 +351,27 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
                 window_start = done_steps
                 if env.main:
                     rd.append_metrics(record)
-                    rd.update_status(step=done_steps, tokens=done_steps * tokens_per_step)
+                    if time.monotonic() - status_at >= STATUS_EVERY_S:
+                        rd.update_status(step=done_steps, tokens=done_steps * tokens_per_step)
+                        status_at = time.monotonic()
                     wandb.log(record, done_steps)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
             if done_steps % t.eval_every == 0 or is_last:
-                last_val = evaluate(compiled, val_loader, t, env)
+                with meter.paused():
+                    last_val = evaluate(compiled, val_loader, t, env)
                 record = {"kind": "eval", "step": done_steps, "tokens": done_steps * tokens_per_step,
                           "flops": done_steps * tokens_per_step * fpt, "val_loss": last_val, "time": time.time()}
                 if env.main:
                     rd.append_metrics(record)
                     wandb.log(record, done_steps)
-                meter.start()
             if done_steps % t.ckpt_every == 0 or is_last:
-                window.sync(env.world_size)
-                _check_finite(window, rd, env, wandb)
-                _save(rd, done_steps, raw, opt, loader, window, t, env)
-                meter.start()
+                with meter.paused():
+                    window.sync(env.world_size)
+                    _check_finite(window, rd, env, wandb)
+                    _save(rd, done_steps, raw, opt, loader, window, t, env)
+                if env.main:
+                    rd.update_status(step=done_steps, tokens=done_steps * tokens_per_step)
+                    status_at = time.monotonic()
             bar.update(1)
     except BaseException:
         wandb.finish(1)
