@@ -4,7 +4,7 @@
 from analysis import collect_runs, fit_power_law_ci, fit_chinchilla, build_report
 runs = collect_runs("runs/tiny-cpu").runs              # one row per finished run (pandas)
 fit = fit_power_law_ci(runs.flops, runs.val_loss, n_boot=1000)
-fit.law.formula("C"), fit.estimates["alpha"].fmt()     # 'L = 1.521 + 51.6·C^−0.113', '0.1133 [0.0989, 0.1242]'
+fit.law.formula("C"), fit.estimates["alpha"].fmt()     # 'L = E + A·C^−α' with numbers; 'α [lo, hi]'
 build_report("runs/tiny-cpu")                          # what `ultramem plots` runs: figures, report.md/.html
 ```
 

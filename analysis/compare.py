@@ -159,7 +159,7 @@ class Multiplier:
 
 
 def compute_multiplier(runs: pd.DataFrame, dense: FamilyFit, y: str = "val_loss",
-                       families_: tuple[str, ...] = ("moe", "pkm", "ultramem"), level: float = 0.95,
+                       sparse_families: tuple[str, ...] = ("moe", "pkm", "ultramem"), level: float = 0.95,
                        seed: int = 0) -> Multiplier:
     """Effective compute multiplier M = C_dense(L)/C of each sparse run (of the family's ladder) on the dense law.
 
@@ -172,7 +172,7 @@ def compute_multiplier(runs: pd.DataFrame, dense: FamilyFit, y: str = "val_loss"
     cols = ["run_id", "family", "flops", "loss", "dense_flops", "multiplier", "lo", "hi", "note"]
     if dense.fit is None or dense.x != "flops":
         why = dense.reason or "the dense law must be fitted against flops"
-        present = [f for f in families_ if f in set(runs["family"])]
+        present = [f for f in sparse_families if f in set(runs["family"])]
         summary = pd.DataFrame({"family": present, "n_runs": 0, "multiplier": math.nan, "lo": math.nan,
                                 "hi": math.nan, "note": f"no dense law: {why}"}, columns=SUMMARY_COLUMNS)
         return Multiplier(pd.DataFrame(columns=cols), summary)
@@ -180,7 +180,7 @@ def compute_multiplier(runs: pd.DataFrame, dense: FamilyFit, y: str = "val_loss"
     dense_runs = usable(runs[runs["family"] == "dense"], "flops", y)
     c_lo, c_hi = dense_runs["flops"].min(), dense_runs["flops"].max()
     rows, per_family = [], {}
-    for fam in families_:
+    for fam in sparse_families:
         df, _ = ladder(usable(runs[runs["family"] == fam], "flops", y))
         if df.empty:
             continue

@@ -233,18 +233,32 @@ def plot_curves(curves: pd.DataFrame, runs: pd.DataFrame) -> Figure:
 
 
 def plot_latency(bench: pd.DataFrame) -> Figure:
-    """Inference latency against batch size per model (from benchmarks/results/inference.json)."""
-    fig, (ax,) = _figure()
-    for fam, g in bench.groupby("family", sort=True):
+    """Inference latency against batch size per model (benchmarks/results/inference.json); with the benchmark's
+    moe_ultramem_latency_ratio, a second panel shows MoE's latency over UltraMem's."""
+    ratio = "moe_ultramem_latency_ratio" in bench and bench["moe_ultramem_latency_ratio"].notna().any()
+    fig, axes = _figure(ncols=2 if ratio else 1, width=5.0 if ratio else 6.0)
+    ax = axes[0]
+    key = "model" if "model" in bench else "family"
+    for name, g in bench.groupby(key, sort=True):
         g = g.sort_values("batch_size")
-        ax.plot(g["batch_size"], g["latency_ms"], marker=MARKERS.get(str(fam), "o"), color=color(str(fam)),
-                label=str(fam))
+        fam = str(g["family"].iloc[0])
+        ax.plot(g["batch_size"], g["latency_ms"], marker=MARKERS.get(fam, "o"), color=color(fam), label=str(name))
     _log(ax, "x", base=2)
     _log(ax, "y")
     ax.set_xlabel("batch size (sequences decoded together)")
     ax.set_ylabel("latency per decoding step (ms)")
     ax.set_title("Inference latency vs batch size")
     ax.legend(loc="upper left")
+    if ratio:
+        bx = axes[1]
+        r = bench.dropna(subset=["moe_ultramem_latency_ratio"]).groupby("batch_size")["moe_ultramem_latency_ratio"]
+        r = r.first()
+        bx.plot(r.index, r.values, marker="o", color=color("moe"))
+        bx.axhline(1.0, color="#333333", linewidth=1)
+        _log(bx, "x", base=2)
+        bx.set_xlabel("batch size (sequences decoded together)")
+        bx.set_ylabel("latency ratio MoE / UltraMem")
+        bx.set_title("MoE latency relative to UltraMem")
     return fig
 
 
