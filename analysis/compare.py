@@ -87,10 +87,7 @@ class FamilyFit:
     fit: LawFit | None = None
     reason: str = ""  # why there is no fit
     set_aside: int = 0  # runs at other sparsities (see `ladder`)
-
-    @property
-    def floor(self) -> bool:
-        return self.fit is not None and self.fit.law.E > 0
+    floor: bool = False  # the law has a fitted floor E (else a pure power law)
 
 
 def fit_family(runs: pd.DataFrame, family: str, x: str = "flops", y: str = "val_loss", *, floor: str = "auto",
@@ -104,7 +101,7 @@ def fit_family(runs: pd.DataFrame, family: str, x: str = "flops", y: str = "val_
     sizes = df[x].nunique()
     with_floor = floor == "yes" or (floor == "auto" and sizes >= FLOOR_MIN_SIZES)
     need = MIN_POINTS_FLOOR if with_floor else MIN_POINTS_PURE
-    out = FamilyFit(family, x, len(df), set_aside=aside)
+    out = FamilyFit(family, x, len(df), set_aside=aside, floor=with_floor)
     if sizes < need:
         out.reason = f"not enough points: {sizes} distinct {x} value(s), need {need}"
         return out

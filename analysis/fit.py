@@ -1,8 +1,7 @@
 """Single-variable laws: L(x) = E + A·x^(−α) with a floor, pure power laws y = k·x^a, log-linear y = c0 − k·ln x.
 
 The floor law is fitted in log space as log L̂ = LSE(a − α·log x, e) (analysis/lse.py) from Porian et al.'s grid of
-starts α ∈ {0, .1, .2, .3}, e ∈ {−1, −.5, …, 1}, a ∈ {0, 5, …, 25}. Every solver keeps, among the solutions
-reached from the starts, the solution from the starts:
+starts α ∈ {0, .1, .2, .3}, e ∈ {−1, −.5, …, 1}, a ∈ {0, 5, …, 25}, with one of three solvers:
 
 - "porian": Porian's `fit_loss_with_saturation` verbatim, the code behind their published fits: TRF least squares
   on the log residuals (ftol = xtol = 1e-6, at most 100 evaluations) from each start, dropping starts that do not
@@ -13,8 +12,9 @@ reached from the starts, the solution from the starts:
   bootstraps cheap. It matches "porian" wherever the law is identified (14 of Porian's 15 configs to 4 significant
   figures); where it is not (kaplan_tuned_hparams, whose E trades off against A and α over a narrow compute range)
   TRF's early stop selected by Huber and the true least-squares minimum differ in E (0.361 vs 0.355).
-- "huber": minimise Σ Huber_δ directly with L-BFGS and the analytic gradient from the best few starts (the
-  Hoffmann/Epoch objective used for Chinchilla): close to least absolute deviations, robust to an outlying run.
+- "huber": minimise Σ Huber_δ directly (the Hoffmann/Epoch objective used for Chinchilla) by the batched,
+  iteratively reweighted LM from the least-squares optimum and the grid's best starts: close to least absolute
+  deviations, robust to an outlying run.
 
 Pure power laws (no floor; right for N*(C), D*(C), wrong for loss when E > 0) are fitted by log-log OLS.
 """
@@ -38,7 +38,7 @@ PORIAN_ALPHA = tuple(np.arange(0, 0.4, 0.1))
 SOLVERS = ("lsq", "porian", "huber")
 MIN_POINTS_FLOOR = 4  # three parameters need at least one residual degree of freedom
 MIN_POINTS_PURE = 3
-HUBER_REFINE_TOP = 8  # L-BFGS runs on the non-smooth Huber objective are ~100x dearer than a batched LM step
+HUBER_REFINE_TOP = 8  # grid starts refined on the Huber objective, besides the least-squares optimum
 
 
 def _g(v: float) -> str:
