@@ -16,7 +16,7 @@
 
 Data order does not depend on the number of processes: step k consumes the same global batch of windows for any
 world size, rank r taking the r-th block of it (experiments.data.loader), so a DDP run sees exactly the sequences
-of a single-process run and can resume on another GPU count.
+of a single-process run.
 """
 
 from __future__ import annotations
@@ -256,6 +256,10 @@ def train(cfg: RunConfig, run_dir: str | Path, source: str = "<config>") -> dict
     resolved = resolve_run_config(cfg, source)
     rd = RunDir(run_dir)
     env = setup_env(resolved.train)
+    if env.world_size != resolved.parallel.nproc:
+        raise ConfigError(f"{source}: parallel.nproc is {resolved.parallel.nproc} but {env.world_size} processes "
+                          "were started; set parallel.nproc to the torchrun --nproc_per_node (it fixes the "
+                          "per-process batch)")
     with contextlib.ExitStack() as stack:
 
         def claim() -> bool:
@@ -411,11 +415,7 @@ def _restore(state: dict[str, Any], raw: torch.nn.Module, opt: torch.optim.Optim
     opt.load_state_dict(state["optimizer"])
     loader.load_state_dict(state["loader"])
     window.load_state_dict(state["window"])
-    rngs = state["rng"]
-    if len(rngs) == env.world_size:
-        checkpoint.set_rng_state(rngs[env.rank])
-    else:  # resumed on another process count: per-rank streams cannot carry over, derive fresh ones
-        seed_everything(int(state["seed"]) + 1000 * int(state["step"]) + env.rank)
+    checkpoint.set_rng_state(state["rng"][env.rank])
     return int(state["step"])
 
 
@@ -429,7 +429,7 @@ def _save(rd: RunDir, step: int, raw: torch.nn.Module, opt: torch.optim.Optimize
         rngs = [rng]
     if env.main:
         state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "loader": loader.state_dict(),
-                 "window": window.state_dict(), "rng": rngs, "seed": torch.initial_seed()}
+                 "window": window.state_dict(), "rng": rngs}
         checkpoint.save(rd, step, state, t.keep_checkpoints)
     if env.world_size > 1:
         dist.barrier()

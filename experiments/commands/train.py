@@ -56,14 +56,14 @@ def run(args: argparse.Namespace) -> int:
     from experiments.config import run_id
     from experiments.resolve import resolve_run_config
     from experiments.run_one import EXIT_BUSY, EXIT_DIVERGED
-    from experiments.runstore import RunDir
+    from experiments.runstore import TERMINAL, RunDir
     from experiments.trainer import Diverged, RunBusy, train, write_run_config
 
     cfg, source = build_config(args)
     resolved = resolve_run_config(cfg, source)
     rid = run_id(resolved.model_dump(mode="json"))
     rd = RunDir(Path(args.out) if args.out else Path("runs") / rid)
-    if rd.status().get("state") != "done":
+    if rd.status().get("state") not in TERMINAL:
         rd.update_status(attempts=int(rd.status().get("attempts") or 0) + 1)
     print(f"run {rid} -> {rd.path}", file=sys.stderr)
     nproc = resolved.parallel.nproc
