@@ -206,11 +206,10 @@ def train_step(model: torch.nn.Module, raw: torch.nn.Module, opt: torch.optim.Op
         sync = i == n - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
         with (contextlib.nullcontext() if sync else model.no_sync()), env.autocast():
             out = model(xb, yb)
-            aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=env.device)
-            ((out.loss + aux) / n).backward()
+            ((out.loss + out.aux_loss) / n).backward()
         loss_sum = out.loss.detach() if loss_sum is None else loss_sum + out.loss.detach()
-        aux_sum = aux.detach() if aux_sum is None else aux_sum + aux.detach()
-        for name, value in (out.aux or {}).items():
+        aux_sum = out.aux_loss.detach() if aux_sum is None else aux_sum + out.aux_loss.detach()
+        for name, value in out.aux.items():
             value = value.detach().float()
             aux_parts[name] = value if name not in aux_parts else aux_parts[name] + value
     max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
@@ -310,9 +309,12 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
                              rank=env.rank, world_size=env.world_size)
     window = Window()
     start = 0
+    last_val: float | None = None
+    last_mean: dict[str, float] | None = None
     state = checkpoint.load_latest(rd)
     if state is not None:
         start = _restore(state, raw, opt, loader, window, env)
+        last_mean, last_val = state["last_mean"], state["last_val"]
         if env.main:
             rd.truncate_metrics_after(start)
     elif env.main:
@@ -331,8 +333,6 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
     wandb = _start_wandb(cfg, rd, rid, mcfg, params, fpt, env)
     meter = ThroughputMeter(fpt, env.device, env.dtype_name, env.world_size)
     bar = _progress_bar(t.steps, start, env)
-    last_val: float | None = None
-    last_mean: dict[str, float] | None = None
     window_start = start
     status_at = time.monotonic()
     t_begin = time.perf_counter()
@@ -372,7 +372,8 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
                 with meter.paused():
                     window.sync(env.world_size)
                     _check_finite(window, rd, env, wandb)
-                    _save(rd, done_steps, raw, opt, loader, window, t, env)
+                    _save(rd, done_steps, raw, opt, loader, window, t, env,
+                          {"last_mean": last_mean, "last_val": last_val})
                 if env.main:
                     rd.update_status(step=done_steps, tokens=done_steps * tokens_per_step)
                     status_at = time.monotonic()
@@ -415,13 +416,15 @@ def _restore(state: dict[str, Any], raw: torch.nn.Module, opt: torch.optim.Optim
     opt.load_state_dict(state["optimizer"])
     loader.load_state_dict(state["loader"])
     window.load_state_dict(state["window"])
-    checkpoint.set_rng_state(state["rng"][env.rank])
+    checkpoint.set_rng_state(state["rng"][env.rank], env.device)
     return int(state["step"])
 
 
 def _save(rd: RunDir, step: int, raw: torch.nn.Module, opt: torch.optim.Optimizer, loader: Any, window: Window,
-          t: TrainConfig, env: Env) -> None:
-    rng = checkpoint.rng_state()
+          t: TrainConfig, env: Env, last: dict[str, Any]) -> None:
+    """`last`: the latest logged training mean and validation loss, so a run killed after its final checkpoint
+    still reports them."""
+    rng = checkpoint.rng_state(env.device)
     rngs = [None] * env.world_size
     if env.world_size > 1:
         dist.all_gather_object(rngs, rng)
@@ -429,7 +432,7 @@ def _save(rd: RunDir, step: int, raw: torch.nn.Module, opt: torch.optim.Optimize
         rngs = [rng]
     if env.main:
         state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "loader": loader.state_dict(),
-                 "window": window.state_dict(), "rng": rngs}
+                 "window": window.state_dict(), "rng": rngs, **last}
         checkpoint.save(rd, step, state, t.keep_checkpoints)
     if env.world_size > 1:
         dist.barrier()
@@ -474,7 +477,7 @@ def _final_record(cfg: RunConfig, rid: str, mcfg: ModelConfig, params: dict[str,
         "tokens": tokens, "flops": tokens * fpt, "steps": t.steps,
         "batch_size": t.batch_size, "seq_len": t.seq_len, "lr": t.lr,
         "memory": _memory_summary(mcfg, params), "moe": _moe_summary(mcfg), "knowledge": None,
-        "wall_s": wall, "tokens_per_s": trained_here / wall if wall > 0 else None,
+        "wall_s": wall, "tokens_per_s": trained_here / wall if trained_here and wall > 0 else None,
         "tokenizer": cfg.data.tokenizer, "vocab_size": mcfg.vocab_size,
         "data_source": meta.get("source", cfg.data.source),
     }

@@ -77,6 +77,14 @@ def test_a_run_leaves_the_documented_record(tmp_path, shakespeare_path, cache):
     assert train(cfg, tmp_path / "run") == rd.final()  # a finished run is not trained again
     assert rd.metrics_path.read_text() == before
 
+    # killed after its final checkpoint but before final.json: the re-run reports the same losses
+    rd.final_path.unlink()
+    rd.update_status(state="running")
+    again = train(cfg, tmp_path / "run")
+    for key in ("train_loss", "val_loss", "tokens", "flops", "steps"):
+        assert again[key] == final[key], key
+    assert rd.metrics_path.read_text() == before
+
 
 def test_logged_loss_is_the_cross_entropy_and_aux_losses_are_separate(tmp_path, shakespeare_path, cache):
     cfg = run_cfg(shakespeare_path, cache, preset="moe-t1-2in12", steps=1, log_every=1, eval_every=1)
