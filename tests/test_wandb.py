@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from experiments.config import run_config_from_dict
@@ -34,9 +36,16 @@ def test_offline_mode_writes_a_real_run_directory_in_the_run_folder(tmp_path, sh
     assert len(runs) == 1
     run = runs[0]
     assert run.name.endswith(final["run_id"])  # the W&B id is the run id, so a resumed attempt continues it
-    data = (run / f"run-{final['run_id']}.wandb").read_bytes()
-    for needle in (b"n_params_active", b"flops_per_token", b"wandb-test-sweep", b"dense", b"val_loss"):
-        assert needle in data, needle
+    needles = (b"n_params_active", b"flops_per_token", b"wandb-test-sweep", b"dense", b"val_loss")
+    # wandb-core writes the offline log asynchronously: run.finish() can return before the writer has flushed
+    deadline = time.monotonic() + 60
+    while True:
+        data = (run / f"run-{final['run_id']}.wandb").read_bytes()
+        missing = [n for n in needles if n not in data]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not missing, missing
 
 
 def test_wandb_mode_environment_variable_overrides_the_config(tmp_path, shakespeare_path, cache, monkeypatch):
