@@ -56,54 +56,104 @@ def gather_pool(
 def gather_pool_torch(
     values: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor | None, num_groups: int
 ) -> torch.Tensor:
-    """The PyTorch path: one F.embedding_bag over (token, core, group) bags of the table viewed as [N*C, Dc]."""
+    """The PyTorch path: one weighted-sum embedding_bag over (token, group, core) bags of the table as [N*C, Dc]."""
     T, K = rows.shape
     N, Dv = values.shape
     C, E = scores.shape[-1], num_groups
-    Dc = Dv // C
     dtype = torch.promote_types(values.dtype, scores.dtype)
     if not torch.is_grad_enabled():
         values, scores = values.detach(), scores.detach()
     # A table of a lower precision than the scores is upcast whole (a copy of V): keep them in one dtype.
-    table = values.to(dtype).contiguous().view(N * C, Dc)  # row r*C + c = column slice c of V[r]
-    scores = scores.to(dtype)
-    rows = rows.long()  # embedding_bag wants indices and offsets of one dtype; offsets are built as int64
-    if E == 1 or groups is None:
-        idx, weights = _core_major(rows, scores)  # [T, C, K] each: every (token, core) is one bag of K entries
-        # contiguous: a strided weight view (C = 1 slices of [T, K, C]) sends embedding_bag down a slow loop
-        pooled = F.embedding_bag(idx.reshape(T * C, K).contiguous(), table, mode="sum",
-                                 per_sample_weights=weights.reshape(T * C, K).contiguous())  # [T*C, Dc]
-        out = pooled.view(T, C * Dc)
-        return out if E == 1 else F.pad(out, (0, (E - 1) * Dv)).view(T, E * Dv)  # groups None: all in group 0
-    perm, start = _sort_by_group(groups.long().contiguous(), E)  # [T, K], [T, E]
-    idx, weights = _core_major(rows.gather(1, perm), scores.gather(1, perm.unsqueeze(-1).expand(T, K, C)))
-    # bag (t, c, g) starts at t*C*K + c*K + start[t, g]; empty groups are empty bags, which pool to zero
-    base = torch.arange(T * C, device=rows.device).view(T, C, 1) * K
-    offsets = (base + start.unsqueeze(1)).reshape(T * C * E)
-    pooled = F.embedding_bag(idx.reshape(-1).contiguous(), table, offsets, mode="sum",
-                             per_sample_weights=weights.reshape(-1).contiguous())  # [T*C*E, Dc]
-    return pooled.view(T, C, E, Dc).transpose(1, 2).reshape(T, E * Dv)
+    table = values.to(dtype).contiguous().view(N * C, Dv // C)  # row r*C + c = column slice c of V[r]
+    grouped = groups is not None and E > 1
+    itype = torch.int32 if max(T * K * C, N * C) < 2**31 else torch.int64
+    idx, weights, offsets = bag_layout(rows, scores.to(dtype), groups if grouped else None, E, itype)
+    pooled = embedding_bag_sum(table, idx, offsets, weights).view(T, -1)  # [T, E*Dv] (or [T, Dv] ungrouped)
+    return pooled if grouped or E == 1 else F.pad(pooled, (0, (E - 1) * Dv))  # groups None: all in group 0
 
 
-def _core_major(rows: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """rows [T, K], scores [T, K, C] -> row ids of the [N*C, Dc] view and their weights, both [T, C, K]."""
-    C = scores.shape[-1]
-    if C == 1:
-        return rows.unsqueeze(1), scores.transpose(1, 2)
-    cores = torch.arange(C, device=rows.device).view(1, C, 1)
-    return rows.unsqueeze(1) * C + cores, scores.transpose(1, 2)
+def bag_layout(rows: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor | None, E: int,
+               itype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (token, group, core) bags, so that bag b pools into row b of [T*E*C, Dc], which is the result's layout.
 
-
-def _sort_by_group(groups: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort each token's slots by group: (perm [T, K] with groups.gather(1, perm) sorted, start [T, E] = first
-    sorted position of each group). The order within a group is free (it only changes the summation order), so
-    the cheaper unstable sort is used; CPU and CUDA sorts are deterministic either way."""
+    rows [T, K], scores [T, K, C], groups [T, K] or None (one group) -> idx [T*K*C] (rows of the [N*C, Dc] view),
+    weights [T*K*C] (differentiable wrt scores), offsets [T*E*C] (or [T*C]); indices in `itype` (int32 halves the
+    index arithmetic; embedding_bag takes either). A token's slots are laid out by group: group g starts at entry
+    start[g]*C and holds count[g] entries per core. The order within a group is free (it only changes the order
+    of summation), so the slots are placed by an unstable sort of their groups.
+    """
+    T, K, C = scores.shape
+    dev = rows.device
+    core = torch.arange(C, dtype=itype, device=dev)
+    token_base = torch.arange(T, dtype=itype, device=dev).view(T, 1) * (K * C)  # [T, 1] first entry of token t
+    rows = rows.to(itype)
+    if groups is None:  # bag (t, c) = the K slots of token t, weighted by core c's scores
+        idx = rows.unsqueeze(1) * C + core.view(1, C, 1)  # [T, C, K]
+        return idx.reshape(-1), scores.transpose(1, 2).reshape(-1), (token_base + core * K).reshape(-1)
+    groups = groups.to(itype)
     try:
-        counts = torch.zeros(groups.shape[0], E, dtype=groups.dtype, device=groups.device)
-        counts.scatter_add_(1, groups, torch.ones_like(groups))  # [T, E]; raises on a group outside [0, E)
+        counts = torch.zeros(T, E, dtype=itype, device=dev)
+        counts.scatter_add_(1, groups.long(), torch.ones_like(groups))  # [T, E]; raises on a group outside [0, E)
     except RuntimeError as err:
         raise ValueError(f"gather_pool: groups must lie in [0, num_groups={E}): {err}") from None
-    return groups.sort(dim=1).indices, counts.cumsum(1) - counts
+    start = counts.cumsum(1, dtype=itype) - counts  # [T, E] first sorted slot of each group
+    perm = groups.sort(dim=1).indices  # [T, K]
+    slot = torch.empty(T, K, dtype=itype, device=dev)
+    slot.scatter_(1, perm, torch.arange(K, dtype=itype, device=dev).expand(T, K))  # sorted position of each slot
+    g = groups.long()
+    # slot k's entry for core c: start[g_k]*C + c*count[g_k] + rank_k, with rank_k = slot_k - start[g_k]
+    base = token_base + slot + start.gather(1, g) * (C - 1)  # [T, K]
+    dest = (base.unsqueeze(-1) + counts.gather(1, g).unsqueeze(-1) * core).reshape(-1).long()  # [T*K*C]
+    idx = torch.empty(T * K * C, dtype=itype, device=dev).scatter_(0, dest, (rows.unsqueeze(-1) * C + core).reshape(-1))
+    weights = scores.new_empty(T * K * C).scatter(0, dest, scores.reshape(-1))
+    offsets = token_base.unsqueeze(-1) + (start * C).unsqueeze(-1) + counts.unsqueeze(-1) * core  # [T, E, C]
+    return idx, weights, offsets.reshape(-1)
+
+
+def embedding_bag_sum(table: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor,
+                      weights: torch.Tensor) -> torch.Tensor:
+    """F.embedding_bag(idx, table, offsets, mode='sum', per_sample_weights=weights) [bags, Dc], with the backward of
+    `_EmbeddingBagSum` when a gradient is needed, and embedding_bag's forward-only kernel otherwise."""
+    if torch.is_grad_enabled() and (table.requires_grad or weights.requires_grad):
+        return _EmbeddingBagSum.apply(table, idx, offsets, weights)
+    return F.embedding_bag(idx, table.detach(), offsets, mode="sum", per_sample_weights=weights.detach())
+
+
+class _EmbeddingBagSum(torch.autograd.Function):
+    """Weighted-sum embedding_bag whose backward visits the entries in table-row order.
+
+    embedding_bag's own CPU backward zero-fills the [rows, Dc] table gradient, then accumulates entry by entry, and
+    computes the weight gradients <table[idx_e], grad_out[bag_e]> in entry order (random table rows). Here one
+    argsort of the indices serves both: the table gradient is a second embedding_bag, whose bags are the table rows
+    (CSR: the entries of row j, weighted, summed from grad_out; rows never selected are empty bags, written as zeros
+    in the same pass), and the weight gradients are computed in sorted order, so each table row is read once and
+    in sequence. Nothing larger than the table gradient and the entry lists is allocated.
+    """
+
+    @staticmethod
+    def forward(ctx, table, idx, offsets, weights):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(table, idx, offsets, weights)
+        return F.embedding_bag(idx, table.detach(), offsets, mode="sum", per_sample_weights=weights.detach())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        table, idx, offsets, weights = ctx.saved_tensors
+        grad_out, idx, offsets = grad_out.contiguous(), idx.long(), offsets.long()
+        sizes = torch.diff(offsets, append=offsets.new_tensor([idx.numel()]))
+        bag = torch.repeat_interleave(torch.arange(offsets.numel(), device=idx.device), sizes)  # entry -> bag
+        order = idx.argsort()
+        idx_sorted, bag_sorted = idx[order], bag[order]
+        grad_table = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            counts = torch.bincount(idx, minlength=table.shape[0])
+            grad_table = F.embedding_bag(bag_sorted, grad_out, counts.cumsum(0) - counts, mode="sum",
+                                         per_sample_weights=weights[order].to(grad_out.dtype))
+        if ctx.needs_input_grad[3]:
+            dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad_out, table.detach(), idx_sorted, offsets, bag_sorted, 0, -1)  # mode 0 = sum, no padding_idx
+            grad_weights = torch.empty_like(dots).scatter_(0, order, dots)
+        return grad_table, None, None, grad_weights
 
 
 def check_inputs(

@@ -53,47 +53,52 @@ class TDQKR(nn.Module):
     # ---- scores --------------------------------------------------------------------------------------------------
 
     def rank_scores(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
-        """Per-rank row/column scores for every key: [Hq, 2, BT, s, r, n'] (S_row = [:, 0], S_col = [:, 1]).
+        """Per-rank row/column scores for every key: [Hq, 2, BT, s, r, n'] (S_row = [:, 0], S_col = [:, 1])."""
+        return self._scores(self.query(x, state), None)
 
-        Keys come last so that the stage-1 projection and top-m run over contiguous memory.
+    def _scores(self, q: torch.Tensor, bases: torch.Tensor | None) -> torch.Tensor:
+        """q [BT, Hq, 2, Dk] -> scores against every key [Hq, 2, BT, s, r, n'], in the rank bases `bases`
+        ([H, 2, r, r], orthonormal; None = the keys' own ranks). Keys come last so that top-m runs on contiguous rows.
         """
         H, s, r, Dk = self.cfg.heads, self.cfg.query_share, self.cfg.tucker_rank, self.cfg.key_dim
-        Hq, n = H // s, self.n_side
-        q = self.query(x, state)  # [BT, Hq, 2, Dk]
-        BT = q.shape[0]
-        keys = self.keys if self.key_norm is None else self.key_norm(self.keys.transpose(-1, -2)).transpose(-1, -2)
-        keys = keys.view(Hq, s, 2, n, Dk, r).permute(0, 2, 4, 1, 5, 3).reshape(Hq * 2, Dk, s * r * n)
+        Hq, n, BT = H // s, self.n_side, q.shape[0]
+        keys = self.keys.permute(0, 1, 4, 2, 3)  # [H, 2, r, n', Dk]: one [n', Dk] matrix per rank
+        if self.key_norm is not None:
+            keys = self.key_norm(keys)
+        if bases is not None:  # rotated keys: rank i of the result is sum_r B[r, i] K_r
+            keys = bases.to(keys.dtype).transpose(-1, -2) @ keys.reshape(H, 2, r, n * Dk)
+        keys = keys.reshape(Hq, s, 2, r * n, Dk).transpose(1, 2).reshape(Hq * 2, s * r * n, Dk)
         q = q.permute(1, 2, 0, 3).reshape(Hq * 2, BT, Dk)
-        return torch.bmm(q, keys).view(Hq, 2, BT, s, r, n)
+        return torch.bmm(q, keys.transpose(1, 2)).view(Hq, 2, BT, s, r, n)
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, d] -> (virtual index [BT, H*m] long in [0, n'^2), per-core scores [BT, H*m, h])."""
         H, s, r, m = self.cfg.heads, self.cfg.query_share, self.cfg.tucker_rank, self.cfg.top_m
         Hq, n, h = H // s, self.n_side, self.cfg.num_cores
-        S = self.rank_scores(x, state)  # [Hq, 2, BT, s, r, n']
+        # Work in the orthonormal rank bases whose first vectors are u (rows) and t (columns): rank 0 of the rotated
+        # scores is then u^T S_row / t^T S_col itself, and the cores rotate with them (B_row^T C_c B_col), so every
+        # grid score is unchanged.
+        bases = torch.stack([rank1_basis(self.u), rank1_basis(self.t)], 1)  # [H, 2, r, r]
+        S = self._scores(self.query(x, state), bases)  # [Hq, 2, BT, s, r, n']
         BT = S.shape[2]
+        cores = (bases[:, 0].transpose(-1, -2) @ self.cores @ bases[:, 1]).to(S.dtype)  # [h, H, r, r]
+        cores = cores.view(h, Hq, 1, s, r, r)
 
-        with torch.no_grad():  # stage 1: rank-1 filter u^T S_row, t^T S_col (both sides at once); indices only
-            uv = torch.stack([self.u, self.t]).view(2, Hq, s, r).transpose(0, 1)  # [Hq, 2, s, r]
-            proj = (S * uv.unsqueeze(2).unsqueeze(-1).to(S.dtype)).sum(4)  # [Hq, 2, BT, s, n']
-            kept = proj.topk(m, dim=-1).indices  # [Hq, 2, BT, s, m]: kept rows ([:, 0]) and columns ([:, 1])
-        # One gather for both sides, so the backward scatters into a single S-sized buffer.
-        sel = S.gather(5, kept.unsqueeze(4).expand(-1, -1, -1, -1, r, -1))  # [Hq, 2, BT, s, r, m]
-        R, Cc = sel[:, 0], sel[:, 1]  # [Hq, BT, s, r, m]
-        row_idx, col_idx = kept[:, 0], kept[:, 1]  # [Hq, BT, s, m]
-
-        cores = self.cores.view(h, Hq, 1, s, r, r).to(R.dtype)
-        with torch.no_grad():  # stage 2 ranking: R^T (sum_c C_c) Cc over the m x m survivors; indices only
-            grid = R.transpose(-1, -2) @ (cores.sum(0) @ Cc)  # [Hq, BT, s, m, m]
-            best = grid.flatten(-2).topk(m, dim=-1).indices  # [Hq, BT, s, m] into the m*m grid
-            a, b = best // m, best % m
-        Ra = R.gather(4, a.unsqueeze(3).expand(-1, -1, -1, r, -1))  # [Hq, BT, s, r, m]
-        Cb = Cc.gather(4, b.unsqueeze(3).expand(-1, -1, -1, r, -1))
-        # per-core score of winner k: sum_{r,q} Ra[r,k] C_c[r,q] Cb[q,k]
-        scores = (Ra.unsqueeze(0) * (cores @ Cb.unsqueeze(0))).sum(-2)  # [h, Hq, BT, s, m]
+        with torch.no_grad():  # indices only
+            # stage 1: top-m rows by u^T S_row and columns by t^T S_col, both sides in one call
+            kept = S[:, :, :, :, 0].topk(m, dim=-1, sorted=False).indices  # [Hq, 2, BT, s, m]
+            sel = S.gather(5, kept.unsqueeze(4).expand(-1, -1, -1, -1, r, -1))  # [Hq, 2, BT, s, r, m]
+            # stage 2: rank the m x m survivors by S_row^T (sum_c C_c) S_col
+            grid = sel[:, 0].transpose(-1, -2) @ (cores.sum(0) @ sel[:, 1])  # [Hq, BT, s, m, m]
+            best = grid.flatten(-2).topk(m, dim=-1, sorted=False).indices  # [Hq, BT, s, m] into the m*m grid
+            winners = torch.stack([kept[:, 0].gather(3, best // m), kept[:, 1].gather(3, best % m)], 1)
+        # Only the winners' rows and columns carry gradient: one gather, one S-sized scatter in the backward.
+        W = S.gather(5, winners.unsqueeze(4).expand(-1, -1, -1, -1, r, -1))  # [Hq, 2, BT, s, r, m]
+        # per-core score of winner k: sum_{i,j} R[i,k] C'_c[i,j] Cc[j,k]
+        scores = (W[:, 0].unsqueeze(0) * (cores @ W[:, 1].unsqueeze(0))).sum(-2)  # [h, Hq, BT, s, m]
         scores = activate(scores, self.cfg.score, dim=-1)
 
-        virtual = row_idx.gather(3, a) * n + col_idx.gather(3, b)  # [Hq, BT, s, m]
+        virtual = winners[:, 0] * n + winners[:, 1]  # [Hq, BT, s, m]
         virtual = virtual.permute(1, 0, 2, 3).reshape(BT, H * m)
         scores = scores.permute(2, 1, 3, 4, 0).reshape(BT, H * m, h)
         return virtual, scores
@@ -133,6 +138,20 @@ class TDQKR(nn.Module):
         with torch.no_grad():
             penalty = self.tucker_penalty()
         return {"aux_loss": penalty.new_zeros(()), "tucker_penalty": penalty}
+
+
+def rank1_basis(v: torch.Tensor) -> torch.Tensor:
+    """Unit vectors v [..., r] -> orthonormal bases [..., r, r] whose first column is v.
+
+    A Householder reflection: with w = v + sign(v_0) e_1, I - 2 w w^T / w^T w maps e_1 to -sign(v_0) v, so flipping
+    the sign of that first column gives v; |w|^2 >= 1 keeps it stable. (v = 0 gives the identity.)
+    """
+    r = v.shape[-1]
+    eye = torch.eye(r, dtype=v.dtype, device=v.device)
+    sign = torch.where(v[..., :1] >= 0, 1.0, -1.0).to(v.dtype)  # [..., 1]
+    w = v + sign * eye[0]  # [..., r]
+    basis = eye - 2 * w.unsqueeze(-1) * w.unsqueeze(-2) / (w * w).sum(-1, keepdim=True).unsqueeze(-1)
+    return torch.cat([-sign.unsqueeze(-1) * basis[..., :1], basis[..., 1:]], dim=-1)
 
 
 def singular_values(C: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ class UltraMemLayer(nn.Module):
     def lookup(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, d] -> (physical rows [BT, H*m], IVE groups [BT, H*m], per-core scores [BT, H*m, h])."""
         virtual, scores = self.retrieval(x, state)
-        shuffled = self.shuffle[virtual].long()
+        shuffled = self.shuffle[virtual]  # int32: gather_pool takes int32 rows and groups as they are
         N = self.cfg.num_values
         return shuffled % N, shuffled // N, scores
 
