@@ -31,9 +31,13 @@ def peak_flops(device: torch.device, dtype: str) -> float | None:
     """Peak FLOPs/s of one accelerator for `dtype` ('bf16' | 'fp32'); None on CPU or an unknown GPU."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_flops_of(torch.cuda.get_device_name(device), dtype)
+
+
+def peak_flops_of(gpu_name: str, dtype: str) -> float | None:
+    """PEAK_FLOPS entry for a CUDA device name such as 'NVIDIA H100 80GB HBM3'; None if unknown."""
     for key, peaks in PEAK_FLOPS.items():
-        if key in name:
+        if key in gpu_name:
             return peaks[dtype]
     return None
 

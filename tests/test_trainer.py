@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -186,3 +187,20 @@ def test_a_run_held_by_another_process_is_refused(tmp_path, shakespeare_path, ca
         assert ours
         with pytest.raises(RunBusy, match="another process"):
             train(run_cfg(shakespeare_path, cache), rd.path)
+
+
+def test_throughput_rates_and_the_peak_flops_table():
+    from experiments.throughput import ThroughputMeter, peak_flops_of
+
+    meter = ThroughputMeter(flops_per_token=6e6, device=torch.device("cpu"), dtype="fp32")
+    time.sleep(0.05)
+    rates = meter.rates(tokens=1000)
+    assert rates["mfu"] is None  # no honest peak on CPU
+    assert rates["flops_per_s"] == pytest.approx(rates["tokens_per_s"] * 6e6)
+    assert 0 < rates["tokens_per_s"] <= 1000 / 0.05
+    # vendor datasheets, dense bf16 / fp32
+    assert peak_flops_of("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert peak_flops_of("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4e12)
+    assert peak_flops_of("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert peak_flops_of("NVIDIA H200", "fp32") == pytest.approx(66.9e12)
+    assert peak_flops_of("NVIDIA GeForce RTX 4090", "bf16") is None
