@@ -2,7 +2,10 @@
 
 Timing: `time_round_robin` warms every case up, then runs the repeats in rounds, each round timing every case once
 in a rotated order. On a shared, noisy machine a load spike then hits all cases alike, so ratios between
-implementations measured in one run stay meaningful even when absolute times drift.
+implementations measured in one run stay meaningful even when absolute times drift. `--clock cpu` times the CPU
+time of this process instead of the wall clock: a call then is not charged for the time other processes hold its
+core, which makes relative costs measurable on a loaded machine. It equals the latency only at --threads 1 (with
+more threads it adds the threads' times up, spin-waits included) and never on CUDA, so it is refused there.
 
 Peak memory of one call, beyond what was live before it:
   - CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated() before;
@@ -34,7 +37,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, warmup: int = 3, repeats: int = 10,
-                         threads: int | None = 2) -> None:
+                         threads: int | None = 2, clock: bool = False) -> None:
     parser.add_argument("--format", choices=("table", "json"), default="table", help="what to print (default table)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR,
                         help=f"folder for <name>.json and <name>.png (default {RESULTS_DIR})")
@@ -45,6 +48,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, warmup: int = 3, re
     parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed calls per case first (default {warmup})")
     parser.add_argument("--repeats", type=int, default=repeats, help=f"timed calls per case (default {repeats})")
     parser.add_argument("--no-plot", action="store_true", help="write the JSON only")
+    if clock:
+        parser.add_argument("--clock", choices=CLOCKS, default="wall",
+                            help="wall (latency, default) or cpu (process CPU time: relative costs on a loaded "
+                                 "machine; use with --threads 1)")
 
 
 def setup(args: argparse.Namespace) -> torch.device:
@@ -57,8 +64,11 @@ def setup(args: argparse.Namespace) -> torch.device:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch.cuda.is_available() is False (use --device cpu)")
-    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                        else "cpu")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if getattr(args, "clock", "wall") == "cpu" and device.type == "cuda":
+        raise SystemExit("error: --clock cpu measures host CPU time, not GPU work; use --clock wall on CUDA")
+    return device
 
 
 # ---- timing ------------------------------------------------------------------------------------------------------
@@ -86,9 +96,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = ("wall", "cpu")
+
+
 def time_round_robin(cases: dict[str, Callable[[], Any]], device: torch.device, warmup: int,
-                     repeats: int) -> dict[str, Timing]:
-    """Wall time of each zero-argument callable: `warmup` untimed calls each, then `repeats` interleaved rounds."""
+                     repeats: int, clock: str = "wall") -> dict[str, Timing]:
+    """Time of each zero-argument callable (`clock` wall or cpu, see the module docstring): `warmup` untimed calls
+    each, then `repeats` interleaved rounds."""
+    if clock not in CLOCKS:
+        raise ValueError(f"time_round_robin: clock={clock!r}; allowed: {', '.join(CLOCKS)}")
+    now = time.perf_counter if clock == "wall" else time.process_time
     for fn in cases.values():
         for _ in range(warmup):
             fn()
@@ -98,10 +115,10 @@ def time_round_robin(cases: dict[str, Callable[[], Any]], device: torch.device, 
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             synchronize(device)
-            start = time.perf_counter()
+            start = now()
             cases[name]()
             synchronize(device)
-            samples[name].append((time.perf_counter() - start) * 1e3)
+            samples[name].append((now() - start) * 1e3)
     return {name: Timing(s) for name, s in samples.items()}
 
 
@@ -289,6 +306,7 @@ def grouped_bar_plot(labels: Sequence[str], series: dict[str, Sequence[float | N
 
 __all__ = [
     "RESULTS_DIR",
+    "CLOCKS",
     "Timing",
     "add_common_arguments",
     "setup",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.bench_layers import add_ratios, selected, targets
+from benchmarks.bench_layers import add_ratios, memory_size, our_memory_config, selected, targets
 from benchmarks.common import Timing, peak_memory_mb, spread_warnings, time_round_robin
 from experiments.commands import bench
 
@@ -52,32 +52,56 @@ def test_cpu_peak_memory_sees_a_transient_allocation():
     assert size_mb * 0.95 <= peak <= size_mb * 1.5
 
 
-def test_only_keeps_the_bound_and_the_peers_of_the_chosen_layer():
+def test_only_keeps_the_peers_bounds_and_floors_of_the_chosen_layer():
     labels = ["lucidrains/ultra-mem/ultramem", "lucidrains/product-key-memory/pkm", "ours/ultramem",
-              "ours/ultramem_same_slots", "ours/pkm", "ours/moe", "ours/gather_pool", "bound/embedding_bag/gather"]
-    assert selected(labels, ["ours/ultramem"]) == ["lucidrains/ultra-mem/ultramem", "ours/ultramem",
-                                                   "ours/ultramem_same_slots", "bound/embedding_bag/gather"]
-    assert selected(labels, ["same_slots"]) == ["lucidrains/ultra-mem/ultramem", "ours/ultramem_same_slots",
-                                                "bound/embedding_bag/gather"]
-    assert selected(labels, ["gather"]) == ["ours/gather_pool", "bound/embedding_bag/gather"]
+              "ours/ultramem_65k_rows", "ours/pkm", "ours/moe", "ours/gather_pool", "bound/embedding_bag/ultramem",
+              "floor/matmuls/ultramem", "floor/topk/ultramem", "bound/embedding_bag/ultramem_65k_rows",
+              "floor/matmuls/ultramem_65k_rows", "floor/topk/ultramem_65k_rows"]
+    assert selected(labels, ["ours/ultramem"]) == [
+        "lucidrains/ultra-mem/ultramem", "ours/ultramem", "ours/ultramem_65k_rows", "bound/embedding_bag/ultramem",
+        "floor/matmuls/ultramem", "floor/topk/ultramem", "bound/embedding_bag/ultramem_65k_rows",
+        "floor/matmuls/ultramem_65k_rows", "floor/topk/ultramem_65k_rows"]
+    assert selected(labels, ["65k"]) == ["lucidrains/ultra-mem/ultramem", "ours/ultramem_65k_rows",
+                                         "bound/embedding_bag/ultramem_65k_rows", "floor/matmuls/ultramem_65k_rows",
+                                         "floor/topk/ultramem_65k_rows"]
+    assert selected(labels, ["gather"]) == ["ours/gather_pool", "bound/embedding_bag/ultramem_65k_rows",
+                                            "floor/matmuls/ultramem_65k_rows", "floor/topk/ultramem_65k_rows"]
+    assert selected(labels, ["pkm"]) == ["lucidrains/product-key-memory/pkm", "ours/pkm"]
     assert selected(labels, []) == labels
 
 
-def test_ratios_and_targets():
+def test_ratios_floor_and_targets():
     rows = [
         {"impl": "lucidrains/ultra-mem", "layer": "ultramem", "fwd_bwd_ms": 320.0, "inference_ms": 120.0},
-        {"impl": "bound/embedding_bag", "layer": "gather", "fwd_bwd_ms": 20.0, "inference_ms": 8.0},
+        {"impl": "bound/embedding_bag", "layer": "ultramem", "fwd_bwd_ms": 20.0, "inference_ms": 8.0},
+        {"impl": "floor/matmuls", "layer": "ultramem", "fwd_bwd_ms": 30.0, "inference_ms": 10.0},
+        {"impl": "floor/topk", "layer": "ultramem", "fwd_bwd_ms": 6.0, "inference_ms": 6.0},
         {"impl": "ours", "layer": "ultramem", "fwd_bwd_ms": 40.0, "inference_ms": 30.0},
         {"impl": "ours", "layer": "moe", "fwd_bwd_ms": 10.0, "inference_ms": 5.0},
     ]
     add_ratios(rows)
-    ours = rows[2]
+    ours = rows[4]
     assert ours["speedup_fwd_bwd_vs_peer"] == pytest.approx(8.0)
     assert ours["speedup_inference_vs_peer"] == pytest.approx(4.0)
     assert ours["inference_vs_bound"] == pytest.approx(3.75)
-    assert "speedup_fwd_bwd_vs_peer" not in rows[3] and "inference_vs_bound" not in rows[3]
-    met = {t["name"].split()[2]: t["met"] for t in targets(rows)}
-    assert met == {"fwd+bwd": True, "inference": False}
+    assert ours["inference_floor_ms"] == pytest.approx(24.0) and ours["inference_floor_vs_bound"] == pytest.approx(3.0)
+    assert "speedup_fwd_bwd_vs_peer" not in rows[5] and "inference_vs_bound" not in rows[5]
+    by_name = {t["name"].split()[2]: t for t in targets(rows)}
+    assert by_name["fwd+bwd"]["met"] is True
+    assert by_name["inference"]["met"] is False and by_name["inference"]["floor"] == pytest.approx(3.0)
+
+
+def test_matched_row_has_lucidrains_memory_size():
+    """Slots, value parameters and floats read per token of `ours/ultramem` equal lucidrains' UltraMem at
+    num_memories=65536, counted from its module (its tables are [core heads, num_memories / E, dim // core heads])."""
+    ours = memory_size(our_memory_config("ultramem"))
+    ultra_mem = pytest.importorskip("ultra_mem", reason="lucidrains ultra-mem not installed (pip install -e '.[peers]')")
+    peer = ultra_mem.UltraMem(dim=256, num_memories=65536, topk=32)
+    heads, rows, dim_values = peer.memories.shape
+    assert ours == {"slots": 65536, "value_params": heads * rows * dim_values,
+                    "rows_read_per_token": 32, "floats_read_per_token": heads * 32 * dim_values}
+    assert ours["value_params"] == 4_194_304 and ours["floats_read_per_token"] == 8192
+    assert memory_size(our_memory_config("ultramem_65k_rows"))["value_params"] == 65536 * 128
 
 
 def run_bench(*argv: str) -> int:
@@ -99,10 +123,12 @@ def test_bench_layers_writes_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "layers.png").stat().st_size > 0
     assert data["threads"] == 1 and data["torch"] == torch.__version__ and data["machine"]["cpu"]
     by = {(r["impl"], r["layer"]): r for r in data["rows"]}
-    assert set(by) == {("ours", "gather_pool"), ("bound/embedding_bag", "gather")}
+    assert set(by) == {("ours", "gather_pool"), ("bound/embedding_bag", "ultramem_65k_rows"),
+                       ("floor/matmuls", "ultramem_65k_rows"), ("floor/topk", "ultramem_65k_rows")}
     for r in by.values():
         for key in ("fwd_ms", "fwd_bwd_ms", "inference_ms"):
             assert r[key] > 0 and len(r["samples_ms"][key[:-3]]) == 2
         assert r["peak_mem_mb"] is None or r["peak_mem_mb"] >= 0
         assert r["config"]["tokens"] == 32
     assert by[("ours", "gather_pool")]["inference_vs_bound"] > 0
+    assert data["settings"]["clock"] == "wall" and data["profiles"] == {}

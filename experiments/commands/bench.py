@@ -16,6 +16,8 @@ HELP = "run a benchmark and write its JSON and plot to benchmarks/results/"
 # name -> (module, one-line help); a new benchmark is one line here.
 BENCHMARKS = {
     "layers": ("benchmarks.bench_layers", "layer fwd / fwd+bwd / inference time and memory vs lucidrains peers"),
+    "inference": ("benchmarks.bench_inference", "decode latency and bytes read vs batch: Dense / MoE / UltraMem"),
+    "throughput": ("benchmarks.bench_throughput", "training tokens/s (and MFU on GPU) per family, tiny presets"),
     "trainer": ("benchmarks.bench_trainer", "trainer overhead vs a bare PyTorch loop, same model/data/steps (<= 10%)"),
     "scheduler": ("benchmarks.bench_scheduler", "sweep planning time and makespan of 12 short runs vs the ideal"),
     "fit": ("benchmarks.bench_fit", "4,500-start Chinchilla fit time (<= 5 s) and bootstrap CI coverage"),

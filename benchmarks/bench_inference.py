@@ -1,0 +1,390 @@
+"""Inference benchmark (the paper's Fig. 1): decode-step latency and bytes of parameters read vs batch size for Dense,
+MoE and UltraMem models of equal activated compute, MoE and UltraMem of equal total parameters.
+
+  ultramem bench inference [--batch-sizes 1,4,16,64,256,1024] [--kv-len 2048] [--kv-budget-gb 0.125]
+                           [--sparsity 100] [--size default|tiny] [--format table|json] [--out DIR] [--threads 2]
+                           [--repeats 5] [--warmup 2] [--clock wall|cpu]
+
+One decode step = the model on one new token per sequence (sequence length 1) with a KV cache holding kv_len
+positions, in eval mode under torch.no_grad, fp32. The three models share one backbone (d_model, layers, heads, so
+identical attention and KV cache) and differ in the FFN:
+  dense     the MLP widened so that its activated non-embedding parameters equal UltraMem's
+  ultramem  the dense backbone (FFN 4d) plus UltraMem memory layers in the paper's skip-layer layout (E=4, r=2,
+            h=2, raw scores), value tables sized to `sparsity` x the activated parameters
+  moe       top-2 MoE in every block: expert width solved so activated parameters equal UltraMem's, expert count so
+            total parameters equal UltraMem's (the paper's rule for its MoE/UltraMem pairs)
+All counts come from ultramem.accounting (the same code the presets and the trainer use).
+
+Why these sizes. Decoding reads every parameter a step touches once per step, whatever the batch, and computes
+2 x activated parameters per token. A model is memory-bound while B < B* ~ (total / active) x (FLOP/s / bytes/s) x
+2 / bytes_per_param. On the paper's A100 (312 TFLOP/s bf16 over 2 TB/s) the MoE-12x models stay memory-bound up to
+B* ~ 1900, which is why MoE reads (nearly all experts from B ~ 64 on) dominate its latency there. This CPU has about
+10 FLOP per byte of memory bandwidth, 16x less, so with the paper's 12x the MoE would turn compute-bound near B ~ 240
+and the comparison would measure matrix multiplies instead of memory traffic. `--sparsity 100` (the default) restores
+the A100's regime for batches up to ~1000 (`--sparsity 12` runs the literal ratio). Total parameters (800 MB per
+sparse model) are 25x the 32 MB last-level cache, so the reads come from DRAM, as they would from HBM.
+
+KV cache. kv_len positions of keys and values per sequence for every layer is B x kv_len x 2 x layers x d x 4
+bytes: 1 GiB at B=64 and 16 GiB at B=1024 for the default model, more than a shared 24 GiB machine can hold. The
+cache is therefore capped at --kv-budget-gb per batch: each row reports the kv_len it ran with (kv_len_used), and
+the cache's bytes are in bytes_touched. The attention and its KV reads are the same for the three models.
+
+Bytes touched, per row: measured from the step's actual routing (distinct experts per MoE layer, distinct physical
+value rows per memory layer, taken in an extra, untimed call at the same position) times their sizes, plus every
+dense parameter, the output head and the KV cache; next to it the analytic model ultramem.accounting.decode_bytes
+(uniform routing). Per batch size, moe_ultramem_latency_ratio = MoE median latency / UltraMem median latency; the
+crossover is the smallest batch size from which UltraMem stays faster. Results: JSON and a log-log plot of latency
+and bytes vs batch size in benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    add_common_arguments,
+    format_table,
+    header,
+    load_warning,
+    setup,
+    time_round_robin,
+    write_json,
+)
+
+HELP = "decode latency and bytes read vs batch size: Dense / MoE / UltraMem (the paper's Fig. 1), MoE/UltraMem ratio"
+NAME = "inference"
+TARGET_RATIO = 2.0
+TARGET_FROM_BATCH = 64
+BYTES_PER_PARAM = 4  # fp32 weights
+FAMILIES = ("dense", "moe", "ultramem")
+
+
+@dataclass(frozen=True)
+class Size:
+    """The shared backbone and the UltraMem memory; the dense FFN and the MoE are solved from them."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    memory_layers: str  # skip-layer spec, see ultramem/memory/placement.py
+    value_dim: int
+    key_dim: int
+    heads: int
+    top_m: int
+    vocab: int = 256
+
+
+SIZES = {
+    # ~2M activated non-embedding parameters; total = sparsity x that (about 200M at the default 100)
+    "default": Size(d_model=128, n_layers=4, n_heads=2, memory_layers="0:1/2:3", value_dim=1024, key_dim=32, heads=1,
+                    top_m=32),
+    # for tests: builds in milliseconds
+    "tiny": Size(d_model=32, n_layers=2, n_heads=2, memory_layers="0:1", value_dim=16, key_dim=8, heads=1, top_m=4),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, warmup=2, repeats=5, clock=True)
+    parser.add_argument("--batch-sizes", default="1,4,16,64,256,1024",
+                        help="comma-separated decode batch sizes (default 1,4,16,64,256,1024)")
+    parser.add_argument("--kv-len", type=int, default=2048, help="KV cache positions per sequence (default 2048)")
+    parser.add_argument("--kv-budget-gb", type=float, default=0.125,
+                        help="cap on the KV cache of one batch in GiB; kv_len is lowered to fit (default 0.125)")
+    parser.add_argument("--sparsity", type=float, default=100.0,
+                        help="total / activated non-embedding parameters of MoE and UltraMem (default 100; paper 12)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="default", help="model backbone (default default)")
+
+
+# ---- the three models -------------------------------------------------------------------------------------------
+
+
+def model_configs(size: Size, sparsity: float, seq_len: int, grouped_mm: str = "auto") -> dict[str, Any]:
+    """{family: ModelConfig}: UltraMem at `sparsity`, then MoE and Dense matched to it (see the module docstring)."""
+    from ultramem.accounting import count_params
+    from ultramem.config import MemoryConfig, ModelConfig, MoEConfig
+
+    d, L = size.d_model, size.n_layers
+    base = ModelConfig(family="dense", vocab_size=size.vocab, seq_len=seq_len, n_layers=L, d_model=d,
+                       n_heads=size.n_heads)
+    memory = MemoryConfig(layers=size.memory_layers, num_keys=2, key_dim=size.key_dim, value_dim=size.value_dim,
+                          heads=size.heads, query_share=size.heads, top_m=size.top_m, score="none", qk_norm=True,
+                          value_proj=True, tucker_rank=2, num_cores=2, value_expansion=4, init="paper")
+
+    def ultramem(num_keys: int):  # noqa: ANN202
+        return dataclasses.replace(base, family="ultramem", memory=dataclasses.replace(memory, num_keys=num_keys))
+
+    # The dense part of UltraMem grows with num_keys (keys are read by every token): fixed point in a few steps.
+    num_keys = max(memory.top_m, 2)
+    for _ in range(20):
+        pc = count_params(ultramem(num_keys))
+        # value rows for total = sparsity x active (non-embedding), given this num_keys' dense part
+        rows = (sparsity * pc.active_non_embedding - (pc.non_embedding - pc.sparse)) / (pc.sparse // num_keys**2)
+        nxt = max(math.isqrt(int(rows)), math.ceil(memory.top_m / memory.key_expansion), 2)
+        if nxt == num_keys:
+            break
+        num_keys = nxt
+    um = ultramem(num_keys)
+    target = count_params(um)
+    shared = count_params(dataclasses.replace(base, ffn_hidden=1)).non_embedding - L * 2 * d  # all but the FFN
+    dense = dataclasses.replace(base, ffn_hidden=max(8, round((target.active_non_embedding - shared) / (2 * d * L))))
+    k, experts = 2, 0
+    for _ in range(3):  # the router (d x E per layer) is activated too: solve width and count together
+        hidden = max(8, 8 * round((target.active_non_embedding - shared - L * d * experts) / (L * k * 2 * d * 8)))
+        experts = max(k, round((target.non_embedding - shared) / (L * (2 * d * hidden + d))))
+    moe = dataclasses.replace(base, family="moe", moe=MoEConfig(num_experts=experts, top_k=k, expert_hidden=hidden,
+                                                                grouped_mm=grouped_mm))
+    return {"dense": dense.validate(), "moe": moe.validate(), "ultramem": um.validate()}
+
+
+def moe_matmuls(device: torch.device) -> str:
+    """'on' where torch._grouped_mm works: one grouped matmul that skips experts without tokens is the faster decode
+    path here at every batch size (measured: 2.1 vs 2.7 ms per layer at B=1, 12 vs 15 at B=64), so MoE gets its
+    best kernel; 'auto' (per-expert loop at small batches) elsewhere."""
+    from ultramem.kernels.grouped import grouped_mm_unsupported_reason
+
+    return "on" if grouped_mm_unsupported_reason(device, torch.float32, (8, 8)) is None else "auto"
+
+
+def is_sparse(name: str) -> bool:
+    """Parameters a token selects from: MoE expert matrices and memory value tables (accounting's `sparse`)."""
+    return name.endswith((".w_in", ".w_out")) or (name.startswith("memories.") and name.endswith(".values"))
+
+
+# ---- bytes touched by one step ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def touched(model: torch.nn.Module, idx: torch.Tensor, cache, kv_len: int) -> dict[str, Any]:  # noqa: ANN001
+    """Run one decode step at position kv_len - 1 and count what it read: distinct experts per MoE layer, distinct
+    physical value rows per memory layer, and the bytes of parameters (dense + head + touched sparse) and KV cache."""
+    cfg = model.cfg
+    rows_per_layer: list[int] = []
+    hooks = []
+    for mem in model.memories:
+        def record(module, args, out, mem=mem):  # noqa: ANN001, ANN202
+            virtual = out[0]  # TDQKR output: virtual slot ids [BT, H*m]
+            rows_per_layer.append(int(torch.unique(mem.shuffle[virtual].long() % mem.cfg.num_values).numel()))
+        hooks.append(mem.retrieval.register_forward_hook(record))
+    try:
+        cache.pos = kv_len - 1
+        model(idx, cache=cache)
+    finally:
+        for h in hooks:
+            h.remove()
+    experts_per_layer = [int((block.ffn.last_load > 0).sum()) for block in model.blocks] if cfg.family == "moe" else []
+    dense = sum(p.numel() for n, p in model.named_parameters() if not is_sparse(n) and n != "wte.weight")
+    params = dense + cfg.vocab_size * cfg.d_model  # the (tied) output head reads the whole embedding table
+    if not cfg.tie_embeddings:
+        params += int(torch.unique(idx).numel()) * cfg.d_model
+    if cfg.family == "moe":
+        params += sum(experts_per_layer) * 2 * cfg.d_model * cfg.moe.expert_hidden
+    if cfg.memory is not None:
+        params += sum(rows_per_layer) * cfg.memory.value_dim
+    kv = 2 * cfg.n_layers * idx.shape[0] * kv_len * cfg.d_model
+    return {"param_bytes": params * BYTES_PER_PARAM, "kv_bytes": kv * BYTES_PER_PARAM,
+            "bytes_touched": (params + kv) * BYTES_PER_PARAM,
+            "experts_touched": experts_per_layer or None, "value_rows_touched": rows_per_layer or None}
+
+
+# ---- measurement ------------------------------------------------------------------------------------------------
+
+
+def kv_len_for(batch: int, kv_len: int, d_model: int, n_layers: int, budget_gb: float) -> int:
+    """kv_len, lowered so that the batch's cache (keys + values, every layer, fp32) fits in `budget_gb` GiB."""
+    per_position = batch * 2 * n_layers * d_model * BYTES_PER_PARAM
+    return max(1, min(kv_len, int(budget_gb * 2**30 // per_position)))
+
+
+def measure(models: dict[str, torch.nn.Module], batch_sizes: list[int], args: argparse.Namespace,
+            device: torch.device) -> list[dict[str, Any]]:
+    cfg = next(iter(models.values())).cfg
+    rows = []
+    for B in batch_sizes:
+        kv = kv_len_for(B, args.kv_len, cfg.d_model, cfg.n_layers, args.kv_budget_gb)
+        rows += measure_batch(models, B, kv, args, device)
+    add_ratios(rows)
+    return rows
+
+
+def measure_batch(models: dict[str, torch.nn.Module], B: int, kv: int, args: argparse.Namespace,
+                  device: torch.device) -> list[dict[str, Any]]:
+    """Time one decode step of every model at batch B, position kv - 1, interleaved; then count what it reads."""
+    from ultramem.accounting import decode_bytes
+    from ultramem.model import KVCache
+
+    cfg = next(iter(models.values())).cfg
+    shape = (B, cfg.n_heads, kv, cfg.head_dim)
+    # One cache for the three models: they share the attention shapes, and a step's latency does not depend on the
+    # cached values. Writing the buffers once makes their pages resident before timing.
+    k = [torch.randn(shape, device=device) for _ in range(cfg.n_layers)]
+    v = [torch.randn(shape, device=device) for _ in range(cfg.n_layers)]
+    caches = {f: KVCache(k, v, [{} for _ in m.memories]) for f, m in models.items()}
+    idx = torch.randint(0, cfg.vocab_size, (B, 1), generator=torch.Generator().manual_seed(B)).to(device)
+
+    def step(f: str) -> Any:
+        caches[f].pos = kv - 1
+        with torch.no_grad():
+            return models[f](idx, cache=caches[f])
+
+    timings = time_round_robin({f: (lambda f=f: step(f)) for f in models}, device, args.warmup, args.repeats,
+                               args.clock)
+    rows = []
+    for f, model in models.items():
+        t = timings[f]
+        analytic = decode_bytes(model.cfg, B, kv, bytes_per_param=BYTES_PER_PARAM)
+        rows.append({"batch_size": B, "family": f, "model": model_label(model.cfg), "kv_len_used": kv,
+                     "latency_ms": t.median, "latency_ms_iqr": t.iqr, "samples_ms": t.samples_ms,
+                     **touched(model, idx, caches[f], kv),
+                     "analytic_bytes": analytic.total, "analytic_param_bytes": analytic.params,
+                     "analytic_experts_touched": analytic.experts_touched,
+                     "analytic_value_rows_touched": analytic.value_rows_touched})
+    return rows
+
+
+def model_label(cfg) -> str:  # noqa: ANN001
+    from ultramem.accounting import count_params
+
+    pc = count_params(cfg)
+    return (f"{cfg.family} L{cfg.n_layers} d{cfg.d_model}: {pc.non_embedding / 1e6:.1f}M total, "
+            f"{pc.active_non_embedding / 1e6:.2f}M active")
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """moe_ultramem_latency_ratio (and the bytes ratio, measured and analytic) on every row of its batch size."""
+    by = {(r["batch_size"], r["family"]): r for r in rows}
+    for r in rows:
+        moe, um = by.get((r["batch_size"], "moe")), by.get((r["batch_size"], "ultramem"))
+        if moe and um:
+            r["moe_ultramem_latency_ratio"] = moe["latency_ms"] / um["latency_ms"]
+            r["moe_ultramem_bytes_ratio"] = moe["bytes_touched"] / um["bytes_touched"]
+            r["moe_ultramem_analytic_bytes_ratio"] = moe["analytic_bytes"] / um["analytic_bytes"]
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Crossover (smallest batch from which UltraMem stays faster than MoE) and the >= 2x target from batch 64 on."""
+    ratios = {r["batch_size"]: r["moe_ultramem_latency_ratio"] for r in rows if "moe_ultramem_latency_ratio" in r}
+    batches = sorted(ratios)
+
+    def stays_above(level: float) -> int | None:
+        above = None
+        for b in reversed(batches):
+            if ratios[b] < level:
+                break
+            above = b
+        return above
+
+    judged = [b for b in batches if b >= TARGET_FROM_BATCH]
+    return {"moe_ultramem_latency_ratio": ratios, "crossover_batch": stays_above(1.0),
+            "ratio_2x_from_batch": stays_above(TARGET_RATIO),
+            "target": {"name": f"MoE/UltraMem decode latency >= {TARGET_RATIO:g}x for every batch >= "
+                               f"{TARGET_FROM_BATCH}", "judged_batches": judged,
+                       "met": all(ratios[b] >= TARGET_RATIO for b in judged) if judged else None}}
+
+
+# ---- output -----------------------------------------------------------------------------------------------------
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for f in FAMILIES:
+        rs = sorted((r for r in rows if r["family"] == f), key=lambda r: r["batch_size"])
+        if not rs:
+            continue
+        bs = [r["batch_size"] for r in rs]
+        line = ax_t.plot(bs, [r["latency_ms"] for r in rs], marker="o", label=f)[0]
+        ax_b.plot(bs, [r["bytes_touched"] / 2**20 for r in rs], marker="o", color=line.get_color(), label=f"{f} measured")
+        ax_b.plot(bs, [r["analytic_bytes"] / 2**20 for r in rs], ls="--", color=line.get_color(),
+                  label=f"{f} analytic")
+    ratios = {r["batch_size"]: r["moe_ultramem_latency_ratio"] for r in rows if r["family"] == "moe"}
+    for b, ratio in ratios.items():
+        ax_t.annotate(f"{ratio:.1f}x", (b, next(r["latency_ms"] for r in rows if r["batch_size"] == b
+                                                and r["family"] == "moe")), textcoords="offset points",
+                      xytext=(0, 6), ha="center", fontsize=7)
+    for ax, ylabel in ((ax_t, "decode step latency, ms (median)"), (ax_b, "bytes read per step, MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    ax_t.set_title("latency (labels: MoE / UltraMem)", fontsize=9)
+    ax_b.set_title("parameters + KV cache read (solid: measured routing; dashed: accounting)", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+COLUMNS = [("batch_size", "batch"), ("family", "family"), ("kv_len_used", "kv_len"), ("latency_ms", "ms"),
+           ("latency_ms_iqr", "(iqr)"), ("bytes_touched", "bytes"), ("analytic_bytes", "analytic bytes"),
+           ("moe_ultramem_latency_ratio", "MoE/UM latency"), ("moe_ultramem_bytes_ratio", "MoE/UM bytes")]
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --batch-sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise SystemExit(f"error: --batch-sizes must be integers >= 1, got {text!r}")
+    return sorted(set(sizes))
+
+
+def run(args: argparse.Namespace) -> int:
+    device = setup(args)
+    batch_sizes = parse_batch_sizes(args.batch_sizes)
+    if args.kv_len < 1 or args.kv_budget_gb <= 0 or args.sparsity < 1:
+        raise SystemExit("error: --kv-len must be >= 1, --kv-budget-gb > 0 and --sparsity >= 1 "
+                         f"(got {args.kv_len}, {args.kv_budget_gb}, {args.sparsity})")
+    from ultramem import build_model
+    from ultramem.accounting import count_params
+
+    configs = model_configs(SIZES[args.size], args.sparsity, seq_len=args.kv_len, grouped_mm=moe_matmuls(device))
+    models = {}
+    for f in FAMILIES:
+        torch.manual_seed(0)
+        models[f] = build_model(configs[f], device=device).eval()
+    busy = [load_warning(torch.get_num_threads())]
+    rows = measure(models, batch_sizes, args, device)
+    busy.append(load_warning(0))
+    result = summary(rows)
+    settings = {"batch_sizes": batch_sizes, "kv_len": args.kv_len, "kv_budget_gb": args.kv_budget_gb,
+                "sparsity": args.sparsity, "size": args.size, "dtype": "float32", "warmup": args.warmup,
+                "repeats": args.repeats, "clock": args.clock,
+                "timing": f"{args.clock} clock, median and IQR of interleaved repeats of one decode step"}
+    models_info = {f: {"config": c.to_dict(), "params": count_params(c).to_dict(), "label": model_label(c)}
+                   for f, c in configs.items()}
+    payload = {**header(NAME, device, settings), "models": models_info, "rows": rows, **result,
+               "warnings": [w for w in busy if w][:1]}
+    json_path = write_json(payload, args.out / f"{NAME}.json")
+    if not args.no_plot:
+        plot(rows, args.out / f"{NAME}.png", f"decode step, kv_len {args.kv_len} (capped at {args.kv_budget_gb:g} "
+             f"GiB), {device}, {torch.get_num_threads()} threads, sparsity {args.sparsity:g}x")
+    if args.format == "json":
+        print(json_path.read_text(), end="")
+        return 0
+    for f, info in models_info.items():
+        print(f"{f:9s} {info['label']}")
+    print(format_table(rows, COLUMNS))
+    t = result["target"]
+    print(f"crossover (UltraMem faster from batch): {result['crossover_batch']}; >= {TARGET_RATIO:g}x from batch: "
+          f"{result['ratio_2x_from_batch']}")
+    print(f"target: {t['name']}: {({True: 'met', False: 'NOT met', None: 'no batch size judged'})[t['met']]}")
+    for w in payload["warnings"]:
+        print(f"warning: {w}")
+    print(f"wrote {json_path}" + ("" if args.no_plot else f" and {args.out / (NAME + '.png')}"))
+    return 0

@@ -1,0 +1,172 @@
+"""Training throughput per family: tokens/s of full optimizer steps on the tiny presets, and MFU on GPU.
+
+  ultramem bench throughput [--size tiny|t1..t6] [--families dense,moe,pkm,ultramem] [--batch-size 16]
+                            [--seq-len 256] [--steps 10] [--format table|json] [--out DIR] [--threads 2]
+                            [--repeats 5] [--warmup 1] [--device auto|cpu|cuda]
+
+One step is what the trainer does per optimizer step without its bookkeeping: forward on a [batch, seq] batch of
+random tokens, loss + auxiliary loss, backward, gradient clipping, AdamW over the model's parameter groups, zero
+grads, model.on_optimizer_step() (the TDQKR rank-1 refresh). Each timed sample is --steps steps ended by a host sync;
+the families take turns (round robin, see benchmarks/common.py) so load changes hit them alike. tokens/s = batch x
+seq x steps / time; FLOPs/s and MFU come from experiments.throughput.ThroughputMeter with
+ultramem.accounting.flops_per_token(training=True) (activated parameters + attention), MFU against the GPU's
+datasheet peak (None on CPU, where no honest peak exists). On CUDA the step runs under bf16 autocast, as the
+trainer's default; on CPU in fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    Timing,
+    add_common_arguments,
+    format_table,
+    grouped_bar_plot,
+    header,
+    load_warning,
+    setup,
+    synchronize,
+    write_json,
+)
+
+HELP = "training tokens/s (and MFU on GPU) per family on the tiny presets"
+NAME = "throughput"
+FAMILIES = ("dense", "moe", "pkm", "ultramem")
+SIZES = ("tiny", "t1", "t2", "t3", "t4", "t5", "t6")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, warmup=1, repeats=5)
+    parser.add_argument("--size", choices=SIZES, default="tiny", help="tiny-ladder size of every family (default tiny)")
+    parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated (default {','.join(FAMILIES)})")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per timed sample (default 10)")
+
+
+def preset_name(family: str, size: str) -> str:
+    """The preset of `family` at tiny-ladder `size` (MoE names carry their expert count)."""
+    from ultramem.presets import preset_names
+
+    if size == "tiny":
+        return f"{family}-tiny"
+    names = [n for n in preset_names() if n.startswith(f"{family}-{size}")]
+    if len(names) != 1:
+        raise SystemExit(f"error: no single {family} preset at size {size} (found {names})")
+    return names[0]
+
+
+class Trainer:
+    """A model, its AdamW and a fixed batch; `steps(n)` runs n optimizer steps and returns the last loss."""
+
+    def __init__(self, preset: str, batch_size: int, seq_len: int, device: torch.device, lr: float = 1e-3):
+        from ultramem import build_model
+        from ultramem.accounting import count_params, flops_per_token
+        from ultramem.presets import get_preset
+
+        self.preset = preset
+        self.cfg = get_preset(preset, {"seq_len": max(seq_len, get_preset(preset).seq_len)})
+        torch.manual_seed(0)
+        self.model = build_model(self.cfg, device=device).train()
+        groups = [{k: v for k, v in g.items() if k != "lr_mult_fn"} for g in self.model.param_groups(0.1)]
+        self.opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True if device.type == "cuda" else None)
+        gen = torch.Generator().manual_seed(1)
+        tokens = torch.randint(0, self.cfg.vocab_size, (batch_size, seq_len + 1), generator=gen).to(device)
+        self.x, self.y = tokens[:, :-1], tokens[:, 1:]
+        self.device = device
+        self.amp = torch.bfloat16 if device.type == "cuda" else None
+        self.flops_per_token = flops_per_token(self.cfg, seq_len, training=True)
+        self.params = count_params(self.cfg)
+
+    def steps(self, n: int) -> float:
+        loss = None
+        for _ in range(n):
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                out = self.model(self.x, self.y)
+                loss = out.loss + out.aux_loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.model.on_optimizer_step()
+        return float(loss.detach())
+
+
+def time_trainers(trainers: dict[str, Trainer], steps: int, warmup: int, repeats: int,
+                  device: torch.device) -> dict[str, Timing]:
+    """Round robin over families: `warmup` untimed samples each, then `repeats` rounds of one timed sample each."""
+    runs: dict[str, Callable[[], float]] = {f: (lambda t=t: t.steps(steps)) for f, t in trainers.items()}
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {f: [] for f in runs}
+    names = list(runs)
+    for r in range(repeats):
+        for f in names[r % len(names):] + names[:r % len(names)]:
+            synchronize(device)
+            start = time.perf_counter()
+            runs[f]()  # ends with float(loss): a host sync
+            samples[f].append((time.perf_counter() - start) * 1e3)
+    return {f: Timing(s) for f, s in samples.items()}
+
+
+def rows_for(trainers: dict[str, Trainer], timings: dict[str, Timing], tokens_per_sample: int, steps: int,
+             device: torch.device) -> list[dict[str, Any]]:
+    from experiments.throughput import ThroughputMeter
+
+    rows = []
+    for f, tr in trainers.items():
+        t = timings[f]
+        peak = ThroughputMeter(tr.flops_per_token, device, "bf16" if tr.amp is not None else "fp32").peak_total
+        tokens_per_s = tokens_per_sample / (t.median / 1e3)
+        flops_per_s = tokens_per_s * tr.flops_per_token
+        rows.append({"family": f, "preset": tr.preset, "tokens_per_s": tokens_per_s, "step_ms": t.median / steps,
+                     "sample_ms": t.median, "sample_ms_iqr": t.iqr, "samples_ms": t.samples_ms,
+                     "flops_per_token": tr.flops_per_token, "flops_per_s": flops_per_s,
+                     "mfu": None if peak is None else flops_per_s / peak,
+                     "params_total": tr.params.total, "params_active_non_embedding": tr.params.active_non_embedding})
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    device = setup(args)
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    bad = [f for f in families if f not in FAMILIES]
+    if bad or not families:
+        raise SystemExit(f"error: --families must name some of {', '.join(FAMILIES)} (got {args.families!r})")
+    if min(args.batch_size, args.seq_len, args.steps) < 1:
+        raise SystemExit("error: --batch-size, --seq-len and --steps must be >= 1")
+    trainers = {f: Trainer(preset_name(f, args.size), args.batch_size, args.seq_len, device) for f in families}
+    busy = [load_warning(torch.get_num_threads())]
+    timings = time_trainers(trainers, args.steps, args.warmup, args.repeats, device)
+    busy.append(load_warning(0))
+    tokens = args.batch_size * args.seq_len * args.steps
+    rows = rows_for(trainers, timings, tokens, args.steps, device)
+    settings = {"size": args.size, "families": families, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                "steps_per_sample": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+                "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+                "timing": "wall clock per sample of --steps optimizer steps (ends with a host sync), median and IQR "
+                          "of interleaved repeats"}
+    payload = {**header(NAME, device, settings), "rows": rows, "warnings": [w for w in busy if w][:1]}
+    json_path = write_json(payload, args.out / f"{NAME}.json")
+    if not args.no_plot:
+        grouped_bar_plot([r["preset"] for r in rows], {"tokens/s": [r["tokens_per_s"] for r in rows]},
+                         args.out / f"{NAME}.png", ylabel="training tokens/s (median)", log=False,
+                         title=f"training throughput, batch {args.batch_size} x {args.seq_len}, {device}, "
+                               f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    if args.format == "json":
+        print(json_path.read_text(), end="")
+        return 0
+    print(format_table(rows, [("family", "family"), ("preset", "preset"), ("tokens_per_s", "tokens/s"),
+                              ("step_ms", "ms/step"), ("sample_ms_iqr", "IQR ms/sample"),
+                              ("flops_per_token", "FLOPs/token"), ("flops_per_s", "FLOP/s"), ("mfu", "MFU")]))
+    for w in payload["warnings"]:
+        print(f"warning: {w}")
+    print(f"wrote {json_path}" + ("" if args.no_plot else f" and {args.out / (NAME + '.png')}"))
+    return 0
