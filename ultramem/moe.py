@@ -65,13 +65,13 @@ class MoEFFN(nn.Module):
 
         order = experts.flatten().argsort(stable=True)  # [N k] slot ids grouped by expert
         xs = xf[order // k]  # [N k, d] each slot's token, in expert order
-        ys = self.experts_grouped(xs, counts) if self.use_grouped_mm(xs) else self.experts_loop(xs, counts)
+        ys = self.run_experts(xs, counts)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         y_slots = ys[inverse].view(B * T, k, d)  # [N, k, d] slot outputs back in (token, choice) order
         y = torch.einsum("nk,nkd->nd", gates.to(y_slots.dtype), y_slots)  # [N, d]
 
-        balance = switch_balance_loss(probs, counts, k)
+        balance = switch_balance_loss(probs, self.balance_counts(counts), k)
         z = router_z_loss(logits)
         self._record_load(counts)
         aux_loss = self.cfg.balance_loss_weight * balance + self.cfg.z_loss_weight * z
@@ -88,6 +88,16 @@ class MoEFFN(nn.Module):
         return logits, probs, gates, experts
 
     # ---- expert compute: two equal paths over the expert-sorted slots -----------------------------------------
+
+    # Expert parallelism (ultramem.parallel.expert_parallel) replaces these two per instance: experts on other
+    # ranks, and the balance loss over the global batch.
+    def run_experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs [S, d] sorted by expert, counts [E] -> [S, d]."""
+        return self.experts_grouped(xs, counts) if self.use_grouped_mm(xs) else self.experts_loop(xs, counts)
+
+    def balance_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """Token-slot counts [E] that f_i of the balance loss is computed from: this forward's own."""
+        return counts
 
     def experts_loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs [S, d] sorted by expert -> [S, d]; one pair of matmuls per expert that received slots."""

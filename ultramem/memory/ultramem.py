@@ -31,6 +31,7 @@ class UltraMemLayer(nn.Module):
         # Virtual slot -> shuffled virtual id; int32 halves the buffer, E*N < 2^31 for any table that fits.
         self.register_buffer("shuffle", torch.randperm(E * N).to(torch.int32))
         self.dropout = nn.Dropout(cfg.dropout)
+        self.gather_pool = gather_pool  # ultramem.parallel.memory_parallel swaps in the op for a sharded table
         self.reset_parameters(d_model, n_layers)
 
     def reset_parameters(self, d_model: int, n_layers: int) -> None:
@@ -58,7 +59,7 @@ class UltraMemLayer(nn.Module):
     def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         B, T, d = x.shape
         rows, groups, scores = self.lookup(x, state)
-        pooled = gather_pool(self.values, rows, scores.to(self.values.dtype), groups, self.cfg.value_expansion)
+        pooled = self.gather_pool(self.values, rows, scores.to(self.values.dtype), groups, self.cfg.value_expansion)
         y = self.value_proj(pooled) if self.value_proj is not None else pooled  # [BT, d]
         return self.dropout(y).view(B, T, d), self.retrieval.aux()
 
