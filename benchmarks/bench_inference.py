@@ -16,18 +16,21 @@ identical attention and KV cache) and differ in the FFN:
 All counts come from ultramem.accounting (the same code the presets and the trainer use).
 
 Why these sizes. Decoding reads every parameter a step touches once per step, whatever the batch, and computes
-2 x activated parameters per token. A model is memory-bound while B < B* ~ (total / active) x (FLOP/s / bytes/s) x
-2 / bytes_per_param. On the paper's A100 (312 TFLOP/s bf16 over 2 TB/s) the MoE-12x models stay memory-bound up to
-B* ~ 1900, which is why MoE reads (nearly all experts from B ~ 64 on) dominate its latency there. This CPU has about
-10 FLOP per byte of memory bandwidth, 16x less, so with the paper's 12x the MoE would turn compute-bound near B ~ 240
-and the comparison would measure matrix multiplies instead of memory traffic. `--sparsity 100` (the default) restores
-the A100's regime for batches up to ~1000 (`--sparsity 12` runs the literal ratio). Total parameters (800 MB per
-sparse model) are 25x the 32 MB last-level cache, so the reads come from DRAM, as they would from HBM.
+2 x activated parameters per token, so a model is memory-bound while B < B* ~ (total / active) x (FLOP/s per byte/s)
+x 2 / bytes_per_param. On the paper's A100 (312 TFLOP/s bf16 over 2 TB/s) its 12x MoE stays memory-bound up to
+B* ~ 1900, which is why the MoE's expert reads (nearly all experts from B ~ 64 on) set its latency there. This CPU
+does about 10 FLOP per byte of DRAM bandwidth in fp32, 16x fewer, so with the paper's 12x the MoE would turn
+compute-bound near B ~ 240 and the comparison would time matrix multiplies rather than memory traffic: the default
+--sparsity 100 keeps the A100's regime up to B ~ 1000 (--sparsity 12 runs the literal ratio). The default backbone
+(d 128, 4 layers, 2 memory layers '0:1/2:3', 1 head x top-32 of 1024-wide values) gives 2.1M activated and 208M total
+parameters: 830 MB per sparse model, 26x the 32 MB last-level cache, so the reads come from DRAM as they would from
+HBM. Wide values keep the key grid small (n' = 634 keys per side): on a CPU UltraMem's per-token top-k over the 2 n'
+keys and the m^2 candidates is a real cost, which a GPU hides.
 
 KV cache. kv_len positions of keys and values per sequence for every layer is B x kv_len x 2 x layers x d x 4
-bytes: 1 GiB at B=64 and 16 GiB at B=1024 for the default model, more than a shared 24 GiB machine can hold. The
-cache is therefore capped at --kv-budget-gb per batch: each row reports the kv_len it ran with (kv_len_used), and
-the cache's bytes are in bytes_touched. The attention and its KV reads are the same for the three models.
+bytes, 1 GiB at B=64 and 16 GiB at B=1024 for the default model: more than a shared 24 GiB machine can hold, and
+reads the three models share. The cache of one batch is capped at --kv-budget-gb (default 1/8 GiB: kv_len 2048 up
+to B=16, 512 at 64, 128 at 256, 32 at 1024); each row reports the kv_len it ran with (kv_len_used) and its KV bytes.
 
 Bytes touched, per row: measured from the step's actual routing (distinct experts per MoE layer, distinct physical
 value rows per memory layer, taken in an extra, untimed call at the same position) times their sizes, plus every

@@ -14,6 +14,18 @@ Shapes: H heads in Hq = H / query_share query groups of s = query_share heads (h
 keys [H, 2, n', D_k, r] RMS-normalised over D_k, cores [h, H, r, r]. Internally tensors are laid out
 [Hq, T, s, ...] so that every step is one batched matmul/topk over all heads, with no loop over heads or cores.
 
+How it is computed (exactly the selection above, arranged for speed; docs/performance.md has the measurements):
+  - Rank bases. With orthonormal B_row = [u, u_perp], B_col = [t, t_perp] (`rank1_basis`), the keys are rotated
+    once per forward (K B, [r, n', D_k] per side: cheap) and the cores with them (B_row^T C_c B_col, [r, r]). Rank 0
+    of the one query x key matmul is then u^T S_row / t^T S_col itself, stage 1 reads it directly, and every grid
+    score S_row^T C_c S_col is unchanged (B B^T = I). The remaining ranks of the same matmul are what stage 2 needs.
+    Computing only rank 0 densely and the other ranks for the m survivors (r x fewer matmul FLOPs) was measured
+    and dropped: gathering the survivors' keys moves as many bytes as the dense matmul takes time on a CPU.
+  - Indices only (both top-m, the m x m grid) run under no_grad; the winners' per-rank scores are one gather from
+    the score tensor, so its backward scatters once into one zero-filled score-sized buffer.
+  - Both top-m calls return their m entries unsorted (which m are kept is what matters; their order only changes
+    the order of the summation in the value pooling).
+
 Departures from the official code, each deliberate:
   - Ranking uses S_row^T (sum_c C_c) S_col, which equals the official sum over per-core grids; the per-core
     scores are then computed only for the m winners instead of for all m^2 candidates.
