@@ -2,7 +2,7 @@
 
   ultramem bench throughput [--size tiny|t1..t6] [--families dense,moe,pkm,ultramem] [--batch-size 16]
                             [--seq-len 256] [--steps 10] [--format table|json] [--out DIR] [--threads 2]
-                            [--repeats 5] [--warmup 1] [--device auto|cpu|cuda]
+                            [--repeats 5] [--warmup 1] [--device auto|cpu|cuda] [--clock wall|cpu]
 
 One step is what the trainer does per optimizer step without its bookkeeping: forward on a [batch, seq] batch of
 random tokens, loss + auxiliary loss, backward, gradient clipping, AdamW over the model's parameter groups, zero
@@ -42,7 +42,7 @@ SIZES = ("tiny", "t1", "t2", "t3", "t4", "t5", "t6")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, warmup=1, repeats=5)
+    add_common_arguments(parser, warmup=1, repeats=5, clock=True)
     parser.add_argument("--size", choices=SIZES, default="tiny", help="tiny-ladder size of every family (default tiny)")
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated (default {','.join(FAMILIES)})")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
@@ -98,9 +98,11 @@ class Trainer:
         return float(loss.detach())
 
 
-def time_trainers(trainers: dict[str, Trainer], steps: int, warmup: int, repeats: int,
-                  device: torch.device) -> dict[str, Timing]:
-    """Round robin over families: `warmup` untimed samples each, then `repeats` rounds of one timed sample each."""
+def time_trainers(trainers: dict[str, Trainer], steps: int, warmup: int, repeats: int, device: torch.device,
+                  clock: str = "wall") -> dict[str, Timing]:
+    """Round robin over families: `warmup` untimed samples each, then `repeats` rounds of one timed sample each
+    (`clock` wall or cpu, as in benchmarks/common.py)."""
+    now = time.perf_counter if clock == "wall" else time.process_time
     runs: dict[str, Callable[[], float]] = {f: (lambda t=t: t.steps(steps)) for f, t in trainers.items()}
     for fn in runs.values():
         for _ in range(warmup):
@@ -110,9 +112,9 @@ def time_trainers(trainers: dict[str, Trainer], steps: int, warmup: int, repeats
     for r in range(repeats):
         for f in names[r % len(names):] + names[:r % len(names)]:
             synchronize(device)
-            start = time.perf_counter()
+            start = now()
             runs[f]()  # ends with float(loss): a host sync
-            samples[f].append((time.perf_counter() - start) * 1e3)
+            samples[f].append((now() - start) * 1e3)
     return {f: Timing(s) for f, s in samples.items()}
 
 
@@ -144,15 +146,15 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("error: --batch-size, --seq-len and --steps must be >= 1")
     trainers = {f: Trainer(preset_name(f, args.size), args.batch_size, args.seq_len, device) for f in families}
     busy = [load_warning(torch.get_num_threads())]
-    timings = time_trainers(trainers, args.steps, args.warmup, args.repeats, device)
+    timings = time_trainers(trainers, args.steps, args.warmup, args.repeats, device, args.clock)
     busy.append(load_warning(0))
     tokens = args.batch_size * args.seq_len * args.steps
     rows = rows_for(trainers, timings, tokens, args.steps, device)
     settings = {"size": args.size, "families": families, "batch_size": args.batch_size, "seq_len": args.seq_len,
                 "steps_per_sample": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-                "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
-                "timing": "wall clock per sample of --steps optimizer steps (ends with a host sync), median and IQR "
-                          "of interleaved repeats"}
+                "precision": "bf16 autocast" if device.type == "cuda" else "fp32", "clock": args.clock,
+                "timing": f"{args.clock} clock per sample of --steps optimizer steps (ends with a host sync), median "
+                          "and IQR of interleaved repeats"}
     payload = {**header(NAME, device, settings), "rows": rows, "warnings": [w for w in busy if w][:1]}
     json_path = write_json(payload, args.out / f"{NAME}.json")
     if not args.no_plot:
