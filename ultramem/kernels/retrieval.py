@@ -9,18 +9,23 @@ those of `ultramem.kernels.reference.gather_pool_reference`; the official code c
 Dispatch (`gather_pool`): CUDA tensors with Triton importable -> the Triton kernel (`triton_retrieval.py`), anything
 else -> `gather_pool_torch`, one `F.embedding_bag` call that never builds the [T, K, Dv] gathered tensor:
   - the table is viewed as [N*C, Dc], so the c-th column slice of row r is row r*C + c;
-  - each (token, core, group) is one bag of that view, weighted by `per_sample_weights`; entries are ordered
-    (token, core, group) by sorting each token's slots by group, so that every bag is contiguous;
-  - embedding_bag's own backward accumulates the value gradient per row and returns the score gradient as dot
-    products <values[row, slice], grad_out[bag]>, without a [T, K, Dv] intermediate either.
-Chosen by measurement (CPU thread time, 1 thread, 1024 tokens x 64 rows of a [65536, 128] table, C=2, E=4,
-median of 15; torch 2.13, AMD EPYC, machine shared): forward+backward / no_grad forward in ms
-    this path (sorted bags, embedding_bag's own backward)                  67 / 10
-    custom autograd Function, chunked index_select + vecdot + index_add_    70 / 12   (same cost, more code)
-    one bag per (token, core, group) over all K slots, masked weights     182 / 12   (E times the reads)
-    naive reference                                                        256 / 91
-so only this one is kept. Its backward is embedding_bag's: the [N, Dv] value gradient (zeroed, then scattered
-into) and per-slot dot products for the scores; the same backward bounds a bare embedding_bag of the same rows.
+  - each (token, group, core) is one bag of that view, weighted by `per_sample_weights`; bags come in the output's
+    own [T, E, C, Dc] order, so the pooled rows need no transpose (`bag_layout`: a counting layout after one small
+    per-token sort of the groups, in int32 index arithmetic);
+  - the backward (`_EmbeddingBagSum`) sorts the entries by table row once and uses that order twice: the table
+    gradient is a second embedding_bag whose bags are the table rows, and the score gradients
+    <values[row, slice], grad_out[bag]> come from aten's `_embedding_bag_per_sample_weights_backward` run over the
+    row-sorted entries. No [T, K, Dv] intermediate either.
+Chosen by measurement (process CPU time, 1 thread, median / min of 25 interleaved calls; torch 2.13, AMD EPYC,
+machine shared), forward+backward of 1024 tokens, C=2, E=4, in ms:
+                                            32 rows of [16384, 256]   64 rows of [65536, 128]
+    this path                                    21 / 16.5                  74 / 54
+    sorted (token, core, group) bags with
+      embedding_bag's own backward                36 / 28                    92 / 67
+    a bare embedding_bag of the same rows         19.5 / 17                  68 / 54
+Earlier candidates, measured on the second pattern (fwd+bwd / no_grad forward): a chunked index_select + vecdot +
+index_add_ Function 70 / 12 (no faster), one bag per (token, core, group) over all K slots with masked weights
+182 / 12 (E times the reads), the naive reference 256 / 91.
 
 Under torch.no_grad() the table is detached before the call: that sends embedding_bag down its forward-only kernel,
 which skips the bookkeeping (offset2bag, bag sizes) that only its backward needs.
@@ -36,9 +41,9 @@ BACKENDS = ("auto", "torch", "triton")
 
 def gather_pool(
     values: torch.Tensor,  # [N, Dv] physical value table
-    rows: torch.Tensor,  # [T, K] long, row of V for each selected slot
+    rows: torch.Tensor,  # [T, K] int64 or int32, row of V for each selected slot
     scores: torch.Tensor,  # [T, K, C] score of each slot for each MCS core
-    groups: torch.Tensor | None = None,  # [T, K] long in [0, E): IVE virtual block of each slot (None -> all 0)
+    groups: torch.Tensor | None = None,  # [T, K] int64/int32 in [0, E): IVE block of each slot (None -> all 0)
     num_groups: int = 1,  # E
     backend: str = "auto",  # auto (Triton on CUDA when importable, else torch) | torch | triton
 ) -> torch.Tensor:  # [T, E * Dv], dtype = promote(values, scores) as in the reference
