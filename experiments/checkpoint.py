@@ -5,6 +5,9 @@ never interrupted (on CPU in fp32): model and optimizer state, the step (the LR 
 the data loader's position, the trainer's logging window, and every RNG state (Python, NumPy, torch CPU and CUDA)
 of every process. It is written to a temp file in the same folder and renamed, so a `kill -9` mid-save leaves the
 previous checkpoint as the newest complete one.
+
+Sharded runs (experiments/distributed.py) write `step_XXXXXXXX.dcp/` folders instead (torch.distributed.checkpoint,
+one file per rank); `newest` and `prune` consider both kinds.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ import torch
 from experiments.runstore import RunDir
 
 FORMAT_VERSION = 1
+SHARDED_SUFFIX = ".dcp"
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -73,3 +78,39 @@ def load_latest(run_dir: RunDir) -> dict[str, Any] | None:
         raise RuntimeError(f"{path}: checkpoint format {state.get('format')!r}, this trainer reads "
                            f"{FORMAT_VERSION}; delete {path.parent} to restart the run from scratch")
     return state
+
+
+def sharded_path(run_dir: RunDir, step: int) -> Path:
+    return run_dir.ckpt_dir / f"step_{step:08d}{SHARDED_SUFFIX}"
+
+
+def all_checkpoints(run_dir: RunDir) -> list[Path]:
+    """Single-file and sharded checkpoints, oldest first (by step)."""
+    if not run_dir.ckpt_dir.exists():
+        return []
+    found = [*run_dir.checkpoints(), *(p for p in run_dir.ckpt_dir.glob(f"step_*{SHARDED_SUFFIX}") if p.is_dir())]
+    return sorted(found, key=lambda p: p.stem)
+
+
+def newest(run_dir: RunDir) -> Path | None:
+    found = all_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune(run_dir: RunDir, keep: int) -> None:
+    """Drop all but the newest `keep` checkpoints of either kind."""
+    for path in all_checkpoints(run_dir)[:-keep]:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m experiments.run_one RUN_DIR", file=sys.stderr)
         return EXIT_CONFIG
     from experiments.config import load_run_config
+    from experiments.distributed import teardown
     from experiments.runstore import RunDir
     from experiments.trainer import Diverged, RunBusy, train
 
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         traceback.print_exc()
         return EXIT_FAILED
+    finally:
+        teardown()
     print(f"done: {rd.path} val_loss={final.get('val_loss')} train_loss={final.get('train_loss')}", file=sys.stderr)
     return EXIT_DONE
 

@@ -8,7 +8,8 @@
 - LR: linear warmup, then cosine to `min_lr_ratio` of the peak at the last step;
 - gradient accumulation over micro-batches, gradient clipping, `model.on_optimizer_step()` after every optimizer
   step (the TDQKR rank-1 refresh), auxiliary losses added to the loss and logged separately;
-- bf16 autocast on CUDA, fp32 on CPU; optional torch.compile; DDP under torchrun (nccl on CUDA, gloo on CPU);
+- bf16 autocast on CUDA, fp32 on CPU; optional torch.compile; DDP under torchrun (nccl on CUDA, gloo on CPU), or
+  the sharded layouts of `parallel` (FSDP, expert and memory parallelism: experiments/distributed.py);
 - validation on the held-out split every `eval_every` steps and at the end; throughput and MFU at every log line;
 - checkpoints (atomic) every `ckpt_every` steps and at the end; a re-run resumes from the newest one and reaches
   the same final state as an uninterrupted run (same data order, same RNG);
@@ -38,6 +39,7 @@ import torch.distributed as dist
 
 from experiments import checkpoint
 from experiments.config import RunConfig, TrainConfig, run_id
+from experiments.distributed import Parallel, restore_rng
 from experiments.resolve import model_config, resolve_run_config
 from experiments.runstore import RunDir
 from experiments.throughput import ThroughputMeter
@@ -195,8 +197,10 @@ class Window:
 
 
 def train_step(model: torch.nn.Module, raw: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor, t: TrainConfig, env: Env) -> dict[str, torch.Tensor]:
+               y: torch.Tensor, t: TrainConfig, env: Env, par: Parallel | None = None) -> dict[str, torch.Tensor]:
     """One optimizer step on this rank's rows of the global batch, in micro-batches of t.micro_batch_size."""
+    if par is not None:
+        par.take_comm()  # evaluation traffic since the last step is not this step's
     xs, ys = x.split(t.micro_batch_size), y.split(t.micro_batch_size)
     n = len(xs)
     loss_sum = aux_sum = None
@@ -213,12 +217,22 @@ def train_step(model: torch.nn.Module, raw: torch.nn.Module, opt: torch.optim.Op
             value = value.detach().float()
             aux_parts[name] = value if name not in aux_parts else aux_parts[name] + value
     max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm)
+    if par is None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm)
+    else:
+        par.finish_gradients(raw)
+        grad_norm = par.clip_grad_norm_(raw, max_norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    raw.on_optimizer_step()
+    if par is None:
+        raw.on_optimizer_step()
+    else:
+        par.on_optimizer_step(raw)
     stats = {"loss": loss_sum / n, "aux_loss": aux_sum / n, "grad_norm": grad_norm}
     stats.update({f"aux/{k}": v / n for k, v in aux_parts.items()})
+    if par is not None:
+        stats.update({f"comm/{k}": torch.tensor(float(v), device=env.device)
+                      for k, v in sorted(par.take_comm().items())})
     return stats
 
 
@@ -299,8 +313,9 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
         rd.update_status(state="running", total_steps=t.steps, error=None)
     prepared = _prepare_data_once(prepare_data, cfg, env)
 
+    par = Parallel.from_config(cfg.parallel, mcfg, env.device, env.rank, env.world_size)
     seed_everything(cfg.seed)
-    raw = build_model(mcfg).to(env.device)
+    raw = par.prepare(build_model(mcfg))
     opt, mult_fns = build_optimizer(raw, t)
     per_rank = t.batch_size // env.world_size
     loader = TokenLoader(prepared, split="train", seq_len=t.seq_len, batch_size=per_rank, seed=cfg.seed,
@@ -311,9 +326,9 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
     start = 0
     last_val: float | None = None
     last_mean: dict[str, float] | None = None
-    state = checkpoint.load_latest(rd)
+    state = par.load_latest(rd, raw, opt)
     if state is not None:
-        start = _restore(state, raw, opt, loader, window, env)
+        start = _restore(state, loader, window, env, cfg.seed)
         last_mean, last_val = state["last_mean"], state["last_val"]
         if env.main:
             rd.truncate_metrics_after(start)
@@ -323,11 +338,7 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
         rd.update_status(step=start, tokens=start * tokens_per_step)
 
     compiled = torch.compile(raw) if t.compile else raw
-    model = compiled
-    if env.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            compiled, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            find_unused_parameters=mcfg.family == "moe")  # an expert may receive no token in a micro-batch
+    model = par.wrap(compiled)
     model.train()
 
     wandb = _start_wandb(cfg, rd, rid, mcfg, params, fpt, env)
@@ -341,7 +352,7 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
             done_steps = step + 1
             base_lr = set_lr(opt, mult_fns, step, t)
             x, y = loader.next_batch()
-            stats = train_step(model, raw, opt, x, y, t, env)
+            stats = train_step(model, raw, opt, x, y, t, env, par)
             window.add(done_steps, stats)
             is_last = done_steps == t.steps
             if done_steps % t.log_every == 0 or is_last:
@@ -372,7 +383,7 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
                 with meter.paused():
                     window.sync(env.world_size)
                     _check_finite(window, rd, env, wandb)
-                    _save(rd, done_steps, raw, opt, loader, window, t, env,
+                    _save(rd, done_steps, raw, opt, loader, window, t, env, par,
                           {"last_mean": last_mean, "last_val": last_val})
                 if env.main:
                     rd.update_status(step=done_steps, tokens=done_steps * tokens_per_step)
@@ -386,7 +397,7 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
 
     wall = time.perf_counter() - t_begin
     final = _final_record(cfg, rid, mcfg, params, fpt, last_mean, last_val, wall, start, prepared)
-    if env.main and t.knowledge_probe:
+    if t.knowledge_probe and (env.main or par.layout.sharded):  # a sharded model needs every rank's forward
         from experiments.data import knowledge_probe
 
         final["knowledge"] = knowledge_probe(raw, prepared, env.device)
@@ -410,18 +421,16 @@ def _prepare_data_once(prepare_data: Any, cfg: RunConfig, env: Env) -> Any:
     return prepared
 
 
-def _restore(state: dict[str, Any], raw: torch.nn.Module, opt: torch.optim.Optimizer, loader: Any,
-             window: Window, env: Env) -> int:
-    raw.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
+def _restore(state: dict[str, Any], loader: Any, window: Window, env: Env, seed: int) -> int:
+    """The rest of a checkpoint once the model and optimizer are loaded; returns its step."""
     loader.load_state_dict(state["loader"])
     window.load_state_dict(state["window"])
-    checkpoint.set_rng_state(state["rng"][env.rank], env.device)
+    restore_rng(state["rng"], env.rank, env.world_size, seed, int(state["step"]), env.device)
     return int(state["step"])
 
 
 def _save(rd: RunDir, step: int, raw: torch.nn.Module, opt: torch.optim.Optimizer, loader: Any, window: Window,
-          t: TrainConfig, env: Env, last: dict[str, Any]) -> None:
+          t: TrainConfig, env: Env, par: Parallel, last: dict[str, Any]) -> None:
     """`last`: the latest logged training mean and validation loss, so a run killed after its final checkpoint
     still reports them."""
     rng = checkpoint.rng_state(env.device)
@@ -430,12 +439,8 @@ def _save(rd: RunDir, step: int, raw: torch.nn.Module, opt: torch.optim.Optimize
         dist.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
-    if env.main:
-        state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "loader": loader.state_dict(),
-                 "window": window.state_dict(), "rng": rngs, **last}
-        checkpoint.save(rd, step, state, t.keep_checkpoints)
-    if env.world_size > 1:
-        dist.barrier()
+    extras = {"loader": loader.state_dict(), "window": window.state_dict(), "rng": rngs, **last}
+    par.save(rd, step, raw, opt, extras, t.keep_checkpoints)
 
 
 def _check_finite(window: Window, rd: RunDir, env: Env, wandb: WandbMirror) -> None:
@@ -443,7 +448,7 @@ def _check_finite(window: Window, rd: RunDir, env: Env, wandb: WandbMirror) -> N
     if bad is None:
         return
     step, key, value = bad
-    last = rd.latest_checkpoint()
+    last = checkpoint.newest(rd)
     kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
     msg = (f"{key} became {value} at step {step}; {kept}. Lower train.lr (or raise train.warmup), check the "
            "data for bad values, and start the run again in a new folder")
@@ -456,9 +461,11 @@ def _check_finite(window: Window, rd: RunDir, env: Env, wandb: WandbMirror) -> N
 def _train_record(step: int, tokens_per_step: int, fpt: float, lr: float, mean: dict[str, float],
                   rates: dict[str, Any]) -> dict[str, Any]:
     aux = {k.split("/", 1)[1]: v for k, v in mean.items() if k.startswith("aux/")}
+    comm = {k.split("/", 1)[1]: v for k, v in mean.items() if k.startswith("comm/")}
     return {"kind": "train", "step": step, "tokens": step * tokens_per_step, "flops": step * tokens_per_step * fpt,
             "loss": mean["loss"], "aux_loss": mean["aux_loss"], "aux": aux, "lr": lr,
-            "grad_norm": mean["grad_norm"], **rates, "time": time.time()}
+            "grad_norm": mean["grad_norm"], **rates, **({"comm_bytes": comm} if comm else {}),
+            "time": time.time()}
 
 
 def _final_record(cfg: RunConfig, rid: str, mcfg: ModelConfig, params: dict[str, int], fpt: float,

@@ -1,0 +1,290 @@
+"""Distributed training strategies: RunConfig.parallel -> a sharded model, its gradients, its checkpoints.
+
+    par = Parallel.from_config(cfg.parallel, mcfg, env)    # ParallelLayout checked against the model
+    raw = par.prepare(build_model(mcfg))                    # shard in place, move to the device
+    model = par.wrap(raw)                                   # DDP when something stays replicated, else raw
+    ... backward ...; par.finish_gradients(raw); par.clip_grad_norm_(raw, max_norm); opt.step()
+    par.on_optimizer_step(raw)
+    par.save(rd, step, raw, opt, extras, keep);  extras = par.load_latest(rd, raw, opt)
+
+Layouts (docs/parallelism.md): with nothing sharded (`parallel: {nproc: K}`) this is the trainer's DDP path,
+unchanged, with its single-file checkpoints. Otherwise memory parallelism splits UltraMem value tables
+(`memory_parallel: {mode: dim|row, size: P}`), expert parallelism splits MoE experts (`expert_parallel: P`),
+`fsdp` shards everything else with FSDP2 (DDP replicates it when false), `activation_checkpointing` recomputes
+block activations; and checkpoints are sharded `torch.distributed.checkpoint` folders,
+`checkpoints/step_XXXXXXXX.dcp/`, which load into any layout and any number of processes (one process with no
+process group included): DCP stores each tensor's global shape and every shard's offsets, and the loader reads
+the pieces its own shards overlap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+from experiments import checkpoint
+from experiments.config import ParallelConfig
+from experiments.runstore import RunDir
+from ultramem.accounting import ParallelLayout, check_layout
+from ultramem.config import ConfigError, ModelConfig
+from ultramem.parallel import (
+    CommStats,
+    apply_activation_checkpointing,
+    apply_fsdp,
+    reduce_gradients,
+    refresh_rank1,
+    shard_experts,
+    shard_value_tables,
+)
+
+
+def layout_of(parallel: ParallelConfig, world_size: int) -> ParallelLayout:
+    return ParallelLayout(world_size=world_size, fsdp=parallel.fsdp,
+                          activation_checkpointing=parallel.activation_checkpointing,
+                          expert_parallel=parallel.expert_parallel, memory_parallel=parallel.memory_parallel.mode,
+                          memory_parallel_size=parallel.memory_parallel.size)
+
+
+@dataclass
+class Parallel:
+    """The runtime side of a ParallelLayout for one process (rank `rank` of `layout.world_size`)."""
+
+    layout: ParallelLayout
+    device: torch.device
+    rank: int = 0
+    stats: CommStats = field(default_factory=CommStats)
+    owned: list[tuple[list[nn.Parameter], Any]] = field(default_factory=list)  # (params, their data-parallel group)
+    family: str = "dense"
+
+    @classmethod
+    def from_config(cls, parallel: ParallelConfig, mcfg: ModelConfig, device: torch.device, rank: int,
+                    world_size: int, source: str = "<config>") -> Parallel:
+        layout = layout_of(parallel, world_size)
+        try:
+            check_layout(mcfg, layout)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        return cls(layout, device, rank, family=mcfg.family)
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    # ---- building --------------------------------------------------------------------------------------------
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Shard `model` (built identically on every rank, on the CPU) in place and move it to the device."""
+        lay, dev = self.layout, self.device.type
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if lay.memory_parallel != "none":
+            P = lay.memory_parallel_size
+            mesh = init_device_mesh(dev, (lay.world_size // P, P), mesh_dim_names=("mdp", "mp"))
+            self.owned.append((shard_value_tables(model, lay.memory_parallel, mesh, self.stats),
+                               mesh.get_group("mdp")))
+        if lay.expert_parallel > 1:
+            P = lay.expert_parallel
+            mesh = init_device_mesh(dev, (lay.world_size // P, P), mesh_dim_names=("edp", "ep"))
+            self.owned.append((shard_experts(model, mesh, None, self.stats), mesh.get_group("edp")))
+        if lay.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if lay.fsdp:
+            mesh = init_device_mesh(dev, (lay.world_size,))
+            apply_fsdp(model, mesh, ignored={p for params, _ in self.owned for p in params})
+        return model.to(self.device)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module the training step calls: DDP over what is replicated, the model itself under FSDP."""
+        if self.world_size == 1 or self.layout.fsdp:
+            return model
+        owned = {id(p) for params, _ in self.owned for p in params}
+        if owned:
+            names = [n for n, p in model.named_parameters() if id(p) in owned]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            # an expert may receive no token in a micro-batch (with expert parallelism the experts are not DDP's)
+            find_unused_parameters=self.family == "moe" and self.layout.expert_parallel == 1)
+
+    # ---- the step ----------------------------------------------------------------------------------------------
+
+    def finish_gradients(self, model: nn.Module) -> None:
+        """After the last micro-batch's backward: reduce the expert/value shards over their data-parallel groups."""
+        for params, group in self.owned:
+            reduce_gradients(params, group, self.world_size)
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Total gradient norm (clipped to max_norm), over shards that live on different meshes."""
+        if not self.layout.sharded:
+            return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        return clip_grad_norm_(list(model.parameters()), max_norm)
+
+    def on_optimizer_step(self, model: nn.Module) -> None:
+        if self.layout.fsdp:
+            refresh_rank1(model)
+        else:
+            model.on_optimizer_step()
+
+    def take_comm(self) -> dict[str, int]:
+        """Bytes this rank sent for memory/expert parallelism since the last call, by kind."""
+        return self.stats.take()
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+
+    def save(self, rd: RunDir, step: int, model: nn.Module, opt: torch.optim.Optimizer, extras: dict[str, Any],
+             keep: int) -> None:
+        """The checkpoint of `step`: one file from rank 0 (nothing sharded) or a DCP folder from every rank."""
+        if not self.layout.sharded:
+            if self.rank == 0:
+                checkpoint.save(rd, step, {"model": model.state_dict(), "optimizer": opt.state_dict(), **extras},
+                                keep)
+                checkpoint.prune(rd, keep)
+            _barrier(self.world_size)
+            return
+        save_sharded(rd, step, model, opt, extras, keep, self.rank, self.world_size)
+
+    def load_latest(self, rd: RunDir, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """Load the newest checkpoint (either kind) into model and optimizer; return its other entries."""
+        path = checkpoint.newest(rd)
+        if path is None:
+            return None
+        if path.suffix == checkpoint.SHARDED_SUFFIX:
+            return load_sharded(path, model, opt)
+        if self.layout.sharded:
+            raise ConfigError(f"{path} is a single-file checkpoint (written without sharding); resume it with its "
+                              "own layout (parallel.fsdp: false, expert_parallel: 1, memory_parallel.mode: none) "
+                              "until the next checkpoint, or start a new run folder")
+        state = checkpoint.load_latest(rd)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        return state
+
+
+# ---- gradient norm across meshes -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ for a mix of plain tensors and DTensors on different meshes.
+
+    Each gradient adds its local sum of squares to a bucket keyed by the mesh dimensions it is sharded over; a
+    bucket is all-reduced over those dimensions' groups (replicated dimensions hold copies and are not summed).
+    """
+    buckets: dict[tuple, torch.Tensor] = {}
+    locals_: list[torch.Tensor] = []
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if isinstance(g, DTensor):
+            key = tuple(g.device_mesh.get_group(i) for i, pl in enumerate(g.placements) if isinstance(pl, Shard))
+            g = g.to_local()
+        else:
+            key = ()
+        locals_.append(g)
+        sq = g.detach().float().pow(2).sum()
+        buckets[key] = buckets[key] + sq if key in buckets else sq
+    total = torch.zeros((), device=locals_[0].device if locals_ else None)
+    for groups, sq in buckets.items():
+        for group in groups:
+            dist.all_reduce(sq, group=group)
+        total = total + sq
+    norm = total.sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in locals_:
+        g.mul_(coef.to(g.dtype))
+    return norm
+
+
+# ---- sharded checkpoints (torch.distributed.checkpoint) ----------------------------------------------------------
+
+
+def save_sharded(rd: RunDir, step: int, model: nn.Module, opt: torch.optim.Optimizer, extras: dict[str, Any],
+                 keep: int, rank: int, world_size: int) -> None:
+    """Every rank writes its shards into a temp folder; rank 0 renames it into place once all have finished (a
+    kill mid-save leaves the previous checkpoint the newest complete one), then prunes to `keep`.
+
+    `extras` (loader position, logging window, every rank's RNG, last means) is identical on all ranks and is
+    stored as one opaque blob, so its shape (e.g. the number of RNG states) may differ from the loader's.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = checkpoint.sharded_path(rd, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(world_size)
+    msd, osd = get_state_dict(model, opt)
+    blob = io.BytesIO()
+    torch.save({"format": checkpoint.FORMAT_VERSION, "step": step, **extras}, blob)
+    blob.seek(0)
+    dcp.save({"model": msd, "optim": osd, "extras": blob}, checkpoint_id=tmp)
+    _barrier(world_size)
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        checkpoint.fsync_dir(final.parent)
+        checkpoint.prune(rd, keep)
+    _barrier(world_size)
+
+
+def load_sharded(path: os.PathLike, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load a DCP checkpoint into `model` and `opt` in their current layout; return the extras (step included)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, opt)  # initialises the optimizer state so that it has shards to load into
+    state = {"model": msd, "optim": osd, "extras": io.BytesIO()}
+    with contextlib.ExitStack() as stack:
+        if not dist.is_initialized():  # one process reading a checkpoint that many wrote: DCP's no-dist mode
+            import warnings
+
+            stack.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    extras = state["extras"]
+    if isinstance(extras, io.BytesIO):
+        extras.seek(0)
+        extras = torch.load(extras, map_location="cpu", weights_only=False)
+    if extras.get("format") != checkpoint.FORMAT_VERSION:
+        raise RuntimeError(f"{path}: checkpoint format {extras.get('format')!r}, this trainer reads "
+                           f"{checkpoint.FORMAT_VERSION}; delete {os.fspath(path)} to restart from an older one")
+    return extras
+
+
+def restore_rng(rngs: list[dict[str, Any]], rank: int, world_size: int, seed: int, step: int,
+                device: torch.device) -> None:
+    """Each rank's own RNG state when the world size is unchanged; after a resize the streams cannot continue
+    (there are more or fewer of them), so every rank reseeds from (seed, step, rank) instead."""
+    if len(rngs) == world_size:
+        checkpoint.set_rng_state(rngs[rank], device)
+        return
+    s = (seed * 1_000_003 + step) * 1009 + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def teardown() -> None:
+    """Leave the process group (after the last collective), so that the process exits cleanly."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()

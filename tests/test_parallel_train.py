@@ -1,0 +1,141 @@
+"""Sharded training (FSDP, expert parallelism, memory parallelism) equals training in one process.
+
+Each gloo rank trains a tiny model with the trainer's own `train_step` for a few AdamW steps on its share of a
+fixed global batch, and also trains the same model (same seed) alone on the whole batch in the same process; the
+global losses, gradient norms, every parameter and the TDQKR buffers must agree to float32 round-off. One
+micro-batch per step, so the MoE balance loss sees the same global micro-batch in both (expert parallelism
+computes it over the global batch). The per-rank state the layout holds is checked against
+`ultramem.accounting.train_memory`, and the memory-parallel traffic against `memory_parallel_bytes`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from parallel_harness import full, spawn
+
+STEPS, B, T = 3, 2, 16  # optimizer steps, sequences per rank, tokens per sequence
+
+
+def _train_config(micro: int):
+    from experiments.config import TrainConfig
+
+    return TrainConfig(steps=STEPS, batch_size=micro, micro_batch_size=micro, seq_len=T, lr=3e-3, warmup=1,
+                       grad_clip=0.5, weight_decay=0.1)
+
+
+def _worker(rank: int, W: int, preset: str, parallel: dict) -> None:
+    from experiments.config import ParallelConfig
+    from experiments.distributed import Parallel
+    from experiments.trainer import Env, build_optimizer, set_lr, train_step
+    from ultramem import build_model
+    from ultramem.accounting import memory_parallel_bytes, num_memory_layers, train_memory
+    from ultramem.presets import get_preset
+
+    mcfg = get_preset(preset).override({"seq_len": T})
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, mcfg.vocab_size, (W * B, T + 1), generator=gen) for _ in range(STEPS)]
+    cpu = torch.device("cpu")
+
+    torch.manual_seed(0)
+    ref = build_model(mcfg)
+    t_ref = _train_config(W * B)
+    opt_ref, mult_ref = build_optimizer(ref, t_ref)
+
+    par = Parallel.from_config(ParallelConfig(nproc=W, **parallel), mcfg, cpu, rank, W)
+    torch.manual_seed(0)
+    raw = par.prepare(build_model(mcfg))
+    model = par.wrap(raw)
+    t = _train_config(B)
+    opt, mult = build_optimizer(raw, t)
+    env = Env(rank, W, cpu, None)
+
+    _gradients_match(ref, model, raw, par, data[0], rank, W)
+    for step, batch in enumerate(data):
+        set_lr(opt_ref, mult_ref, step, t_ref)
+        want = train_step(ref, ref, opt_ref, batch[:, :-1], batch[:, 1:], t_ref, Env(0, 1, cpu, None))
+        set_lr(opt, mult, step, t)
+        mine = batch[rank * B:(rank + 1) * B]
+        got = train_step(model, raw, opt, mine[:, :-1], mine[:, 1:], t, env, par)
+        loss = (got["loss"] + got["aux_loss"]).detach().clone()
+        dist.all_reduce(loss)
+        assert loss.item() / W == pytest.approx((want["loss"] + want["aux_loss"]).item(), rel=1e-5), step
+        assert got["grad_norm"].item() == pytest.approx(want["grad_norm"].item(), rel=1e-4), step
+        if par.layout.memory_parallel != "none":
+            mem = mcfg.memory
+            expect = memory_parallel_bytes(par.layout.memory_parallel, B * T, mem, par.layout.memory_parallel_size,
+                                           float_bytes=4)["ours"]
+            M = num_memory_layers(mcfg)
+            if par.layout.memory_parallel == "dim":
+                for kind in ("index", "score", "pooled"):
+                    assert got[f"comm/{kind}"].item() == M * expect[kind], kind
+                assert got["comm/pooled_grad"].item() == M * expect["pooled"]
+            else:  # per-token counts and pooled partial sums do not depend on which rows were chosen
+                assert got["comm/token_counts"].item() == M * expect["token_counts"]
+                assert got["comm/pooled"].item() == M * expect["pooled"]
+
+    # AdamW divides by sqrt(v): where a gradient element nearly cancels, round-off in the order of the sums moves
+    # it by a visible fraction of the LR (measured: at most 2 elements of a tensor, by up to 2% of the LR), so the
+    # bound is 5% of the LR per element and nearly all elements must agree to 1e-5.
+    ref_params = dict(ref.named_parameters())
+    lr = _train_config(B).lr
+    for name, p in raw.named_parameters():
+        got, want = full(p.detach()), ref_params[name].detach()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=lr / 20, msg=name)
+        assert ((got - want).abs() > 1e-5 + 1e-4 * want.abs()).float().mean() < 1e-3, name
+    ref_buffers = dict(ref.named_buffers())
+    for name, b in raw.named_buffers():
+        if not name.endswith(("last_load", "load_counts")):  # MoE load statistics are per process by design
+            torch.testing.assert_close(b, ref_buffers[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    held = torch.tensor(float(sum(_local(p).numel() for p in raw.parameters())) * 16, dtype=torch.float64)
+    dist.all_reduce(held)  # summed over ranks: uneven FSDP shards (dims not divisible by W) average out
+    state = train_memory(mcfg, par.layout, B, T, compute_bytes=4).state
+    assert held.item() == pytest.approx(W * state, rel=1e-9)
+
+
+def _gradients_match(ref, model, raw, par, batch, rank: int, W: int) -> None:
+    """One forward/backward on both: every finished gradient equals the single-process one."""
+    out = ref(batch[:, :-1], batch[:, 1:])
+    (out.loss + out.aux_loss).backward()
+    mine = batch[rank * B:(rank + 1) * B]
+    out = model(mine[:, :-1], mine[:, 1:])
+    (out.loss + out.aux_loss).backward()
+    par.finish_gradients(raw)
+    ref_params = dict(ref.named_parameters())
+    for name, p in raw.named_parameters():
+        want = ref_params[name].grad
+        got = full(p.grad) if p.grad is not None else torch.zeros_like(want)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7, msg=f"grad of {name}")
+    ref.zero_grad(set_to_none=True)
+    raw.zero_grad(set_to_none=True)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+CASES = [
+    pytest.param("dense-t1", {"fsdp": True}, 2, id="dense-fsdp-2"),
+    pytest.param("dense-t1", {"fsdp": True, "activation_checkpointing": True}, 4, id="dense-fsdp-ac-4"),
+    pytest.param("moe-t1-2in12", {"expert_parallel": 2}, 2, id="moe-ep2-ddp-2"),
+    pytest.param("moe-t1-2in12", {"expert_parallel": 4, "fsdp": True}, 4, id="moe-ep4-fsdp-4"),
+    pytest.param("moe-t1-2in12", {"expert_parallel": 2, "fsdp": True, "activation_checkpointing": True}, 4,
+                 id="moe-ep2-fsdp-ac-4"),
+    pytest.param("ultramem-t1-x6", {"memory_parallel": {"mode": "dim", "size": 2}}, 2, id="ultramem-dim2-ddp-2"),
+    pytest.param("ultramem-t1-x6", {"memory_parallel": {"mode": "dim", "size": 2}, "fsdp": True}, 4,
+                 id="ultramem-dim2-fsdp-4"),
+    pytest.param("ultramem-t1-x6", {"memory_parallel": {"mode": "dim", "size": 4}, "fsdp": True}, 4,
+                 id="ultramem-dim4-fsdp-4"),
+    pytest.param("ultramem-t1-x6", {"memory_parallel": {"mode": "row", "size": 2}}, 2, id="ultramem-row2-ddp-2"),
+    pytest.param("ultramem-t1-x6", {"memory_parallel": {"mode": "row", "size": 4}, "fsdp": True}, 4,
+                 id="ultramem-row4-fsdp-4"),
+]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, parallel, world", CASES)
+def test_sharded_training_matches_one_process(tmp_path, preset, parallel, world):
+    spawn(_worker, world, tmp_path, preset, parallel)
