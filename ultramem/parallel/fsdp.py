@@ -17,6 +17,7 @@ way and their gradients are finished by `reduce_gradients`.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -36,6 +37,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, ignored: set[nn.Parameter] | 
     """Shard `model` (a ultramem Transformer) in place: one FSDP unit per block, per memory layer, and the root."""
     policy = mixed_precision(mesh.device_type)
     ignored = set(ignored or ())
+    # A memory layer returns a view ([B*T, d] -> [B, T, d]); FSDP warns that an in-place op on it would skip its
+    # backward hook. The Transformer adds memory outputs out of place (x = x + y), so the warning does not apply.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w+Layer\) returned a view tensor")
     for unit in [*model.blocks, *model.memories]:
         fully_shard(unit, mesh=mesh, mp_policy=policy, ignored_params=ignored)
     # The root's forward ends the step: keeping its parameters gathered saves an all-gather before the backward.
