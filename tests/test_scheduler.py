@@ -4,8 +4,10 @@ two concurrent schedulers never train a run twice, and unsatisfiable resources f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import pytest
 
 from experiments.commands.sweep import status_rows
 from experiments.runstore import RunDir
-from experiments.scheduler import ResourceError, run_sweep
+from experiments.scheduler import ResourceError, is_claimed, run_sweep
 from experiments.sweep import plan_sweep
 
 pytestmark = pytest.mark.ray
@@ -39,20 +41,24 @@ def write_sweep(tmp_path: Path, body: str, name: str = "sched") -> Path:
     return path
 
 
-def trainer_pids(run_dir: Path) -> list[int]:
-    """Live (non-zombie) `experiments.run_one RUN_DIR` processes, found in /proc."""
+def processes_mentioning(*words: str) -> list[int]:
+    """Live (non-zombie) processes whose command line contains every one of `words`, found in /proc."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            cmd = (entry / "cmdline").read_bytes()
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
             continue
-        if state != "Z" and b"experiments.run_one" in cmd and str(run_dir).encode() in cmd:
+        if state != "Z" and all(w.encode() in cmd for w in words):
             pids.append(int(entry.name))
     return pids
+
+
+def trainer_pids(run_dir: Path) -> list[int]:
+    return processes_mentioning("experiments.run_one", str(run_dir))
 
 
 def wait_for(cond, timeout: float, what: str, poll: float = 0.05):
@@ -167,7 +173,7 @@ def test_multi_process_run_launches_torchrun_inside_its_allocation(ray_local, tm
 @pytest.mark.slow
 def test_sigkilled_training_process_is_retried_and_resumes_from_its_checkpoint(ray_local, tmp_path):
     path = write_sweep(tmp_path, """
-        parameters: {model.preset: {value: dense-tiny}, train.steps: {value: 400}, train.ckpt_every: {value: 20}}
+        parameters: {model.preset: {value: dense-tiny}, train.steps: {value: 120}, train.ckpt_every: {value: 20}}
         """)
     plan = plan_sweep(path)
     rd = RunDir(plan.runs_dir / plan.runs[0].run_id)
@@ -189,54 +195,58 @@ def test_sigkilled_training_process_is_retried_and_resumes_from_its_checkpoint(r
     # The retry resumed from a checkpoint written before the kill: the steps up to it were logged by the first
     # process (before the kill) and are not redone; every later step is logged once, by the second process.
     steps = train_steps(rd)
-    assert [s for s, _ in steps] == list(range(5, 401, 5))
+    assert [s for s, _ in steps] == list(range(5, 121, 5))
     resumed_from = max(s for s, t in steps if t < killed_at)
     assert resumed_from >= 20 and resumed_from % 20 == 0
     assert all(t > killed_at for s, t in steps if s > resumed_from)
-    assert rd.final()["steps"] == 400 and rd.final()["tokens"] == plan.runs[0].tokens
+    assert rd.final()["steps"] == 120 and rd.final()["tokens"] == plan.runs[0].tokens
 
 
 @pytest.mark.slow
 def test_killed_driver_then_rerun_finishes_only_the_remainder(ray_local, tmp_path):
+    # A short and a long run side by side: the driver is killed once the short one is done and the long one is
+    # past a checkpoint.
     path = write_sweep(tmp_path, """
-        parameters: {model.preset: {value: dense-tiny}, train.steps: {value: 300}, train.ckpt_every: {value: 20}}
-        seeds: [0, 1, 2]
+        method: list
+        parameters: {model.preset: {value: dense-tiny}, train.steps: {values: [20, 160]}}
+        conditional: [{when: {train.steps: 160}, parameters: {train.ckpt_every: {value: 20}}}]
         """)
     plan = plan_sweep(path)
-    dirs = [RunDir(plan.runs_dir / r.run_id) for r in plan.runs]
-    env = {**os.environ, "ULTRAMEM_RAY_TMP": str(Path("/tmp") / f"umdrv-{os.getpid()}")}
-    driver = subprocess.Popen([sys.executable, "-m", "experiments.cli", "sweep", "run", str(path),
-                               "--max-concurrent", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    short, long = (RunDir(plan.runs_dir / r.run_id) for r in sorted(plan.runs, key=lambda r: r.tokens))
+    ray_tmp = Path("/tmp") / f"umdrv-{os.getpid()}"
+    driver = subprocess.Popen([sys.executable, "-m", "experiments.cli", "sweep", "run", str(path)],
+                              env={**os.environ, "ULTRAMEM_RAY_TMP": str(ray_tmp)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        def one_done_one_halfway():
+        def short_done_long_halfway():
             assert driver.poll() is None, driver.stderr.read().decode()
-            states = [rd.status().get("state") for rd in dirs]
-            halfway = [rd for rd in dirs if rd.status().get("state") == "running" and rd.checkpoints()]
-            return "done" in states and halfway
-        wait_for(one_done_one_halfway, 400, "one run done and another past a checkpoint", poll=0.2)
+            return short.status().get("state") == "done" and long.checkpoints()
+        wait_for(short_done_long_halfway, 400, "the short run done and the long one past a checkpoint", poll=0.1)
     finally:
         driver.kill()
         driver.wait()
+        leftover = processes_mentioning(str(ray_tmp))  # Ray should take its session down with the driver
+        for pid in leftover:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not leftover, "processes of the killed driver's Ray outlived it"
     killed_at = time.time()
-    # The private Ray dies with its driver, and the training processes with their Ray workers.
-    wait_for(lambda: not any(trainer_pids(rd.path) for rd in dirs), 60, "the training processes to exit")
-    done_before = {rd.run_id: rd.final_path.stat().st_mtime for rd in dirs if rd.status().get("state") == "done"}
-    states = {r["run_id"]: r["state"] for r in status_rows(plan)}
-    assert {s for rid, s in states.items() if rid not in done_before} <= {"interrupted", "pending"}
-    assert "interrupted" in states.values()
+    # The private Ray dies with its driver, and the training process with its Ray worker, releasing the claim.
+    wait_for(lambda: not trainer_pids(long.path) and not is_claimed(long), 60, "the training process to exit")
+    assert long.status()["state"] == "running" and long.final() is None
+    assert {r["run_id"]: r["state"] for r in status_rows(plan)} == {short.run_id: "done", long.run_id: "interrupted"}
+    short_final = short.final_path.stat().st_mtime
 
     report = run_sweep(plan_sweep(path), backend="ray", log=lambda s: None)
-    assert report.ok and sorted(report.skipped) == sorted(done_before)
-    assert sorted(o.run_id for o in report.outcomes) == sorted(rd.run_id for rd in dirs if rd.run_id not in done_before)
-    for rd in dirs:
-        assert rd.status()["state"] == "done"
-        steps = train_steps(rd)
-        assert [s for s, _ in steps] == list(range(5, 301, 5))
-        if rd.run_id in done_before:  # untouched by the re-run
-            assert rd.final_path.stat().st_mtime == done_before[rd.run_id] and rd.status()["attempts"] == 1
-        elif any(t < killed_at for _, t in steps):  # interrupted mid-run: resumed, not restarted
-            resumed_from = max(s for s, t in steps if t < killed_at)
-            assert resumed_from % 20 == 0 and all(t > killed_at for s, t in steps if s > resumed_from)
+    assert report.ok and report.skipped == [short.run_id]
+    assert [o.run_id for o in report.outcomes] == [long.run_id]
+    assert short.final_path.stat().st_mtime == short_final and short.status()["attempts"] == 1
+    steps = train_steps(long)
+    assert [s for s, _ in steps] == list(range(5, 161, 5)) and long.status()["state"] == "done"
+    resumed_from = max(s for s, t in steps if t < killed_at)
+    assert resumed_from >= 20 and resumed_from % 20 == 0
+    assert all(t > killed_at for s, t in steps if s > resumed_from)
 
 
 @pytest.mark.slow

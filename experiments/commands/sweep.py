@@ -105,13 +105,24 @@ def _row(rd: Any, name: str, budget: int) -> dict[str, Any]:
 
 
 def _alive_here(status: dict[str, Any]) -> bool:
+    """Whether the status's writer is a live process on this host. Not alive: a zombie (dead, not reaped) or a
+    process in the middle of exiting (its memory, and with it its command line, already released)."""
     if status.get("host") != socket.gethostname() or not status.get("pid"):
         return False
+    pid = int(status["pid"])
     try:
-        os.kill(int(status["pid"]), 0)
-    except (ProcessLookupError, PermissionError, ValueError):
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return state != "Z" and bool(f.read())
+    except FileNotFoundError:
         return False
-    return True
+    except OSError:  # no /proc: ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
 
 
 def _status(plan: Any, fmt: str) -> int:
