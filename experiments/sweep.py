@@ -50,6 +50,9 @@ from ultramem.config import ConfigError, MemoryConfig, ModelConfig, MoEConfig, d
 # Peak dense bf16 FLOP/s per GPU (torchtitan `get_peak_flops`) and the MFUs the plan prices runs at.
 PEAK_FLOPS = {"a100": 312e12, "h100": 989e12}
 PLAN_MFUS = (0.3, 0.5)
+GPU_MEMORY_GB = 80.0  # default per-GPU memory (A100-80GB, H100-80GB); resources.gpu_memory_gb overrides
+USABLE_GPU_MEMORY = 0.9  # the rest is left to the CUDA context, NCCL buffers and allocator fragmentation
+MAX_PLANNED_GPUS = 4096  # how far the planner looks for a GPU count that fits
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -91,6 +94,7 @@ class Resources(Strict):
     gpus: float = Field(0.0, ge=0)
     memory_gb: float | None = Field(None, gt=0)  # None: no memory reservation
     nproc: int | None = Field(None, ge=1)  # None: the run config's parallel.nproc
+    gpu_memory_gb: float = Field(GPU_MEMORY_GB, gt=0)  # memory of one GPU, for the plan's fit check
 
     @model_validator(mode="after")
     def _gpus_fit_processes(self) -> Resources:
@@ -110,6 +114,7 @@ class ResourceRule(Strict):
     gpus: float | None = Field(None, ge=0)
     memory_gb: float | None = Field(None, gt=0)
     nproc: int | None = Field(None, ge=1)
+    gpu_memory_gb: float | None = Field(None, gt=0)
 
 
 class ResourceSpec(Strict):
@@ -366,6 +371,8 @@ class PlannedRun:
     tokens: int
     flops_per_token: float
     resources: Resources
+    strategy: str = "single"  # ParallelLayout.describe(): 'mp-dim8+fsdp', 'ddp', ...
+    memory_per_gpu_gb: float | None = None  # ultramem.accounting.train_memory, for runs with GPUs
 
     @property
     def flops(self) -> float:
@@ -384,6 +391,8 @@ class PlannedRun:
         for gpu in PEAK_FLOPS:
             for mfu in PLAN_MFUS:
                 out[f"gpu_hours_{gpu}_mfu{round(mfu * 100)}"] = self.gpu_hours(gpu, mfu)
+        out["strategy"] = self.strategy
+        out["memory_per_gpu_gb"] = self.memory_per_gpu_gb
         out["resources"] = self.resources.model_dump()
         out["values"] = self.values
         return out
@@ -428,8 +437,11 @@ def plan_sweep(path: str | Path) -> Plan:
     plan = Plan(path=path, sweep=sweep, runs_dir=_runs_dir(sweep))
     planner = _Planner(sweep, base)
     seen: dict[str, PlannedRun] = {}
+    too_big: list[str] = []
     for point in expand(sweep, base, str(path)):
         run = planner.plan(point, f"{path} (run {point.index}: {_describe(point.values)})")
+        if run.memory_per_gpu_gb is not None and run.memory_per_gpu_gb > _usable(run.resources):
+            too_big.append(_does_not_fit(run))
         if run.run_id in seen:
             first = seen[run.run_id]
             raise ConfigError(f"{path}: runs {first.index} ({_describe(first.values)}) and {point.index} "
@@ -437,7 +449,55 @@ def plan_sweep(path: str | Path) -> Plan:
                               "differ do not change what is trained (see experiments.config.run_id); drop one")
         seen[run.run_id] = run
         plan.runs.append(run)
+    if too_big:
+        raise ConfigError(f"{path}: {len(too_big)} run(s) do not fit their GPUs (estimated peak per GPU from "
+                          "ultramem.accounting.train_memory, at most "
+                          f"{USABLE_GPU_MEMORY:.0%} of resources.gpu_memory_gb):\n  " + "\n  ".join(too_big))
     return plan
+
+
+def _usable(resources: Resources) -> float:
+    return USABLE_GPU_MEMORY * resources.gpu_memory_gb
+
+
+def _layout(config: dict[str, Any], nproc: int) -> Any:
+    from ultramem.accounting import ParallelLayout
+
+    par = config["parallel"]
+    return ParallelLayout(world_size=nproc, fsdp=par["fsdp"], activation_checkpointing=par["activation_checkpointing"],
+                          expert_parallel=par["expert_parallel"], memory_parallel=par["memory_parallel"]["mode"],
+                          memory_parallel_size=par["memory_parallel"]["size"])
+
+
+def _memory_gb(config: dict[str, Any], nproc: int) -> float:
+    """Estimated peak GB per GPU of a resolved run config on `nproc` GPUs (its micro-batch, capped by the
+    sequences each GPU gets; bf16 compute unless train.dtype is fp32)."""
+    from ultramem.accounting import train_memory
+
+    t = config["train"]
+    micro = min(t["micro_batch_size"], t["batch_size"] // nproc)
+    cfg = ModelConfig.from_dict({k: v for k, v in config["model"].items() if k != "preset"})
+    return train_memory(cfg, _layout(config, nproc), micro, t["seq_len"],
+                        compute_bytes=4 if t["dtype"] == "fp32" else 2).gb
+
+
+def _does_not_fit(run: PlannedRun) -> str:
+    """The error line of a run that does not fit: what it needs, and the smallest GPU count where it would."""
+    lay = _layout(run.config, run.resources.nproc)
+    head = (f"run {run.index} ({run.name}): {run.memory_per_gpu_gb:.1f} GB per GPU with {run.strategy} on "
+            f"{run.resources.nproc} GPUs > {_usable(run.resources):.0f} GB usable of {run.resources.gpu_memory_gb:g}")
+    step = math.lcm(lay.expert_parallel, lay.memory_parallel_size)
+    batch = run.config["train"]["batch_size"]
+    for n in range(run.resources.nproc + 1, MAX_PLANNED_GPUS + 1):
+        if n % step or batch % n:
+            continue
+        gb = _memory_gb(run.config, n)
+        if gb <= _usable(run.resources):
+            return (f"{head}; it needs {n} GPUs ({gb:.1f} GB each): set resources gpus and nproc to {n}, or shard "
+                    "more (parallel.fsdp, memory_parallel, expert_parallel, activation_checkpointing)")
+    return (f"{head}; no GPU count up to {MAX_PLANNED_GPUS} that divides train.batch_size fits this layout: shard "
+            "more (parallel.fsdp, memory_parallel, expert_parallel, activation_checkpointing) or lower "
+            "train.micro_batch_size")
 
 
 class _Planner:
@@ -456,11 +516,20 @@ class _Planner:
             # torchrun's process count is the run's parallel.nproc too (batch rounding, data sharding)
             data = self.resolve(deep_merge(point.config, {"parallel": {"nproc": resources.nproc}}), where)
         model = data["model"]
+        try:
+            layout = _layout(data, resources.nproc)
+            from ultramem.accounting import check_layout
+
+            check_layout(ModelConfig.from_dict({k: v for k, v in model.items() if k != "preset"}), layout)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
         return PlannedRun(
             index=point.index, run_id=run_id(data), name=data.get("name") or "", values=point.values,
             config=data, family=model["family"], preset=point.preset, total_params=_count(params, "total"),
             active_params=_count(params, "active"), non_embedding_params=_count(params, "non_embedding"),
             tokens=int(data["train"]["tokens"]), flops_per_token=fpt, resources=resources,
+            strategy=layout.describe(),
+            memory_per_gpu_gb=_memory_gb(data, resources.nproc) if resources.gpus >= 1 else None,
         )
 
     def resolve(self, config: dict[str, Any], where: str) -> dict[str, Any]:
@@ -547,18 +616,20 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
 
 def plan_table(plan: Plan) -> str:
     headers = ["run_id", "family", "preset", "total", "active", "tokens", "FLOPs",
-               "A100 h@30%", "A100 h@50%", "H100 h@30%", "H100 h@50%", "cpus", "gpus", "mem GB", "nproc", "name"]
+               "A100 h@30%", "A100 h@50%", "H100 h@30%", "H100 h@50%", "cpus", "gpus", "mem GB", "nproc",
+               "strategy", "GB/GPU", "name"]
     rows = [[
         r.run_id, r.family, r.preset or "-", human(r.total_params), human(r.active_params), human(r.tokens),
         human(r.flops), _hours(r.gpu_hours("a100", 0.3)), _hours(r.gpu_hours("a100", 0.5)),
         _hours(r.gpu_hours("h100", 0.3)), _hours(r.gpu_hours("h100", 0.5)), f"{r.resources.cpus:g}",
         f"{r.resources.gpus:g}", "-" if r.resources.memory_gb is None else f"{r.resources.memory_gb:g}",
-        str(r.resources.nproc), r.name,
+        str(r.resources.nproc), r.strategy, "-" if r.memory_per_gpu_gb is None else f"{r.memory_per_gpu_gb:.1f}",
+        r.name,
     ] for r in plan.runs]
     t = plan.totals()
     rows.append(["TOTAL", f"{t['runs']} runs", "", "", "", human(t["tokens"]), human(t["flops"]),
                  _hours(t["gpu_hours_a100_mfu30"]), _hours(t["gpu_hours_a100_mfu50"]),
-                 _hours(t["gpu_hours_h100_mfu30"]), _hours(t["gpu_hours_h100_mfu50"]), "", "", "", "", ""])
+                 _hours(t["gpu_hours_h100_mfu30"]), _hours(t["gpu_hours_h100_mfu50"]), "", "", "", "", "", "", ""])
     return f"sweep {plan.sweep.name} -> {plan.runs_dir}\n" + format_table(headers, rows)
 
 
