@@ -46,6 +46,7 @@ def scaling_data(shared: Path) -> Path:
 def ray_local():
     """One private local Ray for the session (2 CPUs, loopback, no dashboard); the sweep scheduler reuses it."""
     import logging
+    import shutil
     import tempfile
 
     import ray
@@ -55,3 +56,4 @@ def ray_local():
              object_store_memory=128 * 2**20, log_to_driver=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
