@@ -66,16 +66,17 @@ class Parallel:
     stats: CommStats = field(default_factory=CommStats)
     owned: list[tuple[list[nn.Parameter], Any]] = field(default_factory=list)  # (params, their data-parallel group)
     family: str = "dense"
+    bf16: bool = False  # the run computes in bf16 (FSDP then gathers parameters in bf16 on CUDA)
 
     @classmethod
     def from_config(cls, parallel: ParallelConfig, mcfg: ModelConfig, device: torch.device, rank: int,
-                    world_size: int, source: str = "<config>") -> Parallel:
+                    world_size: int, bf16: bool = False, source: str = "<config>") -> Parallel:
         layout = layout_of(parallel, world_size)
         try:
             check_layout(mcfg, layout)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
-        return cls(layout, device, rank, family=mcfg.family)
+        return cls(layout, device, rank, family=mcfg.family, bf16=bf16)
 
     @property
     def world_size(self) -> int:
@@ -101,7 +102,7 @@ class Parallel:
             apply_activation_checkpointing(model)
         if lay.fsdp:
             mesh = init_device_mesh(dev, (lay.world_size,))
-            apply_fsdp(model, mesh, ignored={p for params, _ in self.owned for p in params})
+            apply_fsdp(model, mesh, ignored={p for params, _ in self.owned for p in params}, bf16=self.bf16)
         return model.to(self.device)
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -171,7 +172,20 @@ class Parallel:
         return state
 
 
-# ---- gradient norm across meshes -------------------------------------------------------------------------------
+# ---- optimizer groups and gradient norm across meshes ---------------------------------------------------------
+
+
+def split_by_mesh(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Split each optimizer group so that its parameters are all plain tensors or all DTensors of one mesh (the
+    foreach and fused AdamW kernels take a group's tensors in one call). Groups without DTensors are unchanged."""
+    out = []
+    for group in groups:
+        kinds: dict[Any, list[nn.Parameter]] = {}
+        for p in group["params"]:
+            kinds.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+        out += [{**group, "params": params} for params in kinds.values()]
+    return out
+
 
 
 @torch.no_grad()

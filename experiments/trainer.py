@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from experiments import checkpoint
 from experiments.config import RunConfig, TrainConfig, run_id
-from experiments.distributed import Parallel, restore_rng
+from experiments.distributed import Parallel, restore_rng, split_by_mesh
 from experiments.resolve import model_config, resolve_run_config
 from experiments.runstore import RunDir
 from experiments.throughput import ThroughputMeter
@@ -76,7 +76,7 @@ def lr_at(step: int, t: TrainConfig) -> float:
 def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> tuple[torch.optim.AdamW, list[Any]]:
     """AdamW over `model.param_groups(weight_decay)`; returns it and each group's LR multiplier function."""
     groups, mult_fns = [], []
-    for group in model.param_groups(t.weight_decay):
+    for group in split_by_mesh(model.param_groups(t.weight_decay)):
         group = dict(group)
         mult_fns.append(group.pop("lr_mult_fn", None))
         groups.append(group)
@@ -313,7 +313,8 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
         rd.update_status(state="running", total_steps=t.steps, error=None)
     prepared = _prepare_data_once(prepare_data, cfg, env)
 
-    par = Parallel.from_config(cfg.parallel, mcfg, env.device, env.rank, env.world_size)
+    par = Parallel.from_config(cfg.parallel, mcfg, env.device, env.rank, env.world_size,
+                               bf16=env.amp_dtype == torch.bfloat16)
     seed_everything(cfg.seed)
     raw = par.prepare(build_model(mcfg))
     opt, mult_fns = build_optimizer(raw, t)

@@ -15,6 +15,8 @@ from collections import defaultdict
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 
 class CommStats:
@@ -82,3 +84,17 @@ def exchange_counts(send: torch.Tensor, group: dist.ProcessGroup, stats: CommSta
         P = send.shape[0]
         stats.add("meta", (P - 1) * send[0].numel() * send.element_size())
     return out
+
+
+def shard_parameter(full: torch.Tensor, mesh: DeviceMesh, dim: int) -> torch.nn.Parameter:
+    """A parameter placed (Replicate, Shard(dim)) on the 2-D `mesh` from the same `full` tensor on every rank.
+
+    The shard is cut on the host before it moves to the mesh's device, so a table that does not fit one GPU never
+    goes there whole. Blocks follow torch.chunk, as DTensor's Shard does (the last ones may be short or empty).
+    """
+    P, i = mesh.size(1), mesh.get_local_rank(1)
+    pieces = full.detach().chunk(P, dim)
+    local = pieces[i] if i < len(pieces) else full.detach().narrow(dim, 0, 0)
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
+    return torch.nn.Parameter(DTensor.from_local(local.contiguous().to(device), mesh, (Replicate(), Shard(dim)),
+                                                 run_check=False, shape=full.shape, stride=full.stride()))

@@ -28,10 +28,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from ultramem.kernels.grouped import grouped_mm
-from ultramem.parallel.comm import CommStats, all_to_all, exchange_counts
+from ultramem.parallel.comm import CommStats, all_to_all, exchange_counts, shard_parameter
 
 
 def shard_experts(model: nn.Module, mesh: DeviceMesh, global_group: dist.ProcessGroup | None = None,
@@ -53,9 +52,7 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh, global_group: dist.Process
             raise ValueError(f"parallel.expert_parallel: {P} must divide model.moe.num_experts "
                              f"({ffn.cfg.num_experts})")
         for name in ("w_in", "w_out"):
-            full = getattr(ffn, name).detach().to(mesh.device_type)
-            setattr(ffn, name, nn.Parameter(distribute_tensor(full, mesh, (Replicate(), Shard(0)),
-                                                              src_data_rank=None)))
+            setattr(ffn, name, shard_parameter(getattr(ffn, name), mesh, 0))
             params.append(getattr(ffn, name))
         dispatch = ExpertDispatch(ffn, group, stats)
         ffn.run_experts = dispatch.run_experts

@@ -6,9 +6,9 @@ router, plus the experts unless expert parallelism owns them), each memory layer
 projection, plus the value table unless memory parallelism owns it) and the root (embedding, final norm and the
 tied head, which must stay in one unit).
 
-Mixed precision on CUDA (`MixedPrecisionPolicy`): parameters all-gathered and computed in bf16, gradients reduced in
-fp32 into the fp32 master shards that AdamW updates (the paper trains bf16 with fp32 master weights). On CPU
-everything stays fp32, which is what makes the gloo tests exact.
+Mixed precision on CUDA with bf16 training (`MixedPrecisionPolicy`): parameters all-gathered and computed in bf16,
+gradients reduced in fp32 into the fp32 master shards that AdamW updates (the paper trains bf16 with fp32 master
+weights). On CPU, or with train.dtype fp32, everything stays fp32, which is what makes the gloo tests exact.
 
 Parameters owned by expert/memory parallelism are `ignored_params` of every unit: they are already split their own
 way and their gradients are finished by `reduce_gradients`.
@@ -26,16 +26,17 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
-def mixed_precision(device_type: str) -> MixedPrecisionPolicy:
-    """bf16 compute with fp32 reductions on CUDA, plain fp32 elsewhere."""
-    if device_type == "cuda":
+def mixed_precision(device_type: str, bf16: bool) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 reductions for bf16 training on CUDA, plain fp32 otherwise."""
+    if device_type == "cuda" and bf16:
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, ignored: set[nn.Parameter] | None = None) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, ignored: set[nn.Parameter] | None = None,
+               bf16: bool = False) -> nn.Module:
     """Shard `model` (a ultramem Transformer) in place: one FSDP unit per block, per memory layer, and the root."""
-    policy = mixed_precision(mesh.device_type)
+    policy = mixed_precision(mesh.device_type, bf16)
     ignored = set(ignored or ())
     # A memory layer returns a view ([B*T, d] -> [B, T, d]); FSDP warns that an in-place op on it would skip its
     # backward hook. The Transformer adds memory outputs out of place (x = x + y), so the warning does not apply.

@@ -41,12 +41,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from ultramem.accounting import memory_parallel_cores
 from ultramem.config import ConfigError
 from ultramem.kernels.retrieval import gather_pool
-from ultramem.parallel.comm import CommStats, all_gather, all_to_all
+from ultramem.parallel.comm import CommStats, all_gather, all_to_all, shard_parameter
 
 MODES = ("dim", "row")
 
@@ -62,7 +62,6 @@ def shard_value_tables(model: nn.Module, mode: str, mesh: DeviceMesh, stats: Com
     if mode not in MODES:
         raise ConfigError(f"parallel.memory_parallel.mode: {mode!r}; allowed: none | {' | '.join(MODES)}")
     group = mesh.get_group("mp")
-    placements = (Replicate(), Shard(1) if mode == "dim" else Shard(0))
     params = []
     for layer in model.modules():
         if not isinstance(layer, UltraMemLayer):
@@ -70,8 +69,7 @@ def shard_value_tables(model: nn.Module, mode: str, mesh: DeviceMesh, stats: Com
         cfg = layer.cfg
         N, Dv, C = cfg.num_values, cfg.value_dim, cfg.num_cores
         pool = DimParallelPool(group, N, Dv, C, stats) if mode == "dim" else RowParallelPool(group, N, stats)
-        full = layer.values.detach().to(mesh.device_type)
-        layer.values = nn.Parameter(distribute_tensor(full, mesh, placements, src_data_rank=None))
+        layer.values = shard_parameter(layer.values, mesh, 1 if mode == "dim" else 0)
         layer.gather_pool = pool
         params.append(layer.values)
     return params
