@@ -25,7 +25,9 @@ def _train_config(micro: int):
                        grad_clip=0.5, weight_decay=0.1)
 
 
-def _worker(rank: int, W: int, preset: str, parallel: dict) -> None:
+def _worker(rank: int, W: int, preset: str, parallel: dict, nccl: bool = False) -> None:
+    """nccl: one GPU per rank, bf16 autocast and FSDP's bf16 policy; only losses and traffic are compared then
+    (to bf16 precision), since bf16 rounding makes the weights of the two runs drift apart."""
     from experiments.config import ParallelConfig
     from experiments.distributed import Parallel
     from experiments.trainer import Env, build_optimizer, set_lr, train_step
@@ -36,36 +38,39 @@ def _worker(rank: int, W: int, preset: str, parallel: dict) -> None:
     mcfg = get_preset(preset).override({"seq_len": T})
     gen = torch.Generator().manual_seed(1)
     data = [torch.randint(0, mcfg.vocab_size, (W * B, T + 1), generator=gen) for _ in range(STEPS)]
-    cpu = torch.device("cpu")
+    cpu = torch.device("cuda", rank) if nccl else torch.device("cpu")
+    amp = torch.bfloat16 if nccl else None
+    data = [d.to(cpu) for d in data]
 
     torch.manual_seed(0)
-    ref = build_model(mcfg)
+    ref = build_model(mcfg).to(cpu)
     t_ref = _train_config(W * B)
     opt_ref, mult_ref = build_optimizer(ref, t_ref)
 
-    par = Parallel.from_config(ParallelConfig(nproc=W, **parallel), mcfg, cpu, rank, W)
+    par = Parallel.from_config(ParallelConfig(nproc=W, **parallel), mcfg, cpu, rank, W, bf16=nccl)
     torch.manual_seed(0)
     raw = par.prepare(build_model(mcfg))
     model = par.wrap(raw)
     t = _train_config(B)
     opt, mult = build_optimizer(raw, t)
-    env = Env(rank, W, cpu, None)
+    env = Env(rank, W, cpu, amp)
 
-    _gradients_match(ref, model, raw, par, data[0], rank, W)
+    if not nccl:
+        _gradients_match(ref, model, raw, par, data[0], rank, W)
     for step, batch in enumerate(data):
         set_lr(opt_ref, mult_ref, step, t_ref)
-        want = train_step(ref, ref, opt_ref, batch[:, :-1], batch[:, 1:], t_ref, Env(0, 1, cpu, None))
+        want = train_step(ref, ref, opt_ref, batch[:, :-1], batch[:, 1:], t_ref, Env(0, 1, cpu, amp))
         set_lr(opt, mult, step, t)
         mine = batch[rank * B:(rank + 1) * B]
         got = train_step(model, raw, opt, mine[:, :-1], mine[:, 1:], t, env, par)
         loss = (got["loss"] + got["aux_loss"]).detach().clone()
         dist.all_reduce(loss)
-        assert loss.item() / W == pytest.approx((want["loss"] + want["aux_loss"]).item(), rel=1e-5), step
-        assert got["grad_norm"].item() == pytest.approx(want["grad_norm"].item(), rel=1e-4), step
+        assert loss.item() / W == pytest.approx((want["loss"] + want["aux_loss"]).item(), rel=2e-2 if nccl else 1e-5)
+        assert got["grad_norm"].item() == pytest.approx(want["grad_norm"].item(), rel=5e-2 if nccl else 1e-4)
         if par.layout.memory_parallel != "none":
             mem = mcfg.memory
             expect = memory_parallel_bytes(par.layout.memory_parallel, B * T, mem, par.layout.memory_parallel_size,
-                                           float_bytes=4)["ours"]
+                                           float_bytes=2 if nccl else 4)["ours"]
             M = num_memory_layers(mcfg)
             if par.layout.memory_parallel == "dim":
                 for kind in ("index", "score", "pooled"):
@@ -75,6 +80,8 @@ def _worker(rank: int, W: int, preset: str, parallel: dict) -> None:
                 assert got["comm/token_counts"].item() == M * expect["token_counts"]
                 assert got["comm/pooled"].item() == M * expect["pooled"]
 
+    if nccl:
+        return
     # AdamW divides by sqrt(v): where a gradient element nearly cancels, round-off in the order of the sums moves
     # it by a visible fraction of the LR (measured: at most 2 elements of a tensor, by up to 2% of the LR), so the
     # bound is 5% of the LR per element and nearly all elements must agree to 1e-5.
@@ -116,26 +123,36 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if hasattr(p, "to_local") else p
 
 
-CASES = [
-    pytest.param("dense-t1", {"fsdp": True}, 2, id="dense-fsdp-2"),
-    pytest.param("dense-t1", {"fsdp": True, "activation_checkpointing": True}, 4, id="dense-fsdp-ac-4"),
-    pytest.param("moe-t1-2in12", {"expert_parallel": 2}, 2, id="moe-ep2-ddp-2"),
-    pytest.param("moe-t1-2in12", {"expert_parallel": 4, "fsdp": True}, 4, id="moe-ep4-fsdp-4"),
-    pytest.param("moe-t1-2in12", {"expert_parallel": 2, "fsdp": True, "activation_checkpointing": True}, 4,
-                 id="moe-ep2-fsdp-ac-4"),
-    pytest.param("ultramem-t1-x6", {"memory_parallel": {"mode": "dim", "size": 2}}, 2, id="ultramem-dim2-ddp-2"),
-    pytest.param("ultramem-t1-x6", {"memory_parallel": {"mode": "dim", "size": 2}, "fsdp": True}, 4,
-                 id="ultramem-dim2-fsdp-4"),
-    pytest.param("ultramem-t1-x6", {"memory_parallel": {"mode": "dim", "size": 4}, "fsdp": True}, 4,
-                 id="ultramem-dim4-fsdp-4"),
-    pytest.param("ultramem-t1-x6", {"memory_parallel": {"mode": "row", "size": 2}}, 2, id="ultramem-row2-ddp-2"),
-    pytest.param("ultramem-t1-x6", {"memory_parallel": {"mode": "row", "size": 4}, "fsdp": True}, 4,
-                 id="ultramem-row4-fsdp-4"),
-]
+# Layouts per world size, run one after the other in the same gloo processes (a spawn costs more than a case).
+CASES = {
+    2: [("dense-t1", {"fsdp": True}),
+        ("moe-t1-2in12", {"expert_parallel": 2}),
+        ("ultramem-t1-x6", {"memory_parallel": {"mode": "dim", "size": 2}}),
+        ("ultramem-t1-x6", {"memory_parallel": {"mode": "row", "size": 2}})],
+    # groups of 2 inside 4 ranks: shard gradients are also summed over the data-parallel pairs
+    4: [("moe-t1-2in12", {"expert_parallel": 2, "fsdp": True, "activation_checkpointing": True}),
+        ("ultramem-t1-x6", {"memory_parallel": {"mode": "dim", "size": 2}, "fsdp": True}),
+        ("ultramem-t1-x6", {"memory_parallel": {"mode": "row", "size": 4}, "fsdp": True})],
+}
+
+
+def _cases(rank: int, W: int, nccl: bool = False) -> None:
+    for preset, parallel in CASES[W]:
+        try:
+            _worker(rank, W, preset, parallel, nccl)
+        except AssertionError as err:
+            raise AssertionError(f"{preset} with parallel {parallel} on {W} ranks: {err}") from err
 
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("preset, parallel, world", CASES)
-def test_sharded_training_matches_one_process(tmp_path, preset, parallel, world):
-    spawn(_worker, world, tmp_path, preset, parallel)
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_training_matches_one_process(tmp_path, world):
+    spawn(_cases, world, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.dist
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the NCCL path needs 2 GPUs (one per rank)")
+def test_nccl_bf16_training_matches_one_gpu(tmp_path):
+    spawn(_cases, 2, tmp_path, True, backend="nccl")
