@@ -2,9 +2,10 @@
 
 Each gloo rank trains a tiny model with the trainer's own `train_step` for a few AdamW steps on its share of a
 fixed global batch, and also trains the same model (same seed) alone on the whole batch in the same process; the
-global losses, gradient norms, every parameter and the TDQKR buffers must agree to float32 round-off. One
-micro-batch per step, so the MoE balance loss sees the same global micro-batch in both (expert parallelism
-computes it over the global batch). The per-rank state the layout holds is checked against
+global losses, gradient norms, every parameter and the TDQKR buffers must agree to float32 round-off. MoE runs
+use one micro-batch per step, so the balance loss sees the same global micro-batch in both (expert parallelism
+computes it over the global batch); two UltraMem layouts accumulate micro-batches. The per-rank state the layout
+holds is checked against
 `ultramem.accounting.train_memory`, and the memory-parallel traffic against `memory_parallel_bytes`.
 """
 
@@ -18,16 +19,17 @@ from parallel_harness import full, spawn
 STEPS, B, T = 3, 2, 16  # optimizer steps, sequences per rank, tokens per sequence
 
 
-def _train_config(micro: int):
+def _train_config(batch: int, micro: int | None = None):
     from experiments.config import TrainConfig
 
-    return TrainConfig(steps=STEPS, batch_size=micro, micro_batch_size=micro, seq_len=T, lr=3e-3, warmup=1,
+    return TrainConfig(steps=STEPS, batch_size=batch, micro_batch_size=micro or batch, seq_len=T, lr=3e-3, warmup=1,
                        grad_clip=0.5, weight_decay=0.1)
 
 
-def _worker(rank: int, W: int, preset: str, parallel: dict, nccl: bool = False) -> None:
-    """nccl: one GPU per rank, bf16 autocast and FSDP's bf16 policy; only losses and traffic are compared then
-    (to bf16 precision), since bf16 rounding makes the weights of the two runs drift apart."""
+def _worker(rank: int, W: int, preset: str, parallel: dict, micro: int | None = None, nccl: bool = False) -> None:
+    """micro: sequences per micro-batch on each rank (default all B; 1 accumulates B micro-batches, which does not
+    change a dense or UltraMem objective). nccl: one GPU per rank, bf16 autocast and FSDP's bf16 policy; only
+    losses and traffic are compared then (to bf16 precision), since bf16 rounding makes the weights drift apart."""
     from experiments.config import ParallelConfig
     from experiments.distributed import Parallel
     from experiments.trainer import Env, build_optimizer, set_lr, train_step
@@ -51,7 +53,7 @@ def _worker(rank: int, W: int, preset: str, parallel: dict, nccl: bool = False) 
     torch.manual_seed(0)
     raw = par.prepare(build_model(mcfg))
     model = par.wrap(raw)
-    t = _train_config(B)
+    t = _train_config(B, micro)
     opt, mult = build_optimizer(raw, t)
     env = Env(rank, W, cpu, amp)
 
@@ -124,22 +126,22 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 
 # Layouts per world size, run one after the other in the same gloo processes (a spawn costs more than a case).
-CASES = {
-    2: [("dense-t1", {"fsdp": True}),
-        ("moe-t1-2in12", {"expert_parallel": 2}),
-        ("ultramem-t1-x6", {"memory_parallel": {"mode": "dim", "size": 2}}),
-        ("ultramem-t1-x6", {"memory_parallel": {"mode": "row", "size": 2}})],
+CASES = {  # (preset, parallel, micro-batch)
+    2: [("dense-t1", {"fsdp": True}, None),
+        ("moe-t1-2in12", {"expert_parallel": 2}, None),
+        ("ultramem-t1-x6", {"memory_parallel": {"mode": "dim", "size": 2}}, 1),
+        ("ultramem-t1-x6", {"memory_parallel": {"mode": "row", "size": 2}}, None)],
     # groups of 2 inside 4 ranks: shard gradients are also summed over the data-parallel pairs
-    4: [("moe-t1-2in12", {"expert_parallel": 2, "fsdp": True, "activation_checkpointing": True}),
-        ("ultramem-t1-x6", {"memory_parallel": {"mode": "dim", "size": 2}, "fsdp": True}),
-        ("ultramem-t1-x6", {"memory_parallel": {"mode": "row", "size": 4}, "fsdp": True})],
+    4: [("moe-t1-2in12", {"expert_parallel": 2, "fsdp": True, "activation_checkpointing": True}, None),
+        ("ultramem-t1-x6", {"memory_parallel": {"mode": "dim", "size": 2}, "fsdp": True}, 1),
+        ("ultramem-t1-x6", {"memory_parallel": {"mode": "row", "size": 4}, "fsdp": True}, None)],
 }
 
 
 def _cases(rank: int, W: int, nccl: bool = False) -> None:
-    for preset, parallel in CASES[W]:
+    for preset, parallel, micro in CASES[W]:
         try:
-            _worker(rank, W, preset, parallel, nccl)
+            _worker(rank, W, preset, parallel, micro, nccl)
         except AssertionError as err:
             raise AssertionError(f"{preset} with parallel {parallel} on {W} ranks: {err}") from err
 
