@@ -24,8 +24,8 @@ def _case(rank: int, W: int, mode: str, P: int, tokens: list[int]) -> dict[str, 
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from ultramem.kernels.reference import gather_pool_reference
-    from ultramem.parallel.comm import CommStats
-    from ultramem.parallel.memory_parallel import DimParallelPool, RowParallelPool, reduce_gradients
+    from ultramem.parallel.comm import CommStats, reduce_gradients
+    from ultramem.parallel.memory_parallel import DimParallelPool, RowParallelPool
 
     N, Dv, C, E, K = MEM.num_values, MEM.value_dim, MEM.num_cores, MEM.value_expansion, MEM.heads * MEM.top_m
     gen = torch.Generator().manual_seed(P)

@@ -11,10 +11,10 @@ ignores what the first two own). Which layouts a model accepts, what they send a
 `ultramem.accounting` (ParallelLayout, check_layout, memory_parallel_bytes, train_memory).
 """
 
-from ultramem.parallel.comm import CommStats
+from ultramem.parallel.comm import CommStats, reduce_gradients
 from ultramem.parallel.expert_parallel import shard_experts
 from ultramem.parallel.fsdp import apply_activation_checkpointing, apply_fsdp, refresh_rank1
-from ultramem.parallel.memory_parallel import reduce_gradients, shard_value_tables
+from ultramem.parallel.memory_parallel import shard_value_tables
 
 __all__ = [
     "CommStats",

@@ -2,6 +2,8 @@
 
     all_to_all(x, send, recv, group, stats, "pooled")   differentiable: the backward is the reverse all-to-all
     all_gather(x, group, stats, "index")                 [P, *x.shape], no gradient (indices)
+    shard_parameter(full, mesh, dim)                     a (Replicate, Shard(dim)) DTensor parameter, cut on the host
+    reduce_gradients(params, dp_group, world_size)       finish sharded gradients after the backward
 
 A `CommStats` records, per name, the bytes this rank sent to the *other* ranks of the group (its own chunk stays
 local), which is the quantity the paper's communication formulas count (§5 of the digest). Backward traffic is
@@ -98,3 +100,17 @@ def shard_parameter(full: torch.Tensor, mesh: DeviceMesh, dim: int) -> torch.nn.
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
     return torch.nn.Parameter(DTensor.from_local(local.contiguous().to(device), mesh, (Replicate(), Shard(dim)),
                                                  run_check=False, shape=full.shape, stride=full.stride()))
+
+
+def reduce_gradients(params: list[torch.nn.Parameter], dp_group: dist.ProcessGroup | None, world_size: int) -> None:
+    """Finish the gradients of sharded parameters (value tables, experts): sum over the ranks holding the same
+    shard, then / world_size, so that they equal data parallelism's mean over all ranks. Each shard already holds
+    the gradient of every token of its group. A parameter without a gradient counts as zeros (every rank must
+    join the all-reduce)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        if dp_group is not None and dist.get_world_size(dp_group) > 1:
+            dist.all_reduce(g, group=dp_group)
+        g.div_(world_size)

@@ -17,7 +17,7 @@ rank, so the loss is E sum_i f_i^global P_i^local on each rank; the data-paralle
 E sum_i f_i^global P_i^global, the single-process loss on the whole global micro-batch. The z-loss is a per-token
 mean, which the data-parallel mean already makes global; it needs no communication.
 
-The expert gradients stay sharded: `ultramem.parallel.memory_parallel.reduce_gradients` sums them over the ranks
+The expert gradients stay sharded: `ultramem.parallel.comm.reduce_gradients` sums them over the ranks
 holding the same experts (the edp group) and divides by the world size.
 """
 

@@ -29,7 +29,7 @@ actually send in a `CommStats` (tests compare the two).
 
 The value gradients stay sharded: each rank's shard receives the gradient of every token of its group, so the only
 other reduction is over the ranks holding the same shard (the "memory data-parallel" group, strided ranks), done by
-`reduce_gradients` after the backward, exactly as the official code all-reduces the values' `main_grad` over that
+`comm.reduce_gradients` after the backward, exactly as the official code all-reduces the values' `main_grad` over that
 group only.
 """
 
@@ -41,7 +41,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
 
 from ultramem.accounting import memory_parallel_cores
 from ultramem.config import ConfigError
@@ -51,7 +50,8 @@ from ultramem.parallel.comm import CommStats, all_gather, all_to_all, shard_para
 MODES = ("dim", "row")
 
 
-def shard_value_tables(model: nn.Module, mode: str, mesh: DeviceMesh, stats: CommStats | None = None) -> list[nn.Parameter]:
+def shard_value_tables(model: nn.Module, mode: str, mesh: DeviceMesh,
+                       stats: CommStats | None = None) -> list[nn.Parameter]:
     """Split every UltraMem value table of `model` over mesh["mp"] and swap in the matching pooling op.
 
     `mesh` is the 2-D (mdp, mp) mesh; every rank must hold the same full tables (same seed) on entry. Returns the
@@ -75,18 +75,6 @@ def shard_value_tables(model: nn.Module, mode: str, mesh: DeviceMesh, stats: Com
     return params
 
 
-def reduce_gradients(params: list[nn.Parameter], dp_group: dist.ProcessGroup | None, world_size: int) -> None:
-    """Finish the gradients of sharded parameters: sum over the ranks holding the same shard, then / world_size,
-    so that they equal data parallelism's mean over all ranks. A parameter without a gradient counts as zeros."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-        if dp_group is not None and dist.get_world_size(dp_group) > 1:
-            dist.all_reduce(g, group=dp_group)
-        g.div_(world_size)
-
-
 def _comm_dtype(ref: torch.Tensor) -> torch.dtype:
     """Scores and pooled vectors travel in the autocast dtype (bf16 on GPU, as the official kernels), else as is."""
     dev = ref.device.type
@@ -106,7 +94,7 @@ class DimParallelPool:
     def __init__(self, group: dist.ProcessGroup, num_values: int, value_dim: int, num_cores: int,
                  stats: CommStats | None = None):
         self.group, self.stats = group, stats
-        self.P, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.P = dist.get_world_size(group)
         self.N, self.Dv = num_values, value_dim
         c = memory_parallel_cores(value_dim, num_cores, self.P)
         # The MCS cores whose columns rank j holds (core k weights columns [k Dv/h, (k+1) Dv/h)).
@@ -141,7 +129,7 @@ class RowParallelPool:
 
     def __init__(self, group: dist.ProcessGroup, num_values: int, stats: CommStats | None = None):
         self.group, self.stats = group, stats
-        self.P, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.P = dist.get_world_size(group)
         self.N, self.per = num_values, math.ceil(num_values / self.P)
         if self.per * (self.P - 1) >= num_values:
             raise ConfigError(f"parallel.memory_parallel.size: {self.P} leaves a rank without value rows in mode "
