@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 from experiments import checkpoint
@@ -87,8 +88,6 @@ class Parallel:
     def prepare(self, model: nn.Module) -> nn.Module:
         """Shard `model` (built identically on every rank, on the CPU) in place and move it to the device."""
         lay, dev = self.layout, self.device.type
-        from torch.distributed.device_mesh import init_device_mesh
-
         if lay.memory_parallel != "none":
             P = lay.memory_parallel_size
             mesh = init_device_mesh(dev, (lay.world_size // P, P), mesh_dim_names=("mdp", "mp"))

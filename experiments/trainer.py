@@ -273,6 +273,8 @@ def train(cfg: RunConfig, run_dir: str | Path, source: str = "<config>") -> dict
         raise ConfigError(f"{source}: parallel.nproc is {resolved.parallel.nproc} but {env.world_size} processes "
                           "were started; set parallel.nproc to the torchrun --nproc_per_node (it fixes the "
                           "per-process batch)")
+    par = Parallel.from_config(resolved.parallel, model_config(resolved), env.device, env.rank, env.world_size,
+                               bf16=env.amp_dtype == torch.bfloat16, source=source)
     with contextlib.ExitStack() as stack:
 
         def claim() -> bool:
@@ -289,7 +291,7 @@ def train(cfg: RunConfig, run_dir: str | Path, source: str = "<config>") -> dict
         if _on_rank0(claim, env):
             return rd.final()
         try:
-            return _run(resolved, rd, env)
+            return _run(resolved, rd, env, par)
         except Diverged:
             raise
         except BaseException as err:
@@ -298,7 +300,7 @@ def train(cfg: RunConfig, run_dir: str | Path, source: str = "<config>") -> dict
             raise
 
 
-def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
+def _run(cfg: RunConfig, rd: RunDir, env: Env, par: Parallel) -> dict[str, Any]:
     from experiments.data import TokenLoader, prepare_data
     from ultramem import build_model
     from ultramem.accounting import count_params, flops_per_token
@@ -313,8 +315,6 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env) -> dict[str, Any]:
         rd.update_status(state="running", total_steps=t.steps, error=None)
     prepared = _prepare_data_once(prepare_data, cfg, env)
 
-    par = Parallel.from_config(cfg.parallel, mcfg, env.device, env.rank, env.world_size,
-                               bf16=env.amp_dtype == torch.bfloat16)
     seed_everything(cfg.seed)
     raw = par.prepare(build_model(mcfg))
     opt, mult_fns = build_optimizer(raw, t)

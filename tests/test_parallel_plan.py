@@ -91,3 +91,14 @@ def test_planner_rejects_layouts_the_model_cannot_use(tmp_path, preset, parallel
 def test_single_process_cannot_shard():
     with pytest.raises(ConfigError, match="with parallel.nproc 1"):
         check_layout(get_preset("dense-t1"), ParallelLayout(1, fsdp=True))
+
+
+def test_trainer_refuses_a_layout_before_training(tmp_path):
+    from experiments.config import run_config_from_dict
+    from experiments.trainer import train
+
+    cfg = run_config_from_dict({"model": {"preset": "dense-t1"}, "train": {"steps": 1},
+                                "parallel": {"expert_parallel": 2, "nproc": 1}}, "run.yaml")
+    with pytest.raises(ConfigError, match=r"^run.yaml: parallel: .* with parallel.nproc 1 set"):
+        train(cfg, tmp_path / "run", source="run.yaml")
+    assert not (tmp_path / "run" / "checkpoints").exists()

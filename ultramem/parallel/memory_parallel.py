@@ -13,6 +13,8 @@ dim (dimension-wise, the official `vertical_parallel`): rank j holds all N rows 
       3. pool locally: gather_pool(V slice, ...) for the P T gathered tokens -> [P T, E D_v / P]
       4. all-to-all the pooled slices back to each token's rank, concatenated per IVE group
                                                                                 s T E D_v (P-1) / P
+         (the paper reduce-scatters here; the official code all-to-alls the disjoint column slices, which sends
+         the same bytes and needs no reduction, and this follows the official code)
     = the paper's 4 bs topm (P-1) + 2 bs topm (P-1) + 2 bs v_dim (P-1) / P with s = 2 (bf16), c = 1 and the
     pooled width v_dim = E D_v. The backward sends the same amounts back (score and pooled gradients).
 
