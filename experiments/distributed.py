@@ -50,6 +50,18 @@ from ultramem.parallel import (
 )
 
 
+def setup_process_group(device: torch.device) -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL bound to this rank's GPU on CUDA, gloo on CPU.
+    Returns (rank, world size); `teardown` leaves it."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return rank, world
+
+
 def layout_of(parallel: ParallelConfig, world_size: int) -> ParallelLayout:
     return ParallelLayout(world_size=world_size, fsdp=parallel.fsdp,
                           activation_checkpointing=parallel.activation_checkpointing,

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from experiments import checkpoint
 from experiments.config import RunConfig, TrainConfig, run_id
-from experiments.distributed import Parallel, restore_rng, split_by_mesh
+from experiments.distributed import Parallel, restore_rng, setup_process_group, split_by_mesh
 from experiments.resolve import model_config, resolve_run_config
 from experiments.runstore import RunDir
 from experiments.throughput import ThroughputMeter
@@ -121,8 +121,6 @@ class Env:
 
 def setup_env(t: TrainConfig) -> Env:
     """Device, precision and (under torchrun) the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: 'cuda' requested but torch sees no CUDA device; use 'auto' or 'cpu'")
@@ -131,8 +129,7 @@ def setup_env(t: TrainConfig) -> Env:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = setup_process_group(device)
     if t.threads:
         torch.set_num_threads(t.threads)
     bf16 = t.dtype == "bf16" or (t.dtype == "auto" and device.type == "cuda")
