@@ -1,4 +1,5 @@
-"""The one place for parameter counts, FLOPs per token and decode memory traffic. Pure Python (no torch).
+"""The one place for parameter counts, FLOPs per token, decode memory traffic, and for distributed training the
+layouts a model accepts, memory-parallel traffic and memory per GPU (bottom of the file). Pure Python (no torch).
 
 Counting conventions (tests check `count_params` against `sum(p.numel())` of the built modules):
   embedding             token embedding V*d, plus the output head V*d when it is not tied
