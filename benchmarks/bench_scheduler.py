@@ -116,10 +116,10 @@ def bench_makespan(tmp: Path, backend: str, runs: int, steps: int, cpus: int) ->
     plan = plan_sweep(makespan_sweep(tmp, backend, runs, steps))
     init_s = 0.0
     if backend == "ray":
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback; read when ray is imported
         import ray
 
         t = time.perf_counter()
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(address="local", num_cpus=cpus, num_gpus=0, include_dashboard=False, _temp_dir=ray_temp_dir(),
                  object_store_memory=128 * 2**20, log_to_driver=False, logging_level=logging.WARNING)
         init_s = time.perf_counter() - t

@@ -246,20 +246,22 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, address: str | None = None):
+        address = address or os.environ.get("RAY_ADDRESS")
+        if not address and "ray" not in sys.modules:
+            # A fresh Ray binds the machine's address unless this is set when ray is imported: keep it on loopback.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
 
         self.ray = ray
         self.owned = False
         if ray.is_initialized():
             return
-        address = address or os.environ.get("RAY_ADDRESS")
         kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
         try:
             if address:
                 ray.init(address=address, **kwargs)
             else:
-                # A fresh, private, loopback-only Ray: no dashboard, small object store (runs pass no data).
-                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+                # A fresh, private Ray: no dashboard, small object store (runs pass no data).
                 ray.init(address="local", include_dashboard=False, _temp_dir=ray_temp_dir(),
                          object_store_memory=128 * 2**20, **kwargs)
         except ray.exceptions.AuthenticationError as err:

@@ -87,18 +87,20 @@ def _row(rd: Any, name: str, budget: int) -> dict[str, Any]:
 
     status = rd.status() if rd.status_path.exists() else {"state": "pending"}
     state = status.get("state", "pending")
-    train = [m for m in rd.metrics() if m.get("kind") == "train"] if rd.metrics_path.exists() else []
+    metrics = rd.metrics() if rd.metrics_path.exists() else []
+    train = [m for m in metrics if m.get("kind") == "train"]
+    evals = [m for m in metrics if m.get("kind") == "eval"]
     last = train[-1] if train else {}
     tokens = last.get("tokens", status.get("tokens", 0)) or 0
     tps = last.get("tokens_per_s")
     if state == "running" and not (is_claimed(rd) or _alive_here(status)):
         state = "interrupted"  # nothing trains it now: the next `sweep run` resumes it
     eta = (budget - tokens) / tps if state == "running" and tps and budget > tokens else None
-    final = rd.final() if state == "done" else None
+    final = (rd.final() if state == "done" else None) or {}
     return {
-        "run_id": rd.run_id, "name": name, "state": state, "step": status.get("step", last.get("step", 0)),
+        "run_id": rd.run_id, "name": name, "state": state, "step": max(status.get("step") or 0, last.get("step", 0)),
         "total_steps": status.get("total_steps"), "loss": last.get("loss"),
-        "val_loss": (final or {}).get("val_loss"), "tokens": tokens, "budget": budget, "tokens_per_s": tps,
+        "val_loss": final.get("val_loss", evals[-1]["val_loss"] if evals else None), "tokens": tokens, "budget": budget, "tokens_per_s": tps,
         "eta_s": eta, "attempts": status.get("attempts", 0), "node": status.get("node"),
         "error": (status.get("error") or "").splitlines()[0] if state == "failed" and status.get("error") else None,
     }
