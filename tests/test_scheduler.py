@@ -82,6 +82,7 @@ def attempt_headers(rd: RunDir) -> int:
 # ---- a small sweep on the session's local Ray --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_small_sweep_on_local_ray_ends_done_and_reruns_only_new_points(ray_local, tmp_path):
     body = """
         parameters:
