@@ -505,6 +505,9 @@ def run_sweep(plan: Plan, backend: str | Backend = "ray", address: str | None = 
     # Longest runs first (LPT: the makespan is then at most 4/3 of the optimum on identical slots); runs another
     # scheduler is training go last, so ours start with work nobody else is doing.
     jobs.sort(key=lambda j: (is_claimed(RunDir(j.run_dir)), -j.flops))
+    if not jobs:  # nothing to train: no backend (and no Ray start-up) needed
+        log(f"sweep {plan.sweep.name}: all {len(plan.runs)} runs already finished -> {plan.runs_dir}")
+        return SweepReport(plan, skipped, [], time.time() - t0)
     runner = make_backend(backend, address) if isinstance(backend, str) else backend
     try:
         nodes = runner.nodes()
@@ -521,7 +524,7 @@ def run_sweep(plan: Plan, backend: str | Backend = "ray", address: str | None = 
             log(f"[{done[0]}/{len(jobs)}] {o.state:<8} {o.run_id} ({names.get(o.run_id, '')}) "
                 f"{o.wall_s:.1f}s, {o.attempts} attempt(s), node {o.node}{extra}")
 
-        outcomes = runner.run(jobs, retries, max_concurrent, report) if jobs else []
+        outcomes = runner.run(jobs, retries, max_concurrent, report)
     finally:
         runner.close()
     result = SweepReport(plan, skipped, outcomes, time.time() - t0)
