@@ -196,7 +196,7 @@ def canonical_json(data: Any) -> str:
 
 
 # Fields that never change what a run computes, and so are left out of its id.
-_NOT_IN_ID = ("name", "sweep", "wandb")
+_NOT_IN_ID = ("name", "sweep", "wandb", "parallel")  # the layout changes how a run is computed, not what
 _TRAIN_NOT_IN_ID = ("log_every", "ckpt_every", "keep_checkpoints", "device", "compile", "threads")
 
 

@@ -107,24 +107,30 @@ def test_ive_shuffle_maps_every_virtual_slot_to_one_row_and_group():
     assert all(len(set(r.tolist())) == cfg.top_m for r in per_head.view(-1, cfg.top_m))
 
 
-def test_paper_init_gives_output_variance_one_over_2L():
-    """V ~ N(0, E/(2 m H L)) with calibrated scores (RMS 1) -> memory output variance 1/(2L) (measured)."""
+def test_paper_init_gives_pooled_variance_one_over_2L():
+    """V ~ N(0, E/(2 m H L)) with calibrated scores (RMS 1) -> pooled readout variance 1/(2L) (measured); the
+    value projection is depth-scaled like the FFN output, so the layer adds init_std-sized updates to the stream."""
     torch.manual_seed(1)
-    d, L = 128, 6
+    d, L, init_std = 128, 6, 0.02
     cfg = MemoryConfig(layers="every", num_keys=64, key_dim=16, value_dim=64, heads=2, query_share=2, top_m=16,
                        value_expansion=4, init="paper")
-    layer = UltraMemLayer(d, cfg, L)
+    layer = UltraMemLayer(d, cfg, L, init_std=init_std)
     x = torch.randn(1, 4096, d)
     with torch.no_grad():
+        rows, groups, scores = layer.lookup(x)
+        pooled = layer.gather_pool(layer.values, rows, scores, groups, cfg.value_expansion)  # [BT, E*Dv]
         y, _ = layer(x)
-        scores = layer.selected_scores(x)
-    measured = y.var().item()
-    print(f"\nUltraMem paper init: output variance {measured:.4f}, target 1/(2L) = {1 / (2 * L):.4f}; "
-          f"selected-score RMS {scores.pow(2).mean().sqrt().item():.3f} (target 1)")
+    measured = pooled.var().item()
+    print(f"\nUltraMem paper init: pooled variance {measured:.4f}, target 1/(2L) = {1 / (2 * L):.4f}; "
+          f"selected-score RMS {scores.pow(2).mean().sqrt().item():.3f} (target 1); output std {y.std().item():.4f}")
     assert measured == pytest.approx(1 / (2 * L), rel=0.1)
     assert scores.pow(2).mean().sqrt().item() == pytest.approx(1.0, rel=0.05)
-    # the value std is the paper's formula
+    # the value std is the paper's formula; the projection is N(0, init_std^2 / (2L)) like the FFN's output
     assert layer.values.std().item() == pytest.approx(math.sqrt(4 / (2 * 16 * 2 * L)), rel=0.02)
+    assert layer.value_proj.weight.std().item() == pytest.approx(init_std / math.sqrt(2 * L), rel=0.02)
+    # closed form of the output variance: (E*Dv inputs) * 1/(2L) * init_std^2/(2L)
+    expected_var = 4 * 64 / (2 * L) * init_std**2 / (2 * L)
+    assert y.var().item() == pytest.approx(expected_var, rel=0.15)
 
 
 def test_official_init_uses_released_constants():

@@ -158,10 +158,10 @@ class Transformer(nn.Module):
         if self.cfg.family == "ultramem":
             from ultramem.memory.ultramem import UltraMemLayer
 
-            return UltraMemLayer(self.cfg.d_model, self.cfg.memory, self.cfg.n_layers)
+            return UltraMemLayer(self.cfg.d_model, self.cfg.memory, self.cfg.n_layers, self.cfg.init_std)
         from ultramem.memory.pkm import PKMLayer
 
-        return PKMLayer(self.cfg.d_model, self.cfg.memory, self.cfg.n_layers)
+        return PKMLayer(self.cfg.d_model, self.cfg.memory, self.cfg.n_layers, self.cfg.init_std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> ModelOutput:

@@ -17,13 +17,13 @@ from torch import nn
 
 from ultramem.config import MemoryConfig
 from ultramem.kernels.retrieval import gather_pool
-from ultramem.memory.init import calibrate_scores, init_query_and_keys, value_std
+from ultramem.memory.init import calibrate_scores, init_query_and_keys, value_proj_std, value_std
 from ultramem.memory.query import NORM_EPS, ProductQuery
 from ultramem.memory.tdqkr import activate
 
 
 class PKMLayer(nn.Module):
-    def __init__(self, d_model: int, cfg: MemoryConfig, n_layers: int):
+    def __init__(self, d_model: int, cfg: MemoryConfig, n_layers: int, init_std: float = 0.02):
         super().__init__()
         self.cfg = cfg
         H, s, n, Dk, Dv = cfg.heads, cfg.query_share, cfg.num_keys, cfg.key_dim, cfg.value_dim
@@ -33,13 +33,14 @@ class PKMLayer(nn.Module):
         self.values = nn.Parameter(torch.empty(n * n, Dv))
         self.value_proj = nn.Linear(Dv, d_model, bias=False) if cfg.value_proj else None
         self.dropout = nn.Dropout(cfg.dropout)
+        self.init_std = init_std
         self.reset_parameters(d_model, n_layers)
 
     def reset_parameters(self, d_model: int, n_layers: int) -> None:
         init_query_and_keys(self.query, self.keys, self.key_norm, self.cfg, d_model)
         nn.init.normal_(self.values, std=value_std(self.cfg, n_layers))
         if self.value_proj is not None:
-            nn.init.normal_(self.value_proj.weight, std=self.cfg.value_dim**-0.5)
+            nn.init.normal_(self.value_proj.weight, std=value_proj_std(self.cfg, n_layers, self.init_std))
         self.calibration_rms = calibrate_scores(self, self.query, d_model)
 
     def lookup(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:

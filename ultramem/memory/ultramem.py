@@ -16,12 +16,12 @@ from torch import nn
 
 from ultramem.config import MemoryConfig
 from ultramem.kernels.retrieval import gather_pool
-from ultramem.memory.init import calibrate_scores, init_query_and_keys, value_std
+from ultramem.memory.init import calibrate_scores, init_query_and_keys, value_proj_std, value_std
 from ultramem.memory.tdqkr import TDQKR
 
 
 class UltraMemLayer(nn.Module):
-    def __init__(self, d_model: int, cfg: MemoryConfig, n_layers: int):
+    def __init__(self, d_model: int, cfg: MemoryConfig, n_layers: int, init_std: float = 0.02):
         super().__init__()
         self.cfg = cfg
         E, N, Dv = cfg.value_expansion, cfg.num_values, cfg.value_dim
@@ -32,6 +32,7 @@ class UltraMemLayer(nn.Module):
         self.register_buffer("shuffle", torch.randperm(E * N).to(torch.int32))
         self.dropout = nn.Dropout(cfg.dropout)
         self.gather_pool = gather_pool  # ultramem.parallel.memory_parallel swaps in the op for a sharded table
+        self.init_std = init_std
         self.reset_parameters(d_model, n_layers)
 
     def reset_parameters(self, d_model: int, n_layers: int) -> None:
@@ -40,7 +41,7 @@ class UltraMemLayer(nn.Module):
         nn.init.uniform_(self.retrieval.cores, 0.0, 1.0)
         nn.init.normal_(self.values, std=value_std(cfg, n_layers))
         if self.value_proj is not None:
-            nn.init.normal_(self.value_proj.weight, std=(cfg.value_expansion * cfg.value_dim) ** -0.5)
+            nn.init.normal_(self.value_proj.weight, std=value_proj_std(self.cfg, n_layers, self.init_std))
         self.retrieval.u.zero_()
         self.retrieval.t.zero_()
         self.retrieval.refresh_rank1()
