@@ -345,6 +345,26 @@ def test_shipped_sweeps_plan(monkeypatch):
     assert at8[-1].total_params > 5 * at8[0].total_params and at8[-1].active_params < 1.2 * at8[0].active_params
 
 
+def test_study_sweeps_cover_what_the_committed_study_claims(monkeypatch):
+    """docs/results: >= 5 activated sizes per family on two corpora, MoE and UltraMem of equal total params, and
+    >= 4 memory sizes at one activated size."""
+    monkeypatch.chdir(REPO)
+    for name in ("study_shakespeare", "study_knowledge"):
+        runs = plan_sweep(REPO / "sweeps" / f"{name}.yaml").runs
+        by_size = {}
+        for fam in ("dense", "moe", "ultramem"):
+            sizes = sorted(r.active_params for r in runs if r.family == fam)
+            assert len(set(sizes)) >= 5, (name, fam)
+            by_size[fam] = sorted((r.active_params, r.total_params) for r in runs if r.family == fam)
+        for (a_moe, t_moe), (a_um, t_um) in zip(by_size["moe"], by_size["ultramem"], strict=True):
+            assert abs(t_moe / t_um - 1) < 0.05 and abs(a_moe / a_um - 1) < 0.05
+        assert len({r.tokens for r in runs}) == 1  # equal data for every run
+    mem = [r for r in plan_sweep(REPO / "sweeps" / "study_memory.yaml").runs if r.family == "ultramem"]
+    assert len({r.total_params for r in mem}) >= 4
+    # activated params move only with the key tables (n keys per side): +16% from n = 32 to 362
+    assert max(r.active_params for r in mem) < 1.2 * min(r.active_params for r in mem)
+
+
 def test_resource_nproc_becomes_the_runs_parallel_nproc(tmp_path):
     path = write(tmp_path, """
         name: p
