@@ -32,6 +32,10 @@ BATCH_PARAMS_REF = 108e6
 BATCH_EXPONENT = 2 / 3
 MIN_STEPS = 100
 
+# Warmup floor for short runs (see warmup_steps).
+MIN_WARMUP_STEPS = 20
+SHORT_RUN_WARMUP_FRACTION = 0.05
+
 # Learning rate: the UltraMem paper's Table 4 and the power law fitted to it.
 PAPER_TABLE4_LR = ((151e6, 6e-4), (680e6, 2.5e-4), (1.6e9, 2e-4), (6.5e9, 1.2e-4))
 LR_COEF = 1.5073
@@ -63,6 +67,16 @@ def num_steps(token_budget: int, batch_size: int, seq_len: int) -> int:
 
 
 def warmup_steps(warmup: float, steps: int) -> int:
-    """`warmup` < 1 is a fraction of the steps (paper: 0.01), >= 1 a number of steps; never more than `steps`."""
-    n = math.ceil(warmup * steps) if warmup < 1 else int(warmup)
+    """`warmup` < 1 is a fraction of the steps (paper: 0.01), >= 1 a number of steps; never more than `steps`.
+
+    A fraction gets a floor for short runs: at least min(MIN_WARMUP_STEPS, 5% of the steps). The paper's 1% of a
+    238k-step run is 2,384 steps; 1% of a 391-step CPU run is 4, which measurably hurts deeper models: dense-t5
+    (6 layers) on tinyshakespeare, 130 steps of 8 x 256 bytes at lr 3e-3, ends at val loss 2.65 with 4 warmup
+    steps and 2.17 with 20 (2.23 with 20 at lr 1e-3). Give a number of steps (>= 1) to bypass the floor.
+    """
+    if warmup >= 1:
+        return min(int(warmup), steps)
+    n = math.ceil(warmup * steps)
+    if warmup > 0:
+        n = max(n, min(MIN_WARMUP_STEPS, math.ceil(SHORT_RUN_WARMUP_FRACTION * steps)))
     return min(n, steps)

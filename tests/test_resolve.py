@@ -59,7 +59,7 @@ def test_auto_batch_and_lr_follow_hparams_and_explicit_values_win():
 def test_warmup_becomes_steps_and_micro_batch_defaults_to_the_per_process_batch():
     r = resolve_run_config(_cfg(train={"steps": 250, "batch_size": 8, "warmup": 0.01},
                                 parallel={"nproc": 2}))
-    assert r.train.warmup == 3  # ceil(2.5)
+    assert r.train.warmup == 13  # ceil(2.5), floored at min(20, ceil(5% of 250)) for a short run
     assert r.train.micro_batch_size == 4
 
 

@@ -82,8 +82,12 @@ def test_short_budgets_shrink_the_batch_to_keep_min_steps():
 
 
 def test_warmup_fraction_and_steps():
-    assert hparams.warmup_steps(0.01, 1000) == 10
-    assert hparams.warmup_steps(0.01, 50) == 1  # a nonzero fraction always warms up at least one step
+    assert hparams.warmup_steps(0.01, 238_418) == 2385  # the paper's 1% of a long run
+    assert hparams.warmup_steps(0.01, 1000) == 20  # short runs: at least min(20 steps, 5% of the run)
+    assert hparams.warmup_steps(0.01, 391) == 20
+    assert hparams.warmup_steps(0.01, 50) == 3
+    assert hparams.warmup_steps(0.01, 5) == 1  # a nonzero fraction always warms up at least one step
+    assert hparams.warmup_steps(0.5, 100) == 50
     assert hparams.warmup_steps(0.0, 50) == 0
     assert hparams.warmup_steps(25, 1000) == 25
     assert hparams.warmup_steps(25, 10) == 10
