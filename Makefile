@@ -8,7 +8,7 @@ UM         := $(VENV)/bin/ultramem
 SWEEP      ?= sweeps/tiny_cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint format demo plots bench study clean
+.PHONY: setup test test-fast lint format demo plots bench study results clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,16 @@ demo: setup
 
 plots: setup
 	$(UM) plots $(SWEEP)
+
+# The committed study (docs/results/): three sweeps, ~1.5 h on 2 cores, then each report into docs/results/<sweep>/.
+STUDY := study_shakespeare study_knowledge study_memory
+study: setup
+	for s in $(STUDY); do $(UM) sweep run sweeps/$$s.yaml || exit 1; done
+	for s in $(STUDY); do $(UM) plots sweeps/$$s.yaml --out docs/results/$$s || exit 1; done
+
+# Regenerate the committed figures and reports from the committed tables (byte-identical).
+results: setup
+	for s in $(STUDY); do $(UM) plots docs/results/$$s/runs.csv || exit 1; done
 
 bench: setup
 	$(UM) bench layers

@@ -91,12 +91,14 @@ def plot_scaling(runs: pd.DataFrame, fits: dict[str, FamilyFit], x: str, y: str 
     """Loss against `x` per family: runs as markers, the fitted law and its bootstrap band."""
     fig, (ax,) = _figure()
     drawn = False
+    ys: list[float] = []
     for fam in families(runs):
         df = runs[runs["family"] == fam]
         df = df[np.isfinite(pd.to_numeric(df[x], errors="coerce")) & np.isfinite(df[y])]
         if df.empty:
             continue
         drawn = True
+        ys.extend(df[y].astype(float))
         ff = fits.get(fam)
         if ff is not None and ff.fit is not None:
             xs = _curve_x(*ff.fit.x_range)
@@ -111,6 +113,8 @@ def plot_scaling(runs: pd.DataFrame, fits: dict[str, FamilyFit], x: str, y: str 
                        label=f"{fam} (no law: {why})" if why else fam)
     if not drawn:
         _note(ax, f"no finished runs with {x}")
+    if ys:  # the runs set the view: a weakly identified law's band can span decades and would flatten the points
+        ax.set_ylim(min(ys) / 1.1, max(ys) * 1.15)
     _log(ax)
     ax.set_xlabel(f"{AXES.get(x, x)}   [{SYMBOLS.get(x, 'x')}]")
     ax.set_ylabel(LOSS_LABEL)
