@@ -377,7 +377,7 @@ def build_report(source: str | Path, out_dir: str | Path | None = None, *, n_boo
     figs = figures(a)
     for stem, fig in figs.items():
         plots.save(fig, out / "figures", stem)
-    (out / "fits.json").write_text(json.dumps(fits_json(a), indent=2, sort_keys=True, allow_nan=False,
+    (out / "fits.json").write_text(json.dumps(_finite(fits_json(a)), indent=2, sort_keys=True, allow_nan=False,
                                               default=_json_default) + "\n")
     sweeps = sorted({str(s) for s in collected.runs["sweep"].dropna()}) if "sweep" in collected.runs else []
     title = title or f"Scaling report: {', '.join(sweeps) or name}"
@@ -390,6 +390,17 @@ def build_report(source: str | Path, out_dir: str | Path | None = None, *, n_boo
 def _reload(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     saved = load_collected(out / "runs.csv")
     return saved.runs, saved.curves
+
+
+def _finite(o: Any) -> Any:
+    """JSON has no inf/nan: an unbounded interval end or an undefined value is written as null."""
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_finite(v) for v in o]
+    if isinstance(o, float | np.floating) and not math.isfinite(float(o)):
+        return None
+    return o
 
 
 def _json_default(o: Any) -> Any:

@@ -130,3 +130,15 @@ def test_fit_command_errors_name_the_column_and_the_file(tmp_path, capsys):
     assert str(path) in err and "'loss'" in err and "--*-col" in err
     assert fit_cmd.run(_parse(fit_cmd, [str(path), "--law", "power", "--loss-col", "val_loss"])) == 2
     assert "not enough points" in capsys.readouterr().err
+
+
+def test_fits_json_writes_unbounded_interval_ends_as_null():
+    """JSON has no inf/nan (fits.json is written with allow_nan=False): a bootstrap that cannot bound a parameter
+    gives an infinite end, which must be written as null instead of failing the whole report."""
+    import numpy as np
+
+    from analysis.report import _finite
+
+    obj = {"law": {"alpha": 0.3, "lo": float("-inf"), "hi": float("inf")}, "pts": [1.0, float("nan"), np.float64(2)]}
+    out = json.loads(json.dumps(_finite(obj), allow_nan=False))
+    assert out == {"law": {"alpha": 0.3, "lo": None, "hi": None}, "pts": [1.0, None, 2.0]}
