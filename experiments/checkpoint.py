@@ -63,15 +63,12 @@ def save(run_dir: RunDir, step: int, state: dict[str, Any], keep: int) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    run_dir.prune_checkpoints(keep)
+    prune(run_dir, keep)
     return path
 
 
-def load_latest(run_dir: RunDir) -> dict[str, Any] | None:
-    """The newest checkpoint of the run (on CPU), or None when the run has none yet."""
-    path = run_dir.latest_checkpoint()
-    if path is None:
-        return None
+def load(path: Path) -> dict[str, Any]:
+    """A single-file checkpoint (on CPU)."""
     # weights_only=False: the RNG states are Python/NumPy objects; the file is one this trainer wrote.
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("format") != FORMAT_VERSION:

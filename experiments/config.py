@@ -11,12 +11,15 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ultramem.config import ConfigError, ModelConfig, deep_merge, expand_dotted
+
+if TYPE_CHECKING:
+    from ultramem.accounting import ParallelLayout
 
 
 class Strict(BaseModel):
@@ -89,6 +92,15 @@ class ParallelConfig(Strict):
     activation_checkpointing: bool = False
     expert_parallel: int = Field(1, ge=1)
     memory_parallel: MemoryParallelConfig = Field(default_factory=MemoryParallelConfig)
+
+    def layout(self, world_size: int) -> ParallelLayout:
+        """This block on `world_size` processes, in the accounting module's terms (torch-free)."""
+        from ultramem.accounting import ParallelLayout
+
+        return ParallelLayout(world_size=world_size, fsdp=self.fsdp,
+                              activation_checkpointing=self.activation_checkpointing,
+                              expert_parallel=self.expert_parallel, memory_parallel=self.memory_parallel.mode,
+                              memory_parallel_size=self.memory_parallel.size)
 
 
 class RunConfig(Strict):

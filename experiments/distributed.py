@@ -62,13 +62,6 @@ def setup_process_group(device: torch.device) -> tuple[int, int]:
     return rank, world
 
 
-def layout_of(parallel: ParallelConfig, world_size: int) -> ParallelLayout:
-    return ParallelLayout(world_size=world_size, fsdp=parallel.fsdp,
-                          activation_checkpointing=parallel.activation_checkpointing,
-                          expert_parallel=parallel.expert_parallel, memory_parallel=parallel.memory_parallel.mode,
-                          memory_parallel_size=parallel.memory_parallel.size)
-
-
 @dataclass
 class Parallel:
     """The runtime side of a ParallelLayout for one process (rank `rank` of `layout.world_size`)."""
@@ -84,7 +77,7 @@ class Parallel:
     @classmethod
     def from_config(cls, parallel: ParallelConfig, mcfg: ModelConfig, device: torch.device, rank: int,
                     world_size: int, bf16: bool = False, source: str = "<config>") -> Parallel:
-        layout = layout_of(parallel, world_size)
+        layout = parallel.layout(world_size)
         try:
             check_layout(mcfg, layout)
         except ConfigError as err:
@@ -161,7 +154,6 @@ class Parallel:
             if self.rank == 0:
                 checkpoint.save(rd, step, {"model": model.state_dict(), "optimizer": opt.state_dict(), **extras},
                                 keep)
-                checkpoint.prune(rd, keep)
             _barrier(self.world_size)
             return
         save_sharded(rd, step, model, opt, extras, keep, self.rank, self.world_size)
@@ -177,7 +169,7 @@ class Parallel:
             raise ConfigError(f"{path} is a single-file checkpoint (written without sharding); resume it with its "
                               "own layout (parallel.fsdp: false, expert_parallel: 1, memory_parallel.mode: none) "
                               "until the next checkpoint, or start a new run folder")
-        state = checkpoint.load_latest(rd)
+        state = checkpoint.load(path)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         return state
@@ -196,7 +188,6 @@ def split_by_mesh(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
             kinds.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
         out += [{**group, "params": params} for params in kinds.values()]
     return out
-
 
 
 @torch.no_grad()

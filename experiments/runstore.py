@@ -188,17 +188,8 @@ class RunDir:
             return []
         return sorted(self.ckpt_dir.glob("step_*.pt"))
 
-    def latest_checkpoint(self) -> Path | None:
-        ckpts = self.checkpoints()
-        return ckpts[-1] if ckpts else None
-
     def checkpoint_path(self, step: int) -> Path:
         return self.ckpt_dir / f"step_{step:08d}.pt"
-
-    def prune_checkpoints(self, keep: int) -> None:
-        for p in self.checkpoints()[:-keep]:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
 
     @property
     def claim_path(self) -> Path:

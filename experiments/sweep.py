@@ -36,6 +36,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from experiments.config import (
+    ParallelConfig,
     RunConfig,
     Strict,
     WandbConfig,
@@ -461,22 +462,21 @@ def _usable(resources: Resources) -> float:
 
 
 def _layout(config: dict[str, Any], nproc: int) -> Any:
-    from ultramem.accounting import ParallelLayout
-
-    par = config["parallel"]
-    return ParallelLayout(world_size=nproc, fsdp=par["fsdp"], activation_checkpointing=par["activation_checkpointing"],
-                          expert_parallel=par["expert_parallel"], memory_parallel=par["memory_parallel"]["mode"],
-                          memory_parallel_size=par["memory_parallel"]["size"])
+    return ParallelConfig.model_validate(config["parallel"]).layout(nproc)
 
 
-def _memory_gb(config: dict[str, Any], nproc: int) -> float:
-    """Estimated peak GB per GPU of a resolved run config on `nproc` GPUs (its micro-batch, capped by the
-    sequences each GPU gets; bf16 compute unless train.dtype is fp32)."""
+def _model_fields(model: dict[str, Any]) -> dict[str, Any]:
+    """A resolved model block as ModelConfig fields (the preset name is a label, not a field)."""
+    return {k: v for k, v in model.items() if k != "preset"}
+
+
+def _memory_gb(cfg: ModelConfig, config: dict[str, Any], nproc: int) -> float:
+    """Estimated peak GB per GPU of the resolved run config `config` (model `cfg`) on `nproc` GPUs (its
+    micro-batch, capped by the sequences each GPU gets; bf16 compute unless train.dtype is fp32)."""
     from ultramem.accounting import train_memory
 
     t = config["train"]
     micro = min(t["micro_batch_size"], t["batch_size"] // nproc)
-    cfg = ModelConfig.from_dict({k: v for k, v in config["model"].items() if k != "preset"})
     return train_memory(cfg, _layout(config, nproc), micro, t["seq_len"],
                         compute_bytes=4 if t["dtype"] == "fp32" else 2).gb
 
@@ -484,6 +484,7 @@ def _memory_gb(config: dict[str, Any], nproc: int) -> float:
 def _does_not_fit(run: PlannedRun) -> str:
     """The error line of a run that does not fit: what it needs, and the smallest GPU count where it would."""
     lay = _layout(run.config, run.resources.nproc)
+    cfg = ModelConfig.from_dict(_model_fields(run.config["model"]))
     head = (f"run {run.index} ({run.name}): {run.memory_per_gpu_gb:.1f} GB per GPU with {run.strategy} on "
             f"{run.resources.nproc} GPUs > {_usable(run.resources):.0f} GB usable of {run.resources.gpu_memory_gb:g}")
     step = math.lcm(lay.expert_parallel, lay.memory_parallel_size)
@@ -491,7 +492,7 @@ def _does_not_fit(run: PlannedRun) -> str:
     for n in range(run.resources.nproc + 1, MAX_PLANNED_GPUS + 1):
         if n % step or batch % n:
             continue
-        gb = _memory_gb(run.config, n)
+        gb = _memory_gb(cfg, run.config, n)
         if gb <= _usable(run.resources):
             return (f"{head}; it needs {n} GPUs ({gb:.1f} GB each): set resources gpus and nproc to {n}, or shard "
                     "more (parallel.fsdp, memory_parallel, expert_parallel, activation_checkpointing)")
@@ -506,7 +507,8 @@ class _Planner:
     def __init__(self, sweep: SweepFile, base: dict[str, Any]):
         self.sweep, self.base = sweep, base
         self.resolved: dict[str, dict[str, Any]] = {}
-        self.counts: dict[str, tuple[Any, float]] = {}
+        self.models: dict[str, ModelConfig] = {}
+        self.counts: dict[tuple[int, int], tuple[Any, float]] = {}
 
     def plan(self, point: Point, where: str) -> PlannedRun:
         data = self.resolve(point.config, where)
@@ -516,11 +518,12 @@ class _Planner:
             # torchrun's process count is the run's parallel.nproc too (batch rounding, data sharding)
             data = self.resolve(deep_merge(point.config, {"parallel": {"nproc": resources.nproc}}), where)
         model = data["model"]
+        cfg = self.model_config(model)
         try:
             layout = _layout(data, resources.nproc)
             from ultramem.accounting import check_layout
 
-            check_layout(ModelConfig.from_dict({k: v for k, v in model.items() if k != "preset"}), layout)
+            check_layout(cfg, layout)
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
         return PlannedRun(
@@ -529,7 +532,7 @@ class _Planner:
             active_params=_count(params, "active"), non_embedding_params=_count(params, "non_embedding"),
             tokens=int(data["train"]["tokens"]), flops_per_token=fpt, resources=resources,
             strategy=layout.describe(),
-            memory_per_gpu_gb=_memory_gb(data, resources.nproc) if resources.gpus >= 1 else None,
+            memory_per_gpu_gb=_memory_gb(cfg, data, resources.nproc) if resources.gpus >= 1 else None,
         )
 
     def resolve(self, config: dict[str, Any], where: str) -> dict[str, Any]:
@@ -547,13 +550,19 @@ class _Planner:
         data["seed"], data["name"] = cfg.seed, cfg.name
         return data
 
+    def model_config(self, model: dict[str, Any]) -> ModelConfig:
+        """The ModelConfig of a resolved model block, built once per distinct model."""
+        key = canonical_json(_model_fields(model))
+        if key not in self.models:
+            self.models[key] = ModelConfig.from_dict(_model_fields(model))
+        return self.models[key]
+
     def count(self, model: dict[str, Any], seq_len: int) -> tuple[Any, float]:
         from ultramem.accounting import count_params, flops_per_token
 
-        fields = {k: v for k, v in model.items() if k != "preset"}
-        key = canonical_json([fields, seq_len])
+        cfg = self.model_config(model)
+        key = (id(cfg), seq_len)  # configs stay in self.models, so their ids are stable keys
         if key not in self.counts:
-            cfg = ModelConfig.from_dict(fields)
             self.counts[key] = (count_params(cfg), float(flops_per_token(cfg, seq_len, training=True)))
         return self.counts[key]
 

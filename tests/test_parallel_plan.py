@@ -49,12 +49,12 @@ def test_a_run_that_does_not_fit_is_refused_with_the_gpu_count_it_needs(tmp_path
     assert "ultramem-1.6b-x12" in msg and "with fsdp on 8 GPUs" in msg
     needed = int(msg.split("it needs ")[1].split(" GPUs")[0])
     # the smallest count that divides the batch and fits, by the same estimate
-    config = {"model": {"preset": "ultramem-1.6b-x12", **get_preset("ultramem-1.6b-x12").override(
-        {"vocab_size": 50304}).to_dict()},
+    cfg = get_preset("ultramem-1.6b-x12").override({"vocab_size": 50304})
+    config = {"model": {"preset": "ultramem-1.6b-x12", **cfg.to_dict()},
         "train": {"micro_batch_size": 4, "batch_size": 2048, "seq_len": 2048, "dtype": "auto"},
         "parallel": {"fsdp": True, "activation_checkpointing": False, "expert_parallel": 1,
                      "memory_parallel": {"mode": "none", "size": 1}}}
-    fits = [n for n in range(8, needed + 1) if 2048 % n == 0 and _memory_gb(config, n) <= 72]
+    fits = [n for n in range(8, needed + 1) if 2048 % n == 0 and _memory_gb(cfg, config, n) <= 72]
     assert fits == [needed]
     # with memory parallelism the same run fits the 8 GPUs
     plan = plan_sweep(_sweep(tmp_path, "ultramem-1.6b-x12", "{fsdp: true, memory_parallel: {mode: dim, size: 8}}"))

@@ -343,11 +343,12 @@ def train_memory(cfg: ModelConfig, layout: ParallelLayout, micro_batch_size: int
 
     M = num_memory_layers(cfg)
     table = values / M if M else 0
-    block = (dense - pc.embedding - (M * memory_layer_params(cfg.memory, d, cfg.family).dense if M else 0)) / L
+    mem_dense = memory_layer_params(cfg.memory, d, cfg.family).dense if M else 0  # one memory layer's non-table
+    block = (dense - pc.embedding - M * mem_dense) / L
     if layout.fsdp:
         units = [pc.embedding, block + (experts / L if layout.expert_parallel == 1 else 0)]
         if M:
-            units.append(memory_layer_params(cfg.memory, d, cfg.family).dense + (table if mp == 1 else 0))
+            units.append(mem_dense + (table if mp == 1 else 0))
         biggest = max(units)
         buffers = 2 * biggest * compute_bytes + 4 * biggest
     else:
