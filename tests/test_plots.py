@@ -92,6 +92,16 @@ def test_scaling_figure_carries_formulas_units_and_log_axes(study):
     assert ax.collections  # CI bands (fill_between) and the runs (scatter)
 
 
+def test_scaling_figure_y_range_follows_the_runs_not_the_bands(study):
+    """A weakly identified law's bootstrap band can span decades; the view is set by the runs (all visible, with a
+    margin), so the points are not flattened against one edge."""
+    runs = collect_runs(study / "runs" / "ladder", cache=False).runs
+    fits = fit_families(runs, "flops", n_boot=20)
+    lo, hi = plot_scaling(runs, fits, "flops").axes[0].get_ylim()
+    y = runs["val_loss"].dropna()
+    assert lo == pytest.approx(y.min() / 1.1) and hi == pytest.approx(y.max() * 1.15)
+
+
 def test_save_is_deterministic(study, tmp_path):
     runs = collect_runs(study / "runs" / "ladder", cache=False).runs
     fits = fit_families(runs, "active_params", n_boot=20)
