@@ -333,7 +333,7 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env, par: Parallel) -> dict[str, Any]:
     elif env.main:
         rd.truncate_metrics_after(0)
     if env.main:
-        rd.update_status(step=start, tokens=start * tokens_per_step)
+        rd.update_status(step=start, tokens=start * tokens_per_step, resumed_from=start)
 
     compiled = torch.compile(raw) if t.compile else raw
     model = par.wrap(compiled)

@@ -199,7 +199,9 @@ def test_sweep_runs_on_both_hosts_and_survives_losing_the_worker_host(two_hosts,
     status = victim.status()
     assert status["node"] == two_hosts.ip["head"] and status["attempts"] >= 2
     steps = [(m["step"], m["time"]) for m in victim.metrics() if m.get("kind") == "train"]
-    resumed_from = max(s for s, t in steps if t < lost_at)
-    assert resumed_from >= 20 and resumed_from % 20 == 0
+    # The orphaned trainer on the worker host may log a few more steps before it notices its Ray worker is gone, so
+    # the resume point is what the last attempt reports, checked against the checkpoint schedule.
+    resumed_from = status["resumed_from"]
+    assert resumed_from >= 20 and resumed_from % 20 == 0 and resumed_from < 120
     assert all(t > lost_at for s, t in steps if s > resumed_from)
     assert "[3/3]" in out and "3 done" in out
