@@ -39,15 +39,17 @@ demo: setup
 plots: setup
 	$(UM) plots $(SWEEP)
 
-# The committed study (docs/results/): three sweeps, ~1.5 h on 2 cores, then each report into docs/results/<sweep>/.
+# The committed study (docs/results/): three sweeps, ~1.8 h on 2 cores, then each report into docs/results/<sweep>/.
+# study_knowledge has one seed that trained late (docs/results/README.md), so its laws are fitted robustly.
 STUDY := study_shakespeare study_knowledge study_memory
+PLOTS_study_knowledge := --solver huber
 study: setup
 	for s in $(STUDY); do $(UM) sweep run sweeps/$$s.yaml || exit 1; done
-	for s in $(STUDY); do $(UM) plots sweeps/$$s.yaml --out docs/results/$$s || exit 1; done
+	$(foreach s,$(STUDY),$(UM) plots sweeps/$(s).yaml --out docs/results/$(s) $(PLOTS_$(s)) &&) true
 
 # Regenerate the committed figures and reports from the committed tables (byte-identical).
 results: setup
-	for s in $(STUDY); do $(UM) plots docs/results/$$s/runs.csv || exit 1; done
+	$(foreach s,$(STUDY),$(UM) plots docs/results/$(s)/runs.csv $(PLOTS_$(s)) &&) true
 
 bench: setup
 	$(UM) bench layers

@@ -58,6 +58,7 @@ class Analysis:
     isoflop: dict[str, Any] | None
     bench: pd.DataFrame | None
     level: float = 0.95
+    solver: str = "lsq"  # how the family laws were fitted (analysis/fit.py SOLVERS)
     claims: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -82,16 +83,18 @@ def _isoflop(runs: pd.DataFrame) -> dict[str, Any] | None:
 
 
 def analyse(collected: Collected, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-            bench: pd.DataFrame | None = None) -> Analysis:
+            bench: pd.DataFrame | None = None, solver: str = "lsq") -> Analysis:
+    """solver: how the family laws L = E + A·x^(−α) are fitted ("lsq", or "huber" to be robust to an outlying run;
+    analysis/fit.py). The memory-size laws are always least squares."""
     runs = collected.runs
     kw = dict(n_boot=n_boot, seed=seed, level=level)
-    scaling = {x: fit_families(runs, x, **kw) for x in SCALING_AXES}
+    scaling = {x: fit_families(runs, x, solver=solver, **kw) for x in SCALING_AXES}
     mult = compute_multiplier(runs, scaling["flops"].get("dense", FamilyFit("dense", "flops", 0, None,
                                                                              "no dense runs")), level=level,
                               seed=seed)
     a = Analysis(collected, scaling, exponent_differences(scaling["flops"], level=level), mult,
                  loss_gap(scaling["flops"], "ultramem", "moe", level=level), memory_laws(runs, **kw),
-                 knowledge_table(runs), _isoflop(runs), bench, level)
+                 knowledge_table(runs), _isoflop(runs), bench, level, solver)
     a.claims = claims(a)
     return a
 
@@ -99,9 +102,10 @@ def analyse(collected: Collected, *, n_boot: int = 1000, seed: int = 0, level: f
 # ---- the paper's claims -----------------------------------------------------------------------------------------
 
 
-def _verdict(e: Estimate, above: str, below: str, neither: str, at: float) -> str:
+def _verdict(e: Estimate, above: str, below: str, neither: str, at: float,
+             no_ci: str = "no interval: too few runs for a bootstrap") -> str:
     if not e.has_ci:
-        return "not testable (no interval: too few runs for a bootstrap)"
+        return f"not testable ({no_ci})"
     return above if e.lo > at else below if e.hi < at else neither
 
 
@@ -123,11 +127,15 @@ def claims(a: Analysis) -> list[dict[str, str]]:
                     "verdict": f"not testable ({why})"})
     if a.gap is not None:
         at, e = a.gap
+        unfit = [f for f in ("ultramem", "moe") if not a.scaling["flops"][f].fit.boot]
+        no_ci = (f"no interval: every bootstrap refit of the {' and '.join(unfit)} law failed, so these runs do not "
+                 "identify it" + ("" if a.solver == "huber" else "; an outlying run? try --solver huber")
+                 if unfit else "no interval: too few runs for a bootstrap")
         out.append({"claim": "UltraMem rivals MoE (equal activated compute and total parameters)",
                     "measured": f"loss(UltraMem) − loss(MoE) at C = {at:.3g} FLOPs: {e.fmt(3)} nats/token",
                     "verdict": _verdict(e, "UltraMem worse than MoE (interval above 0)",
                                         "UltraMem better than MoE (interval below 0)",
-                                        "no detectable difference (interval contains 0)", 0.0)})
+                                        "no detectable difference (interval contains 0)", 0.0, no_ci)})
     else:
         out.append({"claim": "UltraMem rivals MoE (equal activated compute and total parameters)", "measured": "—",
                     "verdict": "not testable (needs UltraMem and MoE laws over an overlapping compute range)"})
@@ -246,13 +254,22 @@ def _law_rows(fits: dict[str, FamilyFit], x: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+SOLVER_TEXT = {
+    "lsq": "Family laws are least-squares fits in log space (`--solver lsq`).",
+    "porian": "Family laws are fitted with Porian et al.'s procedure (`--solver porian`).",
+    "huber": "Family laws minimise the Huber loss (δ = 1e-3) of the log residuals (`--solver huber`), close to least "
+             "absolute deviations: an outlying run moves them little.",
+}
+
+
 def report_blocks(a: Analysis, title: str, figure_names: list[str]) -> list[tuple]:
     runs = a.collected.runs
     pct = f"{a.level:.0%}"
     b: list[tuple] = [("h", 1, title)]
     fams = ", ".join(f"{f} ({n})" for f, n in runs["family"].value_counts(sort=False).items())
     b.append(("p", f"{len(runs)} finished runs: {fams or 'none'}. Intervals are {pct} percentile intervals from "
-                   "a bootstrap over runs (whole runs are resampled). Losses are validation losses in nats/token."))
+                   "a bootstrap over runs (whole runs are resampled). Losses are validation losses in nats/token. "
+                   f"{SOLVER_TEXT[a.solver]}"))
     if a.collected.skipped:
         b.append(("p", f"Not included (no final.json): {', '.join(a.collected.skipped)}."))
     b.append(("h", 2, "The paper's claims, checked against these runs"))
@@ -333,7 +350,7 @@ def fits_json(a: Analysis) -> dict[str, Any]:
     memory = [{"backbone": m.backbone, "x": m.x, "n_runs": m.n_runs, "reason": m.reason,
                "log_linear": law(m.log_linear), "power": law(m.power)} for m in a.memory]
     records = lambda df: json.loads(df.to_json(orient="records"))
-    return {"level": a.level, "scaling": scaling, "exponent_differences": records(a.differences),
+    return {"level": a.level, "solver": a.solver, "scaling": scaling, "exponent_differences": records(a.differences),
             "compute_multiplier": {"summary": records(a.multiplier.summary),
                                    "points": records(a.multiplier.points)},
             "memory": memory, "knowledge": records(a.knowledge), "claims": a.claims}
@@ -348,7 +365,8 @@ def default_out_dir(runs_dir: str | Path) -> Path:
 
 
 def build_report(source: str | Path, out_dir: str | Path | None = None, *, n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95, bench: str | Path | None = None, title: str | None = None) -> Path:
+                 level: float = 0.95, bench: str | Path | None = None, title: str | None = None,
+                 solver: str = "lsq") -> Path:
     """Collect `source` (runs directory or saved runs table), analyse, write figures, tables and the report.
 
     bench: the inference benchmark JSON; default `<out_dir>/inference.json` if present, else the repository's
@@ -373,7 +391,7 @@ def build_report(source: str | Path, out_dir: str | Path | None = None, *, n_boo
         save_collected(collected, out)
         # analyse what was just written, so that re-running on the saved tables reproduces every figure exactly
         collected = Collected(*_reload(out), collected.skipped)
-    a = analyse(collected, n_boot=n_boot, seed=seed, level=level, bench=bench_df)
+    a = analyse(collected, n_boot=n_boot, seed=seed, level=level, bench=bench_df, solver=solver)
     figs = figures(a)
     for stem, fig in figs.items():
         plots.save(fig, out / "figures", stem)

@@ -60,12 +60,16 @@ def _run(root: Path, run_id: str, family: str, n_layers: int, d_model: int, acti
 
 
 def write_synthetic_ladder(root: str | Path, *, sizes: int = 5, seed: int = 0,
-                           truth: SyntheticTruth | None = None) -> SyntheticTruth:
+                           truth: SyntheticTruth | None = None,
+                           late: dict[str, float] | None = None) -> SyntheticTruth:
     """`sizes` activated sizes of each family: dense, and each family in `truth.multipliers` (moe, ultramem).
 
     Sparse models have 8× the dense total parameters and reach the loss of dense models trained with
     `multipliers[family]` times their compute: L = dense(M·C)·exp(noise).
+    late: {run id: factor} adds a second seed of that run, `<run id>-late`, whose loss is `factor` times the law's
+    (a run that trained late, the outlier a robust fit should resist).
     """
+    late = late or {}
     truth = truth or SyntheticTruth()
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -81,6 +85,9 @@ def write_synthetic_ladder(root: str | Path, *, sizes: int = 5, seed: int = 0,
                            "value_params": 7 * active}}
             _run(root, f"{fam}-{i}", fam, n_layers, d_model, active, 8 * active,
                  _noisy(truth.dense(mult * c), truth, rng), truth, rng, **extra)
+            if f"{fam}-{i}" in late:
+                _run(root, f"{fam}-{i}-late", fam, n_layers, d_model, active, 8 * active,
+                     late[f"{fam}-{i}"] * truth.dense(mult * c), truth, rng, **extra)
     return truth
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from analysis.collect import collect_runs
 from analysis.compare import fit_families
+from analysis.fit import SOLVERS
 from analysis.plots import plot_scaling, save
 from analysis.synthetic import write_synthetic_ladder, write_synthetic_memory_sweep
 from experiments.commands import fit as fit_cmd
@@ -78,6 +79,34 @@ def test_plots_command_accepts_a_sweep_file(study, tmp_path, capsys):
     missing.write_text(f"name: nothing\nparameters:\n  seed: {{values: [0]}}\noutput_dir: {tmp_path / 'none'}\n")
     assert plots_cmd.run(_parse(plots_cmd, [str(missing)])) == 2
     assert "run the sweep first" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_plots_solver_huber_resists_a_late_seed_that_pulls_least_squares_off(tmp_path):
+    """A second UltraMem seed at one size trained late (1.5x the loss). The Huber-fitted law stays on the generating
+    law at the other runs; least squares is pulled off it. The report and fits.json say which solver made them."""
+    truth = write_synthetic_ladder(tmp_path / "runs" / "ladder", sizes=5, seed=0, late={"ultramem-3": 1.5})
+    runs = tmp_path / "runs" / "ladder"
+    true_law = lambda c: truth.dense(truth.multipliers["ultramem"] * c)  # noqa: E731
+    finals = [json.loads((runs / f"ultramem-{i}" / "final.json").read_text()) for i in range(5)]
+    worst = {}
+    for solver in ("lsq", "huber"):
+        out = tmp_path / solver
+        argv = [str(runs), "--out", str(out), "--bootstrap", "20", "--solver", solver]
+        assert plots_cmd.run(_parse(plots_cmd, argv)) == 0
+        fits = json.loads((out / "fits.json").read_text())
+        assert fits["solver"] == solver and f"`--solver {solver}`" in (out / "report.md").read_text()
+        p = fits["scaling"]["flops"]["ultramem"]["fit"]["params"]
+        worst[solver] = max(abs(p["E"] + p["A"] * f["flops"] ** -p["alpha"] - true_law(f["flops"])) / true_law(
+            f["flops"]) for f in finals)
+    assert worst["huber"] < 0.02 < 0.05 < worst["lsq"], worst
+
+
+def test_plots_solver_choices_are_the_fitters(tmp_path):
+    parser = argparse.ArgumentParser()
+    plots_cmd.add_arguments(parser)
+    (action,) = [a for a in parser._actions if a.dest == "solver"]
+    assert set(action.choices) == set(SOLVERS) and action.default == "lsq"
 
 
 def test_scaling_figure_carries_formulas_units_and_log_axes(study):

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bootstrap resamples for every interval (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--bench", type=Path, default=None, help="inference benchmark JSON for the latency figure")
+    parser.add_argument("--solver", choices=("lsq", "huber", "porian"), default="lsq",
+                        help="how the family laws are fitted: lsq (least squares in log space, default), huber "
+                             "(robust to an outlying run, e.g. one seed that trained late), porian (Porian et al.)")
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -49,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {args.source}: {src} not found{hint}", file=sys.stderr)
         return 2
     try:
-        report = build_report(src, args.out, n_boot=args.bootstrap, seed=args.seed, bench=args.bench)
+        report = build_report(src, args.out, n_boot=args.bootstrap, seed=args.seed, bench=args.bench,
+                              solver=args.solver)
     except FitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
