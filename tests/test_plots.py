@@ -9,10 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis.collect import collect_runs
+from analysis.collect import collect_runs, load_collected
 from analysis.compare import fit_families
 from analysis.fit import SOLVERS
 from analysis.plots import plot_scaling, save
+from analysis.report import analyse
 from analysis.synthetic import write_synthetic_ladder, write_synthetic_memory_sweep
 from experiments.commands import fit as fit_cmd
 from experiments.commands import plots as plots_cmd
@@ -100,6 +101,19 @@ def test_plots_solver_huber_resists_a_late_seed_that_pulls_least_squares_off(tmp
         worst[solver] = max(abs(p["E"] + p["A"] * f["flops"] ** -p["alpha"] - true_law(f["flops"])) / true_law(
             f["flops"]) for f in finals)
     assert worst["huber"] < 0.02 < 0.05 < worst["lsq"], worst
+
+
+def test_claim_verdict_names_the_unidentified_law_on_the_committed_knowledge_runs():
+    """docs/results/study_knowledge: with UltraMem-t4 seed 0 in, every least-squares bootstrap refit of the UltraMem
+    law fails; the verdict says that (not "too few runs") and points at --solver huber, which gives an interval."""
+    table = Path(__file__).resolve().parents[1] / "docs" / "results" / "study_knowledge" / "runs.csv"
+    verdicts = {}
+    for solver in ("lsq", "huber"):
+        a = analyse(load_collected(table), n_boot=50, solver=solver)
+        (claim,) = [c for c in a.claims if c["claim"].startswith("UltraMem rivals MoE")]
+        verdicts[solver] = claim["verdict"]
+    assert "every bootstrap refit of the ultramem law failed" in verdicts["lsq"] and "--solver huber" in verdicts["lsq"]
+    assert not verdicts["huber"].startswith("not testable"), verdicts["huber"]
 
 
 def test_plots_solver_choices_are_the_fitters(tmp_path):
