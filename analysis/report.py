@@ -102,10 +102,10 @@ def analyse(collected: Collected, *, n_boot: int = 1000, seed: int = 0, level: f
 # ---- the paper's claims -----------------------------------------------------------------------------------------
 
 
-def _verdict(e: Estimate, above: str, below: str, neither: str, at: float,
-             no_ci: str = "no interval: too few runs for a bootstrap") -> str:
+def _verdict(e: Estimate, above: str, below: str, neither: str, at: float, no_ci: str | None = None) -> str:
+    """no_ci: why there is no interval, when known better than "too few runs"."""
     if not e.has_ci:
-        return f"not testable ({no_ci})"
+        return f"not testable ({no_ci or 'no interval: too few runs for a bootstrap'})"
     return above if e.lo > at else below if e.hi < at else neither
 
 
@@ -130,7 +130,7 @@ def claims(a: Analysis) -> list[dict[str, str]]:
         unfit = [f for f in ("ultramem", "moe") if not a.scaling["flops"][f].fit.boot]
         no_ci = (f"no interval: every bootstrap refit of the {' and '.join(unfit)} law failed, so these runs do not "
                  "identify it" + ("" if a.solver == "huber" else "; an outlying run? try --solver huber")
-                 if unfit else "no interval: too few runs for a bootstrap")
+                 if unfit else None)
         out.append({"claim": "UltraMem rivals MoE (equal activated compute and total parameters)",
                     "measured": f"loss(UltraMem) − loss(MoE) at C = {at:.3g} FLOPs: {e.fmt(3)} nats/token",
                     "verdict": _verdict(e, "UltraMem worse than MoE (interval above 0)",

@@ -18,6 +18,7 @@ import json
 import sys
 
 HELP = "fit a power law or the Chinchilla law to a CSV/parquet table, with bootstrap CIs"
+SOLVERS = ("lsq", "porian", "huber")  # analysis.fit.SOLVERS, restated so that parsing arguments imports no scipy
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--at", type=float, action="append", default=[], metavar="VALUE",
                         help="power: loss at x = VALUE; chinchilla: N_opt, D_opt at C = VALUE (repeatable)")
     parser.add_argument("--no-floor", action="store_true", help="power: pure power law (E = 0) by log-log OLS")
-    parser.add_argument("--solver", choices=("lsq", "porian", "huber"), default="lsq",
+    parser.add_argument("--solver", choices=SOLVERS, default="lsq",
                         help="power: lsq (default), porian (their published procedure, slower), huber")
     parser.add_argument("--estimator", choices=("huber", "mle"), default="huber",
                         help="chinchilla: huber (Hoffmann's objective, default) or mle (Epoch's Huber likelihood)")

@@ -15,6 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from experiments.commands.fit import SOLVERS
+
 HELP = "regenerate the plots and the Markdown/HTML report of a sweep"
 
 
@@ -27,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bootstrap resamples for every interval (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--bench", type=Path, default=None, help="inference benchmark JSON for the latency figure")
-    parser.add_argument("--solver", choices=("lsq", "huber", "porian"), default="lsq",
+    parser.add_argument("--solver", choices=SOLVERS, default="lsq",
                         help="how the family laws are fitted: lsq (least squares in log space, default), huber "
                              "(robust to an outlying run, e.g. one seed that trained late), porian (Porian et al.)")
 
