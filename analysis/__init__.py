@@ -40,7 +40,7 @@ from analysis.isoflop import fit_frontier, isoflop_optima
 
 def __getattr__(name: str):
     if name == "build_report":
-        from analysis.report import build_report
+        from analysis.report import build_report  # lazy: report loads plots and matplotlib (docstring above)
 
         return build_report
     raise AttributeError(f"module 'analysis' has no attribute {name!r}")

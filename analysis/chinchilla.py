@@ -139,15 +139,12 @@ def fit_chinchilla(n: object, d: object, loss: object, *, estimator: str = "hube
         return ChinchillaFit(ChinchillaLaw.from_theta(phi[:5]), nll, "mle", la.size, float(phi[5]))
     starts = lse.start_grid(2, HOFFMANN_A, HOFFMANN_E, HOFFMANN_ALPHA) if x0 is None else x0.theta()[None]
     if optimizer == "lbfgs":
-        theta, f = lse.fit_huber(logx, logy, starts, delta, refine_top)
+        best = lse.fit_huber(logx, logy, starts, delta, refine_top)
     else:
-        ranked = np.argsort(lse.huber_objective_batch(starts, logx, logy, delta), kind="stable")
-        tops = starts[ranked[:refine_top] if refine_top > 0 else ranked]
-        thetas, objs = lse.fit_batch(tops, logx, logy, delta=delta)
-        best = int(np.nanargmin(objs)) if np.isfinite(objs).any() else 0
-        theta, f = thetas[best], float(objs[best])
-    if not (np.all(np.isfinite(theta)) and np.isfinite(f)):
+        best = lse.refine_huber(starts, logx, logy, delta, refine_top)
+    if best is None or not (np.all(np.isfinite(best[0])) and np.isfinite(best[1])):
         raise FitError(f"{source}: no start reached a finite optimum for L(N, D)")
+    theta, f = best
     return ChinchillaFit(ChinchillaLaw.from_theta(theta), f, "huber", la.size)
 
 

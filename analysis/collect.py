@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.checks import FitError
-from experiments.runstore import RunDir, atomic_write_text, iter_run_dirs
+from runfolder import RunDir, atomic_write_text, iter_run_dirs, run_state
 
 RUN_COLUMNS = [
     "run_id", "name", "sweep", "family", "preset", "seed", "state", "backbone", "n_layers", "d_model",
@@ -123,12 +123,11 @@ def collect_runs(runs_dir: str | Path, *, cache: bool = True) -> Collected:
                          skipped)
     rows, curves, skipped = [], [], []
     for rd in dirs:
-        final = rd.final()
-        state = rd.status().get("state", "pending")
-        if final is None:
-            skipped.append(f"{rd.run_id} ({state})")
+        now = run_state(rd)
+        if now.final is None:
+            skipped.append(f"{rd.run_id} ({now.state}: {now.detail})" if now.detail else f"{rd.run_id} ({now.state})")
             continue
-        row = final_to_row(final, rd.read_config(), state, str(rd.path.relative_to(root)))
+        row = final_to_row(now.final.to_dict(), rd.read_config(), now.state, str(rd.path.relative_to(root)))
         row["run_id"] = row["run_id"] or rd.run_id
         rows.append(row)
         curves += metrics_to_curve(row["run_id"], row["family"], rd.metrics())

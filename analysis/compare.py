@@ -23,8 +23,8 @@ import pandas as pd
 from analysis.bootstrap import Estimate, LawFit, estimate
 from analysis.checks import FitError, NotEnoughPointsError
 from analysis.fit import MIN_POINTS_FLOOR, MIN_POINTS_PURE, fit_log_linear_ci, fit_power_law_ci
+from ultramem.families import families as registered_families
 
-FAMILY_ORDER = ("dense", "moe", "pkm", "ultramem")
 AXES = {  # column -> axis label with units
     "flops": "training compute C (FLOPs)",
     "active_params": "activated parameters",
@@ -39,8 +39,15 @@ FLOOR_MIN_SIZES = MIN_POINTS_FLOOR + 1  # "auto" fits a floor only with a residu
 
 
 def families(runs: pd.DataFrame) -> list[str]:
+    """The families present in `runs`: registered ones in registry order, then unknown names sorted."""
+    order = [f.name for f in registered_families()]
     present = list(dict.fromkeys(runs["family"].dropna()))
-    return [f for f in FAMILY_ORDER if f in present] + sorted(f for f in present if f not in FAMILY_ORDER)
+    return [f for f in order if f in present] + sorted(f for f in present if f not in order)
+
+
+def sparse_family_names() -> tuple[str, ...]:
+    """The registered families with parameters tokens select from (experts, value tables), in registry order."""
+    return tuple(f.name for f in registered_families() if f.sparse)
 
 
 def usable(runs: pd.DataFrame, x: str, y: str = "val_loss") -> pd.DataFrame:
@@ -156,7 +163,7 @@ class Multiplier:
 
 
 def compute_multiplier(runs: pd.DataFrame, dense: FamilyFit, y: str = "val_loss",
-                       sparse_families: tuple[str, ...] = ("moe", "pkm", "ultramem"), level: float = 0.95,
+                       sparse_families: tuple[str, ...] | None = None, level: float = 0.95,
                        seed: int = 0) -> Multiplier:
     """Effective compute multiplier M = C_dense(L)/C of each sparse run (of the family's ladder) on the dense law.
 
@@ -164,8 +171,9 @@ def compute_multiplier(runs: pd.DataFrame, dense: FamilyFit, y: str = "val_loss"
     family's runs; its CI resamples those runs as well (draw i: dense refit i and a resample of the runs), so it
     reflects both the dense law's uncertainty and the spread between the family's runs. Runs whose loss is at or
     below the dense floor E have no finite multiplier (nan, noted); C_dense outside the dense runs' compute range is
-    an extrapolation (noted).
+    an extrapolation (noted). `sparse_families` defaults to the registered families with sparse parameters.
     """
+    sparse_families = sparse_family_names() if sparse_families is None else sparse_families
     cols = ["run_id", "family", "flops", "loss", "dense_flops", "multiplier", "lo", "hi", "note"]
     if dense.fit is None or dense.x != "flops":
         why = dense.reason or "the dense law must be fitted against flops"
@@ -174,7 +182,7 @@ def compute_multiplier(runs: pd.DataFrame, dense: FamilyFit, y: str = "val_loss"
                                 "hi": math.nan, "note": f"no dense law: {why}"}, columns=SUMMARY_COLUMNS)
         return Multiplier(pd.DataFrame(columns=cols), summary)
     law, boot = dense.fit.law, dense.fit.boot
-    dense_runs = usable(runs[runs["family"] == "dense"], "flops", y)
+    dense_runs = usable(runs[runs["family"] == dense.family], "flops", y)
     c_lo, c_hi = dense_runs["flops"].min(), dense_runs["flops"].max()
     rows, per_family = [], {}
     for fam in sparse_families:

@@ -168,10 +168,6 @@ def _porian(starts: np.ndarray, logx: np.ndarray, logy: np.ndarray, delta: float
     return found[int(np.argmin(lse.huber_objective_batch(np.array(found), logx, logy, delta)))]
 
 
-def _best(thetas: np.ndarray, cost: np.ndarray) -> np.ndarray | None:
-    return thetas[int(np.nanargmin(cost))] if np.isfinite(cost).any() else None
-
-
 def fit_power_law(x: object, y: object, *, floor: bool = True, solver: str = "lsq", delta: float = 1e-3,
                   x_name: str = "x", y_name: str = "loss", source: str = "<table>") -> PowerLaw:
     """L(x) = E + A·x^(−α) (floor=True) or A·x^(−α) by log-log OLS (floor=False).
@@ -190,12 +186,11 @@ def fit_power_law(x: object, y: object, *, floor: bool = True, solver: str = "ls
     if solver == "porian":
         theta = _porian(starts, logx, logy, delta)
     else:
-        theta = _best(*lse.fit_batch(starts, logx, logy))
-        if solver == "huber" and theta is not None:
+        best = lse.best_solution(*lse.fit_batch(starts, logx, logy))
+        if solver == "huber" and best is not None:
             # the least-squares optimum joins the grid's best starts on the non-smooth Huber objective
-            ranked = np.argsort(lse.huber_objective_batch(starts, logx, logy, delta), kind="stable")
-            tops = np.vstack([theta, starts[ranked[:HUBER_REFINE_TOP]]])
-            theta = _best(*lse.fit_batch(tops, logx, logy, delta=delta))
+            best = lse.refine_huber(starts, logx, logy, delta, HUBER_REFINE_TOP, extra=best[0][None])
+        theta = None if best is None else best[0]
     if theta is None:
         raise FitError(f"{source}: no start of the grid converged for {y_name} = E + A·{x_name}^−α")
     return PowerLaw.from_theta(theta)

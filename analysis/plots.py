@@ -18,9 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from analysis.compare import AXES, FamilyFit, MemoryLaw, Multiplier, families
+from ultramem.families import PlotStyle, family_names, get_family
 
-COLORS = {"dense": "#3b6ea8", "moe": "#d9822b", "pkm": "#8064a2", "ultramem": "#3a9a5b"}
-MARKERS = {"dense": "o", "moe": "s", "pkm": "D", "ultramem": "^"}
 STYLE = {
     "font.size": 9.5, "axes.titlesize": 10.5, "axes.labelsize": 9.5, "legend.fontsize": 7.5,
     "axes.grid": True, "grid.alpha": 0.3, "grid.linewidth": 0.6, "axes.spines.top": False,
@@ -33,8 +32,21 @@ SYMBOLS = {"flops": "C", "active_params": "N", "active_non_embedding_params": "N
            "non_embedding_params": "N", "tokens": "D", "memory_slots": "M", "sparse_params": "P_sparse"}
 
 
+def family_style(family: str) -> PlotStyle:
+    """The family's registered plot style (ultramem/families); grey circles under its own name if unregistered."""
+    return get_family(family).style if family in family_names() else PlotStyle(family, "#555555", "o")
+
+
 def color(family: str) -> str:
-    return COLORS.get(family, "#555555")
+    return family_style(family).color
+
+
+def marker(family: str) -> str:
+    return family_style(family).marker
+
+
+def family_label(family: str) -> str:
+    return family_style(family).label
 
 
 def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.0) -> tuple[Figure, list]:
@@ -104,13 +116,13 @@ def plot_scaling(runs: pd.DataFrame, fits: dict[str, FamilyFit], x: str, y: str 
             xs = _curve_x(*ff.fit.x_range)
             lo, hi = ff.fit.band(xs)
             ax.fill_between(xs, lo, hi, color=color(fam), alpha=0.15, linewidth=0)
-            label = f"{fam}: {ff.fit.law.formula(SYMBOLS.get(x, 'x'))}"
+            label = f"{family_label(fam)}: {ff.fit.law.formula(SYMBOLS.get(x, 'x'))}"
             ax.plot(xs, ff.fit.law(xs), color=color(fam), label=label)
-            ax.scatter(df[x], df[y], color=color(fam), marker=MARKERS.get(fam, "o"), zorder=3)
+            ax.scatter(df[x], df[y], color=color(fam), marker=marker(fam), zorder=3)
         else:
             why = ff.reason if ff is not None else ""
-            ax.scatter(df[x], df[y], color=color(fam), marker=MARKERS.get(fam, "o"), zorder=3,
-                       label=f"{fam} (no law: {why})" if why else fam)
+            ax.scatter(df[x], df[y], color=color(fam), marker=marker(fam), zorder=3,
+                       label=f"{family_label(fam)} (no law: {why})" if why else family_label(fam))
     if not drawn:
         _note(ax, f"no finished runs with {x}")
     if ys:  # the runs set the view: a weakly identified law's band can span decades and would flatten the points
@@ -135,12 +147,12 @@ def plot_multiplier(mult: Multiplier) -> Figure:
         yerr = np.vstack([g["multiplier"] - g["lo"], g["hi"] - g["multiplier"]])
         yerr = np.where(np.isfinite(yerr), np.maximum(yerr, 0), 0)
         s = mult.summary[mult.summary["family"] == fam]
-        label = fam
+        label = family_label(fam)
         if len(s) and np.isfinite(s["multiplier"].iloc[0]):
             r = s.iloc[0]
-            label = f"{fam}: geometric mean {r['multiplier']:.2f}× [{r['lo']:.2f}, {r['hi']:.2f}]"
+            label = f"{family_label(fam)}: geometric mean {r['multiplier']:.2f}× [{r['lo']:.2f}, {r['hi']:.2f}]"
             ax.axhline(r["multiplier"], color=color(fam), linestyle=":", linewidth=1)
-        ax.errorbar(g["flops"], g["multiplier"], yerr=yerr, fmt=MARKERS.get(fam, "o"), color=color(fam),
+        ax.errorbar(g["flops"], g["multiplier"], yerr=yerr, fmt=marker(fam), color=color(fam),
                     capsize=3, label=label)
     ax.axhline(1.0, color="#333333", linewidth=1, label="dense (1×)")
     _log(ax)
@@ -223,10 +235,10 @@ def plot_curves(curves: pd.DataFrame, runs: pd.DataFrame) -> Figure:
         g = curves[curves["run_id"] == rid]
         fam = str(g["family"].iloc[0])
         tr, ev = g[g["kind"] == "train"], g[g["kind"] == "eval"]
-        label = fam if fam not in seen else None
+        label = family_label(fam) if fam not in seen else None
         seen.add(fam)
         ax.plot(tr["tokens"], tr["loss"], color=color(fam), alpha=0.55, linewidth=1, label=label)
-        ax.scatter(ev["tokens"], ev["loss"], color=color(fam), marker=MARKERS.get(fam, "o"), s=10)
+        ax.scatter(ev["tokens"], ev["loss"], color=color(fam), marker=marker(fam), s=10)
     _log(ax)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("loss (nats/token): train — lines, validation — markers")
@@ -246,7 +258,7 @@ def plot_latency(bench: pd.DataFrame) -> Figure:
     for name, g in bench.groupby(key, sort=True):
         g = g.sort_values("batch_size")
         fam = str(g["family"].iloc[0])
-        ax.plot(g["batch_size"], g["latency_ms"], marker=MARKERS.get(fam, "o"), color=color(fam), label=str(name))
+        ax.plot(g["batch_size"], g["latency_ms"], marker=marker(fam), color=color(fam), label=str(name))
     _log(ax, "x", base=2)
     _log(ax, "y")
     ax.set_xlabel("batch size (sequences decoded together)")
@@ -273,10 +285,10 @@ def plot_knowledge(table: pd.DataFrame) -> Figure:
         _note(ax, "no knowledge probe in these runs")
     for fam in families(table):
         g = table[table["family"] == fam].sort_values("total_params")
-        ax.plot(g["total_params"], g["facts_recalled"], marker=MARKERS.get(fam, "o"), color=color(fam),
-                label=f"{fam}: seen facts")
+        ax.plot(g["total_params"], g["facts_recalled"], marker=marker(fam), color=color(fam),
+                label=f"{family_label(fam)}: seen facts")
         ax.plot(g["total_params"], g["knowledge_heldout_recall"] * g["knowledge_facts"], linestyle="--",
-                color=color(fam), alpha=0.6, label=f"{fam}: held-out phrasing")
+                color=color(fam), alpha=0.6, label=f"{family_label(fam)}: held-out phrasing")
     _log(ax, "x")
     ax.set_xlabel(AXES["total_params"])
     ax.set_ylabel("facts recalled (of those probed)")

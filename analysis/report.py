@@ -271,7 +271,7 @@ def report_blocks(a: Analysis, title: str, figure_names: list[str]) -> list[tupl
                    "a bootstrap over runs (whole runs are resampled). Losses are validation losses in nats/token. "
                    f"{SOLVER_TEXT[a.solver]}"))
     if a.collected.skipped:
-        b.append(("p", f"Not included (no final.json): {', '.join(a.collected.skipped)}."))
+        b.append(("p", f"Not included (not finished or unreadable): {', '.join(a.collected.skipped)}."))
     b.append(("h", 2, "The paper's claims, checked against these runs"))
     b.append(_table(pd.DataFrame(a.claims, columns=["claim", "measured", "verdict"])))
     b.append(("p", "A small sweep tests these claims weakly: with a few sizes per family the intervals are wide and "
@@ -377,11 +377,11 @@ def build_report(source: str | Path, out_dir: str | Path | None = None, *, n_boo
     name = source.stem if source.is_file() else source.name
     out = Path(out_dir) if out_dir is not None else (
         source.parent if source.is_file() else default_out_dir(source))
-    out.mkdir(parents=True, exist_ok=True)
     collected = load_collected(source)
-    if collected.runs.empty:
+    if collected.runs.empty:  # before creating `out`: a failed call leaves no empty report folder behind
         raise FitError(f"{source}: no finished runs (no final.json) to analyse"
                        + (f"; not finished: {', '.join(collected.skipped)}" if collected.skipped else ""))
+    out.mkdir(parents=True, exist_ok=True)
     bench_path = Path(bench) if bench is not None else (
         out / "inference.json" if (out / "inference.json").exists() else DEFAULT_BENCH)
     bench_df = read_inference_benchmark(bench_path)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.fit import PowerLaw
-from experiments.runstore import RunDir
+from runfolder import EvalRow, Final, RunDir, TrainRow
 
 
 @dataclass(frozen=True)
@@ -39,23 +39,23 @@ def _run(root: Path, run_id: str, family: str, n_layers: int, d_model: int, acti
     for s in range(1, steps + 1):
         frac = s / steps
         curve = loss * (1 + 0.6 * (1 - frac) ** 2)  # decays onto the final loss
-        rec = {"step": s * 10, "tokens": tokens * frac, "flops": fpt * tokens * frac}
-        rd.append_metrics({"kind": "train", "loss": curve * (1 + 0.01 * rng.standard_normal()), **rec})
+        at = {"step": s * 10, "tokens": tokens * frac, "flops": fpt * tokens * frac}
+        rd.append_metrics(TrainRow(**at, loss=curve * (1 + 0.01 * rng.standard_normal()), aux_loss=0.0, aux={},
+                                   lr=1e-3, grad_norm=1.0))
         if s % 5 == 0:
-            rd.append_metrics({"kind": "eval", "val_loss": curve, **rec})
+            rd.append_metrics(EvalRow(**at, val_loss=curve))
     recall = 1 / (1 + math.exp(-(math.log(total) - 14.0)))  # more parameters store more facts
-    rd.write_final({
-        "run_id": run_id, "name": run_id, "sweep": sweep, "family": family, "preset": None, "seed": 0,
-        "train_loss": loss * 1.01, "val_loss": loss,
-        "params": {"total": total, "active": active, "embedding": 0, "non_embedding": total,
-                   "active_non_embedding": active, "sparse": total - active},
-        "total_params": total, "active_params": active, "non_embedding_params": total,
-        "flops_per_token": fpt, "tokens": tokens, "flops": fpt * tokens, "steps": steps * 10,
-        "batch_size": 8, "seq_len": 128, "lr": 1e-3, "memory": memory, "moe": moe,
-        "knowledge": {"facts": facts, "recall": recall, "heldout_recall": recall / 4,
-                      "bits_stored": recall * facts * 5.0},
-        "wall_s": 1.0, "tokens_per_s": tokens, "tokenizer": "byte", "vocab_size": 256, "data_source": "synthetic",
-    })
+    rd.write_final(Final(
+        run_id=run_id, name=run_id, sweep=sweep, family=family, preset=None, seed=0,
+        train_loss=loss * 1.01, val_loss=loss,
+        params={"total": total, "active": active, "embedding": 0, "non_embedding": total,
+                "active_non_embedding": active, "sparse": total - active},
+        total_params=total, active_params=active, non_embedding_params=total,
+        flops_per_token=fpt, tokens=tokens, flops=fpt * tokens, steps=steps * 10,
+        batch_size=8, seq_len=128, lr=1e-3, memory=memory, moe=moe,
+        knowledge={"facts": facts, "recall": recall, "heldout_recall": recall / 4, "bits_stored": recall * facts * 5.0},
+        wall_s=1.0, tokens_per_s=tokens, tokenizer="byte", vocab_size=256, data_source="synthetic",
+    ))
     rd.update_status(state="done", step=steps * 10, total_steps=steps * 10)
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.chinchilla import HOFFMANN_2022, chinchilla_columns, fit_chinchilla, fit_chinchilla_ci
+
 HELP = "4,500-start Chinchilla fit time (target <= 5 s) and bootstrap CI coverage on a known law"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SHARED = Path(os.environ.get("ULTRAMEM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -44,8 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def epoch_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from analysis.chinchilla import chinchilla_columns
-
     path = SHARED / "data" / "scaling" / "chinchilla_svg_extracted_data.csv"
     if not path.exists():
         raise SystemExit(f"error: {path} not found; set ULTRAMEM_SHARED to the folder holding data/scaling/")
@@ -55,8 +55,6 @@ def epoch_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def time_fit(repeats: int) -> dict:
-    from analysis.chinchilla import fit_chinchilla
-
     n, d, loss = epoch_data()
     fit_chinchilla(n, d, loss)  # warm-up: imports, caches
     samples, fit = [], None
@@ -71,8 +69,6 @@ def time_fit(repeats: int) -> dict:
 
 
 def coverage(reps: int, n_boot: int, level: float = 0.95) -> dict:
-    from analysis.chinchilla import HOFFMANN_2022, fit_chinchilla_ci
-
     n, d = np.meshgrid(np.geomspace(1e7, 1e10, 8), np.geomspace(1e9, 1e12, 8))
     n, d = n.ravel(), d.ravel()
     truth = {"alpha": HOFFMANN_2022.alpha, "beta": HOFFMANN_2022.beta, "E": HOFFMANN_2022.E, "a": HOFFMANN_2022.a}

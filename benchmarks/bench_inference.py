@@ -60,6 +60,11 @@ from benchmarks.common import (
     time_round_robin,
     write_json,
 )
+from ultramem import build_model
+from ultramem.accounting import count_params, decode_bytes
+from ultramem.config import MemoryConfig, ModelConfig, MoEConfig
+from ultramem.kernels.grouped import grouped_mm_unsupported_reason
+from ultramem.model import KVCache
 
 HELP = "decode latency and bytes read vs batch size: Dense / MoE / UltraMem (the paper's Fig. 1), MoE/UltraMem ratio"
 NAME = "inference"
@@ -110,9 +115,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_configs(size: Size, sparsity: float, seq_len: int, grouped_mm: str = "auto") -> dict[str, Any]:
     """{family: ModelConfig}: UltraMem at `sparsity`, then MoE and Dense matched to it (see the module docstring)."""
-    from ultramem.accounting import count_params
-    from ultramem.config import MemoryConfig, ModelConfig, MoEConfig
-
     d, L = size.d_model, size.n_layers
     base = ModelConfig(family="dense", vocab_size=size.vocab, seq_len=seq_len, n_layers=L, d_model=d,
                        n_heads=size.n_heads)
@@ -150,8 +152,6 @@ def moe_matmuls(device: torch.device) -> str:
     """'on' where torch._grouped_mm works: one grouped matmul that skips experts without tokens is the faster decode
     path here at every batch size (measured: 2.1 vs 2.7 ms per layer at B=1, 12 vs 15 at B=64), so MoE gets its
     best kernel; 'auto' (per-expert loop at small batches) elsewhere."""
-    from ultramem.kernels.grouped import grouped_mm_unsupported_reason
-
     return "on" if grouped_mm_unsupported_reason(device, torch.float32, (8, 8)) is None else "auto"
 
 
@@ -219,9 +219,6 @@ def measure(models: dict[str, torch.nn.Module], batch_sizes: list[int], args: ar
 def measure_batch(models: dict[str, torch.nn.Module], B: int, kv: int, args: argparse.Namespace,
                   device: torch.device) -> list[dict[str, Any]]:
     """Time one decode step of every model at batch B, position kv - 1, interleaved; then count what it reads."""
-    from ultramem.accounting import decode_bytes
-    from ultramem.model import KVCache
-
     cfg = next(iter(models.values())).cfg
     shape = (B, cfg.n_heads, kv, cfg.head_dim)
     # One cache for the three models: they share the attention shapes, and a step's latency does not depend on the
@@ -252,8 +249,6 @@ def measure_batch(models: dict[str, torch.nn.Module], B: int, kv: int, args: arg
 
 
 def model_label(cfg) -> str:  # noqa: ANN001
-    from ultramem.accounting import count_params
-
     pc = count_params(cfg)
     return (f"{cfg.family} L{cfg.n_layers} d{cfg.d_model}: {pc.non_embedding / 1e6:.1f}M total, "
             f"{pc.active_non_embedding / 1e6:.2f}M active")
@@ -295,10 +290,10 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    import matplotlib
+    import matplotlib  # lazy: only when a plot is written (--no-plot skips it)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after choosing the file-only backend
 
     fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(11, 4.5))
     for f in FAMILIES:
@@ -353,8 +348,6 @@ def run(args: argparse.Namespace) -> int:
     if args.kv_len < 1 or args.kv_budget_gb <= 0 or args.sparsity < 1:
         raise SystemExit("error: --kv-len must be >= 1, --kv-budget-gb > 0 and --sparsity >= 1 "
                          f"(got {args.kv_len}, {args.kv_budget_gb}, {args.sparsity})")
-    from ultramem import build_model
-    from ultramem.accounting import count_params
 
     configs = model_configs(SIZES[args.size], args.sparsity, seq_len=args.kv_len, grouped_mm=moe_matmuls(device))
     models = {}

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import (
     Timing,
@@ -68,6 +69,12 @@ from benchmarks.common import (
     time_round_robin,
     write_json,
 )
+from ultramem.config import MemoryConfig, MoEConfig
+from ultramem.kernels.retrieval import gather_pool, triton_available
+from ultramem.memory.pkm import PKMLayer
+from ultramem.memory.ultramem import UltraMemLayer
+from ultramem.mlp import MLP
+from ultramem.moe import MoEFFN
 
 HELP = "time UltraMem/PKM/MoE/dense layers and the retrieval kernel against lucidrains peers and embedding_bag"
 NAME = "layers"
@@ -154,8 +161,6 @@ def ultramem_input(batch: int, seq: int, device: torch.device) -> torch.Tensor:
 
 def our_memory_config(layer: str):
     """MemoryConfig of our memory rows (see the module docstring for how `ultramem` matches lucidrains')."""
-    from ultramem.config import MemoryConfig
-
     if layer == "pkm":
         cfg = MemoryConfig(num_keys=256, key_dim=KEY_DIM, value_dim=D_MODEL, heads=4, query_share=1, top_m=TOP_M,
                            score="softmax", value_proj=False, tucker_rank=1, num_cores=1, value_expansion=1)
@@ -185,7 +190,7 @@ def lucidrains_memory_size(module: nn.Module) -> dict[str, int]:
 
 
 def lucidrains_ultramem(batch: int, seq: int, device: torch.device) -> Case:
-    from ultra_mem import UltraMem
+    from ultra_mem import UltraMem  # lazy: optional peer (the `peers` extra); only its cases need it
 
     kwargs = dict(dim=D_MODEL, num_memories=NUM_MEMORIES, topk=TOP_M)
     module = UltraMem(**kwargs).to(device)
@@ -195,7 +200,7 @@ def lucidrains_ultramem(batch: int, seq: int, device: torch.device) -> Case:
 
 
 def lucidrains_pkm(batch: int, seq: int, device: torch.device) -> Case:
-    from product_key_memory import PKM
+    from product_key_memory import PKM  # lazy: optional peer (the `peers` extra); only its cases need it
 
     kwargs = dict(dim=D_MODEL, heads=4, num_keys=256, topk=TOP_M)
     module = PKM(**kwargs).to(device)
@@ -205,19 +210,13 @@ def lucidrains_pkm(batch: int, seq: int, device: torch.device) -> Case:
 
 def ours_memory(layer: str, batch: int, seq: int, device: torch.device) -> Case:
     cfg = our_memory_config(layer)
-    if layer == "pkm":
-        from ultramem.memory.pkm import PKMLayer as Layer
-    else:
-        from ultramem.memory.ultramem import UltraMemLayer as Layer
+    Layer = PKMLayer if layer == "pkm" else UltraMemLayer
     module = Layer(D_MODEL, cfg, 1).to(device)
     return module_case("ours", layer, module, ultramem_input(batch, seq, device),
                        {"d_model": D_MODEL, **dataclasses.asdict(cfg), **memory_size(cfg)})
 
 
 def ours_moe(batch: int, seq: int, device: torch.device) -> Case:
-    from ultramem.config import MoEConfig
-    from ultramem.moe import MoEFFN
-
     cfg = MoEConfig(num_experts=16, top_k=2, expert_hidden=4 * D_MODEL)
     cfg.validate()
     module = MoEFFN(D_MODEL, 4 * D_MODEL, cfg, init_std=0.02, n_layers=1, dropout=0.0).to(device)
@@ -226,8 +225,6 @@ def ours_moe(batch: int, seq: int, device: torch.device) -> Case:
 
 
 def ours_dense(batch: int, seq: int, device: torch.device) -> Case:
-    from ultramem.mlp import MLP
-
     module = MLP(D_MODEL, 4 * D_MODEL, init_std=0.02, n_layers=1).to(device)
     return module_case("ours", "dense_ffn", module, ultramem_input(batch, seq, device),
                        {"d_model": D_MODEL, "hidden": 4 * D_MODEL})
@@ -266,8 +263,6 @@ def grad_case(impl: str, layer: str, config: dict[str, Any], leaves: list[torch.
 
 
 def ours_gather_pool(tokens: int, device: torch.device, backend: str) -> Case:
-    from ultramem.kernels.retrieval import gather_pool
-
     values, rows, scores = retrieval_inputs(tokens, device, "ultramem_65k_rows", CORES)
     groups = torch.randint(0, GROUPS, rows.shape, device=device)
     layer = "gather_pool" if backend == "auto" else f"gather_pool[{backend}]"
@@ -337,11 +332,9 @@ def builders(batch: int, seq: int, device: torch.device) -> list[tuple[str, Call
     out += [("ours/moe", lambda: ours_moe(batch, seq, device)),
             ("ours/dense_ffn", lambda: ours_dense(batch, seq, device)),
             ("ours/gather_pool", lambda: ours_gather_pool(T, device, backend="auto"))]
-    if device.type == "cuda":
-        from ultramem.kernels.retrieval import triton_available
-
-        if triton_available():  # the PyTorch path next to the Triton kernel it is the reference of
-            out.append(("ours/gather_pool[torch]", lambda: ours_gather_pool(T, device, "torch")))
+    # on CUDA with Triton: the PyTorch path next to the Triton kernel it is the reference of
+    if device.type == "cuda" and triton_available():
+        out.append(("ours/gather_pool[torch]", lambda: ours_gather_pool(T, device, "torch")))
     for layer in ("ultramem", "ultramem_65k_rows"):
         out += [(f"bound/embedding_bag/{layer}", lambda layer=layer: bound_embedding_bag(layer, T, device)),
                 (f"floor/matmuls/{layer}", lambda layer=layer: floor_matmuls(layer, T, device)),
@@ -457,8 +450,6 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def profile_case(case: Case, device: torch.device, calls: int = 3, top: int = 12) -> dict[str, list[dict]]:
     """Top operators by self time per call of fwd_bwd and inference (one warm-up call, then `calls` profiled)."""
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out = {}
     for mode in ("fwd_bwd", "inference"):

@@ -31,7 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks.common import RESULTS_DIR, format_table, header, write_json
+from experiments.scheduler import ray_temp_dir, run_sweep
+from experiments.sweep import plan_sweep
 
 HELP = "planning time of 1,000 runs and the makespan of 12 short runs vs the ideal (Ray and local backends)"
 TARGET_PLAN_S = 2.0
@@ -70,8 +74,6 @@ parameters:
 
 
 def bench_plan(tmp: Path) -> list[dict[str, Any]]:
-    from experiments.sweep import plan_sweep
-
     rows = []
     for i, (label, text) in enumerate(PLAN_SWEEPS.items()):
         path = tmp / f"plan_{i}.yaml"
@@ -110,14 +112,11 @@ def makespan_sweep(tmp: Path, backend: str, runs: int, steps: int) -> Path:
 
 
 def bench_makespan(tmp: Path, backend: str, runs: int, steps: int, cpus: int) -> dict[str, Any]:
-    from experiments.scheduler import ray_temp_dir, run_sweep
-    from experiments.sweep import plan_sweep
-
     plan = plan_sweep(makespan_sweep(tmp, backend, runs, steps))
     init_s = 0.0
     if backend == "ray":
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback; read when ray is imported
-        import ray
+        import ray  # lazy: only the ray backend needs it (--backends local runs without Ray)
 
         t = time.perf_counter()
         ray.init(address="local", num_cpus=cpus, num_gpus=0, include_dashboard=False, _temp_dir=ray_temp_dir(),
@@ -145,7 +144,6 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(backends) - {"ray", "local"}
     if unknown or args.runs < 1 or args.steps < 1 or args.cpus < 1:
         raise SystemExit(f"error: --backends takes ray,local (got {args.backends}); --runs/--steps/--cpus >= 1")
-    import torch
 
     with tempfile.TemporaryDirectory(prefix="bench-sched-") as tmp_name:
         tmp = Path(tmp_name)

@@ -34,10 +34,15 @@ from benchmarks.common import (
     synchronize,
     write_json,
 )
+from experiments.throughput import ThroughputMeter
+from ultramem import build_model
+from ultramem.accounting import count_params, flops_per_token
+from ultramem.families import family_names
+from ultramem.presets import get_preset, preset_names
 
 HELP = "training tokens/s (and MFU on GPU) per family on the tiny presets"
 NAME = "throughput"
-FAMILIES = ("dense", "moe", "pkm", "ultramem")
+FAMILIES = family_names()
 SIZES = ("tiny", "t1", "t2", "t3", "t4", "t5", "t6")
 
 
@@ -52,8 +57,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def preset_name(family: str, size: str) -> str:
     """The preset of `family` at tiny-ladder `size` (MoE names carry their expert count)."""
-    from ultramem.presets import preset_names
-
     if size == "tiny":
         return f"{family}-tiny"
     names = [n for n in preset_names() if n.startswith(f"{family}-{size}")]
@@ -66,10 +69,6 @@ class Trainer:
     """A model, its AdamW and a fixed batch; `steps(n)` runs n optimizer steps and returns the last loss."""
 
     def __init__(self, preset: str, batch_size: int, seq_len: int, device: torch.device, lr: float = 1e-3):
-        from ultramem import build_model
-        from ultramem.accounting import count_params, flops_per_token
-        from ultramem.presets import get_preset
-
         self.preset = preset
         self.cfg = get_preset(preset, {"seq_len": max(seq_len, get_preset(preset).seq_len)})
         torch.manual_seed(0)
@@ -120,8 +119,6 @@ def time_trainers(trainers: dict[str, Trainer], steps: int, warmup: int, repeats
 
 def rows_for(trainers: dict[str, Trainer], timings: dict[str, Timing], tokens_per_sample: int, steps: int,
              device: torch.device) -> list[dict[str, Any]]:
-    from experiments.throughput import ThroughputMeter
-
     rows = []
     for f, tr in trainers.items():
         t = timings[f]

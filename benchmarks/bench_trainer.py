@@ -37,6 +37,11 @@ from benchmarks.common import (
     setup,
     write_json,
 )
+from experiments.config import run_config_from_dict
+from experiments.data import TokenLoader, prepare_data
+from experiments.resolve import model_config, resolve_run_config
+from experiments.trainer import setup_env, train
+from ultramem import build_model
 
 HELP = "trainer overhead vs a bare PyTorch loop on the same model, data and steps (target <= 10%)"
 NAME = "trainer"
@@ -56,9 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_config(args: argparse.Namespace, device: torch.device, steps: int):  # noqa: ANN201
-    from experiments.config import run_config_from_dict
-    from experiments.resolve import resolve_run_config
-
     cfg = run_config_from_dict({
         "model": {"preset": args.preset},
         "data": {"source": args.data},
@@ -73,11 +75,6 @@ def run_config(args: argparse.Namespace, device: torch.device, steps: int):  # n
 
 def bare_loop(cfg, steps: int) -> float:  # noqa: ANN001
     """The loop a user would write by hand; returns the last loss (read once, at the end)."""
-    from experiments.data import TokenLoader, prepare_data
-    from experiments.resolve import model_config
-    from experiments.trainer import setup_env
-    from ultramem import build_model
-
     t = cfg.train
     env = setup_env(t)
     prepared = prepare_data(cfg.data, progress=False)
@@ -103,8 +100,6 @@ def bare_loop(cfg, steps: int) -> float:  # noqa: ANN001
 
 
 def trainer_run(cfg, root: Path) -> float:  # noqa: ANN001
-    from experiments.trainer import train
-
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=root))
     try:
         return float(train(cfg, run_dir)["train_loss"])
@@ -118,7 +113,6 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise SystemExit(f"error: --steps must be >= 1 (got {args.steps})")
     cfg, warm_cfg = run_config(args, device, args.steps), run_config(args, device, WARMUP_STEPS)
-    from experiments.data import prepare_data
 
     prepare_data(cfg.data, progress=False)  # tokenise before any timing
     busy = [load_warning(torch.get_num_threads())]

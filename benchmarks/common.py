@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from experiments import textfmt
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -179,7 +181,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     try:
-        import triton
+        import triton  # lazy: optional (the `gpu` extra); probed only to record its version
 
         info["triton"] = triton.__version__
     except ImportError:
@@ -258,29 +260,17 @@ def write_json(payload: dict[str, Any], path: Path) -> Path:
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
     """Plain fixed-width table; `columns` are (key, header); floats get 4 significant digits, missing -> '-'."""
-
-    def cell(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    cells = [[cell(r.get(k)) for k, _ in columns] for r in rows]
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h) in enumerate(columns)]
-    lines = ["  ".join(h.ljust(w) for (_, h), w in zip(columns, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
+    cells = [[textfmt.cell(r.get(k)) for k, _ in columns] for r in rows]
+    return textfmt.format_table([h for _, h in columns], cells, strip=False)
 
 
 def grouped_bar_plot(labels: Sequence[str], series: dict[str, Sequence[float | None]], path: Path, *, title: str,
                      ylabel: str, log: bool = True) -> Path:
     """One group of bars per label, one bar per series (missing values are left out)."""
-    import matplotlib
+    import matplotlib  # lazy: only when a plot is written (--no-plot skips it)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after choosing the file-only backend
 
     n = len(series)
     width = 0.8 / max(n, 1)

@@ -8,25 +8,38 @@ previous checkpoint as the newest complete one.
 
 Sharded runs (experiments/distributed.py) write `step_XXXXXXXX.dcp/` folders instead (torch.distributed.checkpoint,
 one file per rank); `newest` and `prune` consider both kinds.
+
+Checksums: a file checkpoint has a sidecar `step_XXXXXXXX.pt.sha256`, a DCP folder a `checksums.sha256` inside it
+(both in `sha256sum` format), so a damaged checkpoint (truncated, a flipped bit: torch.load reads those silently)
+is recognised before it is used; `verify` raises CorruptCheckpoint and `move_aside` renames it to
+`step_XXXXXXXX.pt.corrupt` (kept for inspection, invisible to `newest`/`all_checkpoints`/`prune`). Checkpoints
+written before checksums existed have none and still load.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from experiments.runstore import RunDir
+from runfolder import RunDir, atomic_write, atomic_write_text
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the checksums live beside the payload, so adding them did not change the format
 SHARDED_SUFFIX = ".dcp"
+CHECKSUM_SUFFIX = ".sha256"  # step_XXXXXXXX.pt.sha256 beside a file checkpoint
+SHARDED_CHECKSUMS = "checksums.sha256"  # inside a step_XXXXXXXX.dcp/ folder
+CORRUPT_SUFFIX = ".corrupt"
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint that fails its checksum, or (written without one) cannot be read. The message names it."""
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -49,28 +62,34 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 def save(run_dir: RunDir, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Atomically write `state` as the checkpoint of `step`, then drop all but the newest `keep`."""
+    """Atomically write `state` as the checkpoint of `step` and its checksum, then drop all but the newest `keep`."""
     path = run_dir.checkpoint_path(step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT_VERSION, "step": step, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    side = checksum_path(path)
+    with contextlib.suppress(FileNotFoundError):
+        side.unlink()  # one of an earlier save of this step: it must never describe the new file
+    digest = hashlib.sha256()
+    atomic_write(path, lambda f: torch.save({"format": FORMAT_VERSION, "step": step, **state}, _Hashing(f, digest)))
+    atomic_write_text(side, f"{digest.hexdigest()}  {path.name}\n")
     prune(run_dir, keep)
     return path
 
 
-def load(path: Path) -> dict[str, Any]:
-    """A single-file checkpoint (on CPU)."""
-    # weights_only=False: the RNG states are Python/NumPy objects; the file is one this trainer wrote.
-    state = torch.load(path, map_location="cpu", weights_only=False)
+def load(path: Path, verified: bool | None = None) -> dict[str, Any]:
+    """A single-file checkpoint (on CPU), verified against its checksum when it has one (`verified`: the caller
+    already did: True when it matched, False when there is none).
+
+    Raises CorruptCheckpoint when it is damaged (checksum mismatch, or no checksum and torch cannot read it)."""
+    if verified is None:
+        verified = verify(path)
+    try:
+        # weights_only=False: the RNG states are Python/NumPy objects; the file is one this trainer wrote.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        if verified:
+            raise
+        raise CorruptCheckpoint(f"{path}: cannot be read ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(f"{path}: holds a {type(state).__name__}, not a checkpoint")
     if state.get("format") != FORMAT_VERSION:
         raise RuntimeError(f"{path}: checkpoint format {state.get('format')!r}, this trainer reads "
                            f"{FORMAT_VERSION}; delete {path.parent} to restart the run from scratch")
@@ -95,19 +114,88 @@ def newest(run_dir: RunDir) -> Path | None:
 
 
 def prune(run_dir: RunDir, keep: int) -> None:
-    """Drop all but the newest `keep` checkpoints of either kind."""
+    """Drop all but the newest `keep` checkpoints of either kind (with their checksums)."""
     for path in all_checkpoints(run_dir)[:-keep]:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            for p in (path, checksum_path(path)):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
+# ---- checksums and damaged checkpoints ---------------------------------------------------------------------------
+
+
+def checksum_path(path: Path) -> Path:
+    """Where the checksums of checkpoint `path` are: a sidecar for a file, a file inside a DCP folder."""
+    return path / SHARDED_CHECKSUMS if path.suffix == SHARDED_SUFFIX else path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def write_sharded_checksums(folder: Path) -> None:
+    """The checksum of every file of a DCP folder (call once all ranks have written it, before it is renamed)."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != SHARDED_CHECKSUMS)
+    atomic_write_text(folder / SHARDED_CHECKSUMS, "".join(f"{_sha256(folder / n)}  {n}\n" for n in names))
+
+
+def verify(path: Path) -> bool:
+    """Check checkpoint `path` (a file or a DCP folder) against its checksums: True when they match, False when it
+    has none (written before checksums existed); CorruptCheckpoint naming the damaged file otherwise."""
+    side = checksum_path(path)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        text = side.read_text()
+    except FileNotFoundError:
+        return False
+    except (OSError, UnicodeDecodeError) as err:
+        raise CorruptCheckpoint(f"{side}: checksum file unreadable ({err})") from None
+    folder = path if path.is_dir() else path.parent
+    entries = [line.split(None, 1) for line in text.splitlines() if line.strip()]
+    if not entries or any(len(e) != 2 or len(e[0]) != 64 for e in entries):
+        raise CorruptCheckpoint(f"{side}: malformed checksum file")
+    for want, name in entries:
+        file = folder / name.strip()
+        try:
+            got = _sha256(file)
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"{file}: missing (listed in {side})") from None
+        if got != want:
+            raise CorruptCheckpoint(f"{file}: checksum mismatch ({file.stat().st_size:,} bytes; sha256 {got[:12]}..., "
+                                    f"{side.name} says {want[:12]}...): the file is damaged (truncated or altered)")
+    return True
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint (and its sidecar) to `<name>.corrupt[N]`, where nothing counts it; return the
+    new path. Never deletes: the file is evidence."""
+    target = path.with_name(path.name + CORRUPT_SUFFIX)
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}{CORRUPT_SUFFIX}{n}")
+        n += 1
+    side = checksum_path(path)
+    os.replace(path, target)
+    if path.suffix != SHARDED_SUFFIX and side.exists():
+        os.replace(side, target.with_name(target.name + CHECKSUM_SUFFIX))
+    return target
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _Hashing:
+    """A write-only file that hashes what passes through it (torch.save writes its zip sequentially)."""
+
+    def __init__(self, f: Any, digest: Any):
+        self.f, self.digest = f, digest
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()

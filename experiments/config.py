@@ -9,21 +9,54 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from ultramem.config import ConfigError, ModelConfig, deep_merge, expand_dotted
-
-if TYPE_CHECKING:
-    from ultramem.accounting import ParallelLayout
+from ultramem.layout import ParallelLayout
 
 
 class Strict(BaseModel):
+    """Unknown keys are errors; a number field refuses a boolean (pydantic would read `steps: true` as 1) and a
+    float field refuses NaN and infinity (`lr: .nan` validates as a float but cannot train)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, bool) and info.field_name is not None and \
+                _takes_number_not_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got the boolean {str(v).lower()}; write the number itself")
+        return v
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite(cls, v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError("must be a finite number (NaN and infinity cannot train)")
+        return v
+
+
+def _takes_number_not_bool(annotation: Any) -> bool:
+    """Whether a field's type admits int or float but not bool (unions, Optional and Annotated looked through)."""
+    leaves, todo = set(), [annotation]
+    while todo:
+        t = todo.pop()
+        if typing.get_origin(t) is Literal:
+            continue
+        args = typing.get_args(t)
+        if args and typing.get_origin(t) is not None and typing.get_origin(t) not in (list, dict, tuple, set):
+            todo += list(args)
+        else:
+            leaves.add(t)
+    return bool(leaves & {int, float}) and bool not in leaves and Any not in leaves
 
 
 class DataConfig(Strict):
@@ -35,7 +68,7 @@ class DataConfig(Strict):
     hf_config: str | None = None  # hub dataset config name (e.g. 'sample-10BT')
     hf_split: str = "train"
     streaming: bool = False  # read documents lazily (hub: no full download); same tokens, one process
-    max_documents: int | None = None  # cap on documents read (useful with streaming)
+    max_documents: int | None = Field(None, ge=1)  # cap on documents read (useful with streaming)
     tokenizer: str = "byte"  # byte | bpe | hf:<name>
     vocab_size: int | None = None  # bpe: size to train (default 4096); byte (257) / hf: None or a padded size
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)  # held-out fraction of documents for validation
@@ -48,18 +81,18 @@ class TrainConfig(Strict):
     """Optimisation and bookkeeping. Defaults follow the paper's Table 4 (AdamW 0.9/0.95, wd 0.1, cosine to 10%)."""
 
     tokens: float | str = "20xN"  # budget: a number of tokens ('5e6') or a multiple of active params ('20xN')
-    steps: int | None = None  # if set, overrides `tokens` (tokens = steps * batch_size * seq_len)
+    steps: int | None = Field(None, ge=1)  # if set, overrides `tokens` (tokens = steps * batch_size * seq_len)
     batch_size: int | Literal["auto"] = "auto"  # sequences per optimizer step (global)
-    micro_batch_size: int | None = None  # sequences per forward/backward; None = batch_size (no accumulation)
-    seq_len: int | None = None  # training context; None = model.seq_len
+    micro_batch_size: int | None = Field(None, ge=1)  # sequences per forward/backward; None = batch_size
+    seq_len: int | None = Field(None, ge=1)  # training context; None = model.seq_len
     lr: float | Literal["auto"] = "auto"  # peak LR; auto = derived from model size (see experiments.hparams)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # cosine ends at lr * min_lr_ratio
     warmup: float = Field(0.01, ge=0.0)  # fraction of steps (< 1) or a number of steps (>= 1)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)  # 0 disables
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(8, ge=1)
@@ -70,6 +103,27 @@ class TrainConfig(Strict):
     compile: bool = False
     threads: int | None = None  # torch intra-op threads on CPU (None = torch default)
     knowledge_probe: bool = True  # evaluate fact recall at the end when the corpus has facts
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_positive(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not v > 0:
+            raise ValueError("must be a number > 0 (a peak LR such as 3e-4) or 'auto'")
+        return v
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens_positive(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not v > 0:
+            raise ValueError("must be a number of tokens > 0 ('5e6') or 'KxN' (e.g. '20xN')")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be a number of sequences >= 1 or 'auto'")
+        return v
 
 
 class WandbConfig(Strict):
@@ -94,9 +148,7 @@ class ParallelConfig(Strict):
     memory_parallel: MemoryParallelConfig = Field(default_factory=MemoryParallelConfig)
 
     def layout(self, world_size: int) -> ParallelLayout:
-        """This block on `world_size` processes, in the accounting module's terms (torch-free)."""
-        from ultramem.accounting import ParallelLayout
-
+        """This block on `world_size` processes, in the layout memory model's terms (torch-free)."""
         return ParallelLayout(world_size=world_size, fsdp=self.fsdp,
                               activation_checkpointing=self.activation_checkpointing,
                               expert_parallel=self.expert_parallel, memory_parallel=self.memory_parallel.mode,
@@ -131,8 +183,47 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         lines.append(f"  {loc}: {msg} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:  # the keys written here; those merged in by `<<:` may be overridden
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                try:
+                    key = self.construct_object(key_node, deep=True)
+                    hash(key)
+                except TypeError:
+                    continue  # an unhashable key: the base class reports it
+                if key in first:
+                    raise DuplicateKeyError(key, first[key].start_mark, key_node.start_mark)
+                first[key] = key_node
+        return super().construct_mapping(node, deep)
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    def __init__(self, key: Any, first: yaml.Mark, second: yaml.Mark):
+        super().__init__(None, None, f"duplicate key {key!r}", second)
+        self.key, self.first_line, self.second_line = key, first.line + 1, second.line + 1
+
+
+def safe_load(stream: Any, source: str = "<string>") -> Any:
+    """yaml.safe_load that refuses duplicate keys: ConfigError naming `source`, the key and both lines."""
+    try:
+        return yaml.load(stream, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{source}: key {err.key!r} is given twice, at line {err.first_line} and at line "
+                          f"{err.second_line}; keep one (YAML would silently use the last)") from None
+    except yaml.YAMLError as err:  # syntax errors; python/* tags, which a SafeLoader refuses to construct
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -140,7 +231,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"{path}: file not found")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        data = safe_load(f, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -153,7 +244,7 @@ def parse_set(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected key=value (e.g. train.lr=1e-3)")
         key, value = pair.split("=", 1)
-        out = deep_merge(out, expand_dotted({key.strip(): yaml.safe_load(value)}))
+        out = deep_merge(out, expand_dotted({key.strip(): safe_load(value, f"--set {pair!r}")}))
     return out
 
 

@@ -24,6 +24,7 @@ import io
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,9 +37,11 @@ from torch.distributed.tensor import DTensor, Shard
 
 from experiments import checkpoint
 from experiments.config import ParallelConfig
-from experiments.runstore import RunDir
-from ultramem.accounting import ParallelLayout, check_layout
+from runfolder import RunDir
+from runfolder.atomic import fsync_dir
 from ultramem.config import ConfigError, ModelConfig
+from ultramem.families import get_family
+from ultramem.layout import ParallelLayout, check_layout
 from ultramem.parallel import (
     CommStats,
     apply_activation_checkpointing,
@@ -120,7 +123,8 @@ class Parallel:
         return nn.parallel.DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             # an expert may receive no token in a micro-batch (with expert parallelism the experts are not DDP's)
-            find_unused_parameters=self.family == "moe" and self.layout.expert_parallel == 1)
+            find_unused_parameters=get_family(self.family).parallel.unused_parameters
+            and self.layout.expert_parallel == 1)
 
     # ---- the step ----------------------------------------------------------------------------------------------
 
@@ -159,20 +163,60 @@ class Parallel:
         save_sharded(rd, step, model, opt, extras, keep, self.rank, self.world_size)
 
     def load_latest(self, rd: RunDir, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
-        """Load the newest checkpoint (either kind) into model and optimizer; return its other entries."""
-        path = checkpoint.newest(rd)
-        if path is None:
-            return None
-        if path.suffix == checkpoint.SHARDED_SUFFIX:
-            return load_sharded(path, model, opt)
-        if self.layout.sharded:
-            raise ConfigError(f"{path} is a single-file checkpoint (written without sharding); resume it with its "
-                              "own layout (parallel.fsdp: false, expert_parallel: 1, memory_parallel.mode: none) "
-                              "until the next checkpoint, or start a new run folder")
-        state = checkpoint.load(path)
+        """Load the newest checkpoint (either kind) that verifies into model and optimizer; return its other entries.
+
+        A damaged one (checksum mismatch, or no checksum and unreadable) is moved aside to `<name>.corrupt` with a
+        warning on stderr, and the next older one is tried; None when none is left (a fresh start). Rank 0 checks
+        the checksums and moves files; every rank takes the same decision."""
+        touched = []  # damaged DCP folders whose failed load may have written into model / optimizer
+        for path in reversed(checkpoint.all_checkpoints(rd)):
+            sharded = path.suffix == checkpoint.SHARDED_SUFFIX
+            if not sharded and self.layout.sharded:
+                raise ConfigError(f"{path} is a single-file checkpoint (written without sharding); resume it with "
+                                  "its own layout (parallel.fsdp: false, expert_parallel: 1, memory_parallel.mode: "
+                                  "none) until the next checkpoint, or start a new run folder")
+            # 0 verified, 1 no checksum (older checkpoint), 2 damaged
+            code, reason = 0, None
+            if self.rank == 0:
+                try:
+                    code = 0 if checkpoint.verify(path) else 1
+                except checkpoint.CorruptCheckpoint as err:
+                    code, reason = 2, str(err)
+            code = self._agree(code)
+            if code < 2:
+                try:  # a checkpoint that verifies but does not load is no damaged file: that error is raised
+                    state = (load_sharded(path, model, opt, verified=code == 0) if sharded
+                             else self._load_file(path, model, opt, verified=code == 0))
+                except checkpoint.CorruptCheckpoint as err:
+                    reason, code = str(err), 2
+                    touched += [path] if sharded else []
+                code = self._agree(code)
+                if code < 2:
+                    return state
+            if self.rank == 0:
+                moved = checkpoint.move_aside(path)
+                print(f"warning: damaged checkpoint: {reason or f'{path}: fails to load on another rank'}; moved "
+                      f"it aside to {moved.name}; trying the next older checkpoint", file=sys.stderr, flush=True)
+            _barrier(self.world_size)
+        if touched:
+            raise RuntimeError(f"{rd.ckpt_dir}: no checkpoint loads; the damaged ones were moved aside "
+                               f"({', '.join(p.name for p in touched)} and any others named above), after a partial "
+                               "load. Run the same command again to train the run from step 0")
+        return None
+
+    def _load_file(self, path: Any, model: nn.Module, opt: torch.optim.Optimizer, verified: bool) -> dict[str, Any]:
+        state = checkpoint.load(path, verified)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         return state
+
+    def _agree(self, code: int) -> int:
+        """The largest `code` over all ranks."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return code
+        t = torch.tensor([code], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
 
 # ---- optimizer groups and gradient norm across meshes ---------------------------------------------------------
@@ -250,16 +294,22 @@ def save_sharded(rd: RunDir, step: int, model: nn.Module, opt: torch.optim.Optim
     dcp.save({"model": msd, "optim": osd, "extras": blob}, checkpoint_id=tmp)
     _barrier(world_size)
     if rank == 0:
+        checkpoint.write_sharded_checksums(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        checkpoint.fsync_dir(final.parent)
+        fsync_dir(final.parent)
         checkpoint.prune(rd, keep)
     _barrier(world_size)
 
 
-def load_sharded(path: os.PathLike, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load a DCP checkpoint into `model` and `opt` in their current layout; return the extras (step included)."""
+def load_sharded(path: os.PathLike, model: nn.Module, opt: torch.optim.Optimizer,
+                 verified: bool = False) -> dict[str, Any]:
+    """Load a DCP checkpoint into `model` and `opt` in their current layout; return the extras (step included).
+
+    A folder that DCP cannot read raises CorruptCheckpoint, unless it passed its checksums (`verified`): then the
+    fault is not the files' and DCP's own error is raised."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     msd, osd = get_state_dict(model, opt)  # initialises the optimizer state so that it has shards to load into
@@ -270,7 +320,13 @@ def load_sharded(path: os.PathLike, model: nn.Module, opt: torch.optim.Optimizer
 
             stack.enter_context(warnings.catch_warnings())
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(state, checkpoint_id=path)
+        try:
+            dcp.load(state, checkpoint_id=path)
+        except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+            if verified:
+                raise
+            raise checkpoint.CorruptCheckpoint(f"{os.fspath(path)}: cannot be loaded ({type(err).__name__}: "
+                                               f"{str(err)[:500]})") from err
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     extras = state["extras"]
     if isinstance(extras, io.BytesIO):

@@ -18,14 +18,13 @@ from typing import Any
 
 from experiments import hparams
 from experiments.config import RunConfig, parse_token_budget, resolve_model, run_config_from_dict
+from experiments.data.tokenizers import tokenizer_vocab_size
+from ultramem.accounting import count_params
 from ultramem.config import ConfigError, ModelConfig
 
 
 def resolve_run_config(cfg: RunConfig, source: str = "<config>") -> RunConfig:
     """The resolved form of `cfg`. Errors name `source` and the field to fix."""
-    from experiments.data import tokenizer_vocab_size
-    from ultramem.accounting import count_params
-
     vocab = tokenizer_vocab_size(cfg.data)
     model = resolve_model(cfg.model, vocab, source)
     if model.vocab_size < vocab:

@@ -12,10 +12,20 @@ from __future__ import annotations
 
 import sys
 import traceback
+from pathlib import Path
 
 from ultramem.config import ConfigError
 
 EXIT_DONE, EXIT_FAILED, EXIT_CONFIG, EXIT_DIVERGED, EXIT_BUSY = 0, 1, 2, 3, 4
+
+
+def launch_command(run_dir: str | Path, nproc: int = 1, python: str = sys.executable) -> list[str]:
+    """The command that trains RUN_DIR: `python -m experiments.run_one RUN_DIR`, or under torchrun with one process
+    per GPU (`--standalone --nproc_per_node=K`) when nproc > 1. Used by the scheduler and `ultramem train`."""
+    if nproc > 1:
+        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "-m", "experiments.run_one", str(run_dir)]
+    return [python, "-m", "experiments.run_one", str(run_dir)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m experiments.run_one RUN_DIR", file=sys.stderr)
         return EXIT_CONFIG
+    # lazy: `launch_command` is imported by the scheduler, which must not import torch or the trainer
     from experiments.config import load_run_config
     from experiments.distributed import teardown
-    from experiments.runstore import RunDir
     from experiments.trainer import Diverged, RunBusy, train
+    from runfolder import RunDir
 
     rd = RunDir(args[0])
     try:

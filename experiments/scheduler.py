@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from experiments.run_one import EXIT_BUSY, EXIT_CONFIG
-from experiments.runstore import TERMINAL, RunDir
+from experiments.run_one import EXIT_BUSY, EXIT_CONFIG, launch_command
 from experiments.sweep import Plan, PlannedRun
+from runfolder import TERMINAL, RunDir, is_claimed, run_state
 from ultramem.config import ConfigError
 
 BACKENDS = ("ray", "local")
@@ -126,18 +126,19 @@ def train_run(job: Job, retries: int, node: str | None = None, env: dict[str, st
 
 
 def _attempts(job: Job, rd: RunDir, retries: int, node: str, env: dict[str, str], t0: float) -> Outcome:
-    state = rd.status().get("state")
+    state = rd.read_status().state
     if state in TERMINAL:  # finished by another scheduler while we waited for its claim
         return Outcome(job.run_id, state, 0, node, time.time() - t0)
     launches, failures, error = 0, 0, None
     while failures <= retries:
-        rd.update_status(attempts=int(rd.status().get("attempts") or 0) + 1, node=node)
+        attempt = rd.update_status(attempts=rd.read_status().attempts + 1, node=node).attempts
         launches += 1
-        rc = _launch(job, rd, launches, node, env)
-        state = rd.status().get("state")
+        rc = _launch(job, rd, attempt, node, env)
+        state = rd.read_status().state
         if state in TERMINAL:
             return Outcome(job.run_id, state, launches, node, time.time() - t0)
         if rc == EXIT_BUSY:  # trained by a process outside any scheduler (`ultramem train`): wait for it
+            rd.update_status(attempts=attempt - 1)  # it never started: not an attempt
             time.sleep(CLAIM_POLL_S)
             continue
         failures += 1
@@ -149,21 +150,13 @@ def _attempts(job: Job, rd: RunDir, retries: int, node: str, env: dict[str, str]
     return Outcome(job.run_id, "failed", launches, node, time.time() - t0, error)
 
 
-def launch_command(job: Job, python: str = sys.executable) -> list[str]:
-    """`python -m experiments.run_one RUN_DIR`, or the torchrun form for nproc > 1 (one process per GPU)."""
-    if job.nproc > 1:
-        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={job.nproc}",
-                "-m", "experiments.run_one", job.run_dir]
-    return [python, "-m", "experiments.run_one", job.run_dir]
-
-
 def _launch(job: Job, rd: RunDir, attempt: int, node: str, env: dict[str, str]) -> int:
-    cmd = launch_command(job)
+    cmd = launch_command(job.run_dir, job.nproc)
     threads = max(1, int(job.cpus // job.nproc))
     child_env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **env}
     # torchrun must get the chance to stop its workers; a lone trainer can simply be killed.
     death_signal = signal.SIGTERM if job.nproc > 1 else signal.SIGKILL
-    with open(rd.path / "train.log", "ab") as log:
+    with open(rd.log_path, "ab") as log:
         log.write(f"=== attempt {attempt} on {node} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                   f"{' '.join(cmd)}\n".encode())
         log.flush()
@@ -193,7 +186,7 @@ def _die_with_parent(sig: int) -> Callable[[], None] | None:
 
 def _log_tail(rd: RunDir) -> str:
     try:
-        with open(rd.path / "train.log", "rb") as f:
+        with open(rd.log_path, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 16384))
             lines = f.read().decode(errors="replace").splitlines()
@@ -233,6 +226,49 @@ def preflight(jobs: list[Job], nodes: list[Node], backend: str, source: str) -> 
 
 # ---- ray backend -------------------------------------------------------------------------------------------------
 
+CONNECT_TIMEOUT_S = 30.0  # `sweep run --connect-timeout`: how long to try to reach a Ray cluster before giving up
+
+
+def probe_address(address: str, timeout: float) -> None:
+    """Fail fast when nothing listens at a Ray address: Ray itself retries for minutes, ignoring Ctrl-C."""
+    hostport = address.split("://", 1)[-1]
+    if hostport in ("auto", "local"):
+        return
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"Ray address {address!r}: expected HOST:PORT (e.g. 10.0.0.1:6379) or ray://HOST:PORT; "
+                          "check --address / RAY_ADDRESS")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise ConfigError(f"Ray at {address}: cannot connect ({reason}, waited up to {timeout:g} s); check "
+                          "--address / RAY_ADDRESS, that `ray start --head` runs on that host and that its port "
+                          "(default 6379) is reachable from here (see docs/cluster.md)") from None
+
+
+def _init_within(ray: Any, timeout: float, **kwargs: Any) -> None:
+    """ray.init in a helper thread, so that the main thread can give up after `timeout` (a port that accepts
+    connections but is no Ray) and Ctrl-C reaches it at any moment."""
+    box: dict[str, BaseException] = {}
+
+    def target() -> None:
+        try:
+            ray.init(**kwargs)
+        except BaseException as err:  # handed to the main thread
+            box["err"] = err
+
+    thread = threading.Thread(target=target, name="ray-init", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise ConfigError(f"Ray at {kwargs.get('address')}: no answer from a Ray head within {timeout:g} s (the port "
+                          "is open, but nothing there completed Ray's handshake); check that it is the Ray head's "
+                          "GCS port (`ray status` on the head prints it) or raise --connect-timeout")
+    if "err" in box:
+        raise box["err"]
+
+
 
 def ray_temp_dir() -> str:
     """Where a fresh local Ray keeps its sessions and logs (short: Ray's socket paths must stay < 108 chars)."""
@@ -245,8 +281,10 @@ class RayBackend:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None):
+    def __init__(self, address: str | None = None, connect_timeout: float = CONNECT_TIMEOUT_S):
         address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            probe_address(address, connect_timeout)
         if not address and "ray" not in sys.modules:
             # A fresh Ray binds the machine's address unless this is set when ray is imported: keep it on loopback.
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -259,7 +297,7 @@ class RayBackend:
         kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
         try:
             if address:
-                ray.init(address=address, **kwargs)
+                _init_within(ray, connect_timeout, address=address, **kwargs)
             else:
                 # A fresh, private Ray: no dashboard, small object store (runs pass no data).
                 ray.init(address="local", include_dashboard=False, _temp_dir=ray_temp_dir(),
@@ -320,7 +358,7 @@ class RayBackend:
             error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             rd = RunDir(job.run_dir)
             with rd.claim() as free:
-                if free and rd.status().get("state") not in TERMINAL:
+                if free and rd.read_status().state not in TERMINAL:
                     rd.update_status(state="failed", error=error)
             return Outcome(job.run_id, "failed", 0, "?", 0.0, error)
 
@@ -435,9 +473,9 @@ class LocalBackend:
         pass
 
 
-def make_backend(name: str, address: str | None = None) -> Backend:
+def make_backend(name: str, address: str | None = None, connect_timeout: float = CONNECT_TIMEOUT_S) -> Backend:
     if name == "ray":
-        return RayBackend(address)
+        return RayBackend(address, connect_timeout)
     if name == "local":
         if address:
             raise ConfigError("--address only applies to --backend ray")
@@ -471,30 +509,23 @@ def prepare(plan: Plan) -> tuple[list[Job], list[str]]:
     jobs, skipped = [], []
     for run in plan.runs:
         rd = RunDir(plan.runs_dir / run.run_id)
-        if rd.status_path.exists() and rd.status().get("state") in TERMINAL:
+        now = run_state(rd)
+        if now.finished:
             skipped.append(run.run_id)
             continue
         # (Re)written unless another scheduler trains the run: bookkeeping edits (log_every, eval_every, ...)
         # reach unfinished runs, whose id and checkpoints they do not change.
-        if not rd.config_path.exists() or not is_claimed(rd):
-            rd.write_config(run.config)
-        if not rd.status_path.exists():
+        if not rd.config_path.exists() or now.state not in ("claimed", "running"):
+            rd.write_config(run.config, run.run_id)
+        if not rd.status_path.exists() or now.state == "unreadable":
             rd.update_status(state="pending", attempts=0, name=run.name)
         jobs.append(Job.from_planned(run, plan.runs_dir))
     return jobs, skipped
 
 
-def is_claimed(rd: RunDir) -> bool:
-    """Whether some scheduler holds the run's claim right now."""
-    if not rd.claim_path.exists():
-        return False
-    with rd.claim() as free:
-        return not free
-
-
 def run_sweep(plan: Plan, backend: str | Backend = "ray", address: str | None = None,
               max_concurrent: int | None = None, retries: int = 2,
-              log: Callable[[str], None] = print) -> SweepReport:
+              log: Callable[[str], None] = print, connect_timeout: float = CONNECT_TIMEOUT_S) -> SweepReport:
     """Train every unfinished run of `plan`; returns when each has reached done/diverged/failed."""
     if retries < 0:
         raise ConfigError(f"--retries {retries}: must be >= 0")
@@ -508,7 +539,7 @@ def run_sweep(plan: Plan, backend: str | Backend = "ray", address: str | None = 
     if not jobs:  # nothing to train: no backend (and no Ray start-up) needed
         log(f"sweep {plan.sweep.name}: all {len(plan.runs)} runs already finished -> {plan.runs_dir}")
         return SweepReport(plan, skipped, [], time.time() - t0)
-    runner = make_backend(backend, address) if isinstance(backend, str) else backend
+    runner = make_backend(backend, address, connect_timeout) if isinstance(backend, str) else backend
     try:
         nodes = runner.nodes()
         preflight(jobs, nodes, runner.name, str(plan.path))

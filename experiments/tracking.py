@@ -33,7 +33,7 @@ class WandbMirror:
         if mode == "disabled":
             return cls()
         try:
-            import wandb
+            import wandb  # lazy: only when mirroring (module docstring); a disabled mirror never pays for it
 
             run = wandb.init(
                 project=cfg.wandb.project,

@@ -23,6 +23,7 @@ of a single-process run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import random
@@ -36,15 +37,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from experiments import checkpoint
 from experiments.config import RunConfig, TrainConfig, run_id
+from experiments.data import TokenLoader, knowledge_probe, prepare_data
 from experiments.distributed import Parallel, restore_rng, setup_process_group, split_by_mesh
 from experiments.resolve import model_config, resolve_run_config
-from experiments.runstore import RunDir
 from experiments.throughput import ThroughputMeter
 from experiments.tracking import WandbMirror
+from runfolder import EvalRow, Final, RunDir, TrainRow, run_state
+from ultramem import build_model
+from ultramem.accounting import count_params, flops_per_token
 from ultramem.config import ConfigError, ModelConfig
+from ultramem.families import block_summary
 
 STATUS_EVERY_S = 10.0  # status.json progress between checkpoints: often enough for `sweep status`, no fsync storm
 
@@ -257,8 +263,13 @@ def evaluate(model: torch.nn.Module, val_loader: Any, t: TrainConfig, env: Env) 
 # ---- the run ---------------------------------------------------------------------------------------------------
 
 
-def train(cfg: RunConfig, run_dir: str | Path, source: str = "<config>") -> dict[str, Any]:
+def train(cfg: RunConfig, run_dir: str | Path, source: str = "<config>", count_attempt: bool = False,
+          force: bool = False) -> dict[str, Any]:
     """Train `cfg` into `run_dir` (resuming from its newest checkpoint) and return final.json's content.
+
+    count_attempt: add one to status.json's `attempts` once the run is ours to train (`ultramem train`; a
+    scheduler counts the processes it launches itself). force: write the run into a folder that holds something
+    else (see write_run_config).
 
     Raises Diverged on a non-finite loss, RunBusy if another process trains this run, ConfigError if `run_dir`
     holds a different run. A run whose status is already `done` returns its final.json without training.
@@ -276,14 +287,18 @@ def train(cfg: RunConfig, run_dir: str | Path, source: str = "<config>") -> dict
 
         def claim() -> bool:
             if not stack.enter_context(rd.lock()):
-                raise RunBusy(f"{rd.path}: another process is training this run ({_lock_owner(rd)}); wait for it "
+                raise RunBusy(f"{rd.path}: another process is training this run ({rd.lock_owner()}); wait for it "
                               "or stop it first")
-            status = rd.status()
-            if status.get("state") == "diverged":
-                raise Diverged(f"{rd.path}: this run diverged in an earlier attempt ({status.get('error')}); "
+            now = run_state(rd)
+            if now.state == "diverged":
+                raise Diverged(f"{rd.path}: this run diverged in an earlier attempt ({now.status.error}); "
                                "a diverged run is final: train a changed config in a new folder")
-            write_run_config(rd, resolved)
-            return status.get("state") == "done" and rd.final() is not None
+            write_run_config(rd, resolved, force)
+            if now.state == "done":
+                return True
+            if count_attempt:
+                rd.update_status(attempts=(now.status.attempts if now.status else 0) + 1)
+            return False
 
         if _on_rank0(claim, env):
             return rd.final()
@@ -293,15 +308,11 @@ def train(cfg: RunConfig, run_dir: str | Path, source: str = "<config>") -> dict
             raise
         except BaseException as err:
             if env.main:
-                rd.update_status(state="failed", error=_describe(err))
+                rd.update_status(state="failed", error=_describe(err, rd.path))
             raise
 
 
 def _run(cfg: RunConfig, rd: RunDir, env: Env, par: Parallel) -> dict[str, Any]:
-    from experiments.data import TokenLoader, prepare_data
-    from ultramem import build_model
-    from ultramem.accounting import count_params, flops_per_token
-
     t, rid = cfg.train, run_id(cfg.model_dump(mode="json"))
     mcfg = model_config(cfg)
     params = count_params(mcfg).to_dict()
@@ -358,25 +369,25 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env, par: Parallel) -> dict[str, Any]:
                 _check_finite(window, rd, env, wandb)
                 rates = meter.rates((done_steps - window_start) * tokens_per_step)
                 last_mean = window.mean()
-                record = _train_record(done_steps, tokens_per_step, fpt, base_lr, last_mean, rates)
+                row = _train_row(done_steps, tokens_per_step, fpt, base_lr, last_mean, rates)
                 window.clear()
                 meter.start()
                 window_start = done_steps
                 if env.main:
-                    rd.append_metrics(record)
+                    rd.append_metrics(row)
                     if time.monotonic() - status_at >= STATUS_EVERY_S:
                         rd.update_status(step=done_steps, tokens=done_steps * tokens_per_step)
                         status_at = time.monotonic()
-                    wandb.log(record, done_steps)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+                    wandb.log(row.to_dict(), done_steps)
+                    bar.set_postfix(loss=f"{row.loss:.3f}", refresh=False)
             if done_steps % t.eval_every == 0 or is_last:
                 with meter.paused():
                     last_val = evaluate(compiled, val_loader, t, env)
-                record = {"kind": "eval", "step": done_steps, "tokens": done_steps * tokens_per_step,
-                          "flops": done_steps * tokens_per_step * fpt, "val_loss": last_val, "time": time.time()}
+                row = EvalRow(done_steps, done_steps * tokens_per_step, done_steps * tokens_per_step * fpt,
+                              last_val, time.time())
                 if env.main:
-                    rd.append_metrics(record)
-                    wandb.log(record, done_steps)
+                    rd.append_metrics(row)
+                    wandb.log(row.to_dict(), done_steps)
             if done_steps % t.ckpt_every == 0 or is_last:
                 with meter.paused():
                     window.sync(env.world_size)
@@ -396,15 +407,13 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env, par: Parallel) -> dict[str, Any]:
     wall = time.perf_counter() - t_begin
     final = _final_record(cfg, rid, mcfg, params, fpt, last_mean, last_val, wall, start, prepared)
     if t.knowledge_probe and (env.main or par.layout.sharded):  # a sharded model needs every rank's forward
-        from experiments.data import knowledge_probe
-
-        final["knowledge"] = knowledge_probe(raw, prepared, env.device)
+        final.knowledge = knowledge_probe(raw, prepared, env.device)
     if env.main:
         rd.write_final(final)
         rd.update_status(state="done", step=t.steps, tokens=t.steps * tokens_per_step, error=None)
-        wandb.summary(final)
+        wandb.summary(final.to_dict())
         wandb.finish(0)
-    return final
+    return final.to_dict()
 
 
 def _prepare_data_once(prepare_data: Any, cfg: RunConfig, env: Env) -> Any:
@@ -456,50 +465,39 @@ def _check_finite(window: Window, rd: RunDir, env: Env, wandb: WandbMirror) -> N
     raise Diverged(msg)
 
 
-def _train_record(step: int, tokens_per_step: int, fpt: float, lr: float, mean: dict[str, float],
-                  rates: dict[str, Any]) -> dict[str, Any]:
+def _train_row(step: int, tokens_per_step: int, fpt: float, lr: float, mean: dict[str, float],
+               rates: dict[str, Any]) -> TrainRow:
     aux = {k.split("/", 1)[1]: v for k, v in mean.items() if k.startswith("aux/")}
     comm = {k.split("/", 1)[1]: v for k, v in mean.items() if k.startswith("comm/")}
-    return {"kind": "train", "step": step, "tokens": step * tokens_per_step, "flops": step * tokens_per_step * fpt,
-            "loss": mean["loss"], "aux_loss": mean["aux_loss"], "aux": aux, "lr": lr,
-            "grad_norm": mean["grad_norm"], **rates, **({"comm_bytes": comm} if comm else {}),
-            "time": time.time()}
+    return TrainRow(step=step, tokens=step * tokens_per_step, flops=step * tokens_per_step * fpt, loss=mean["loss"],
+                    aux_loss=mean["aux_loss"], aux=aux, lr=lr, grad_norm=mean["grad_norm"], **rates,
+                    comm_bytes=comm or None, time=time.time())
 
 
 def _final_record(cfg: RunConfig, rid: str, mcfg: ModelConfig, params: dict[str, int], fpt: float,
                   mean: dict[str, float] | None, val: float | None, wall: float, start: int,
-                  prepared: Any) -> dict[str, Any]:
+                  prepared: Any) -> Final:
     t = cfg.train
     tokens = t.steps * t.batch_size * t.seq_len
     trained_here = (t.steps - start) * t.batch_size * t.seq_len
     meta = prepared.meta
-    return {
-        "run_id": rid, "name": cfg.name, "sweep": cfg.sweep, "family": mcfg.family,
-        "preset": cfg.model.get("preset"), "seed": cfg.seed,
-        "train_loss": None if mean is None else mean["loss"], "val_loss": val,
-        "params": dict(params), "total_params": params["total"], "active_params": params["active"],
-        "non_embedding_params": params["non_embedding"], "flops_per_token": fpt,
-        "tokens": tokens, "flops": tokens * fpt, "steps": t.steps,
-        "batch_size": t.batch_size, "seq_len": t.seq_len, "lr": t.lr,
-        "memory": _memory_summary(mcfg, params), "moe": _moe_summary(mcfg), "knowledge": None,
-        "wall_s": wall, "tokens_per_s": trained_here / wall if trained_here and wall > 0 else None,
-        "tokenizer": cfg.data.tokenizer, "vocab_size": mcfg.vocab_size,
-        "data_source": meta.get("source", cfg.data.source),
-    }
+    return Final(
+        run_id=rid, name=cfg.name, sweep=cfg.sweep, family=mcfg.family, preset=cfg.model.get("preset"),
+        seed=cfg.seed, train_loss=None if mean is None else mean["loss"], val_loss=val, params=dict(params),
+        total_params=params["total"], active_params=params["active"], non_embedding_params=params["non_embedding"],
+        flops_per_token=fpt, tokens=tokens, flops=tokens * fpt, steps=t.steps, batch_size=t.batch_size,
+        seq_len=t.seq_len, lr=t.lr, memory=_memory_summary(mcfg, params), moe=_moe_summary(mcfg), knowledge=None,
+        wall_s=wall, tokens_per_s=trained_here / wall if trained_here and wall > 0 else None,
+        tokenizer=cfg.data.tokenizer, vocab_size=mcfg.vocab_size, data_source=meta.get("source", cfg.data.source),
+    )
 
 
 def _memory_summary(mcfg: ModelConfig, params: dict[str, int]) -> dict[str, Any] | None:
-    m = mcfg.memory
-    if m is None:
-        return None
-    from ultramem.accounting import num_memory_layers
-
-    return {"num_values": m.num_values, "top_m": m.top_m, "heads": m.heads, "value_expansion": m.value_expansion,
-            "num_layers": num_memory_layers(mcfg), "value_params": params["sparse"]}
+    return block_summary(mcfg, params, "memory")  # the family's Family.summary when it owns the memory block
 
 
 def _moe_summary(mcfg: ModelConfig) -> dict[str, Any] | None:
-    return None if mcfg.moe is None else {"num_experts": mcfg.moe.num_experts, "top_k": mcfg.moe.top_k}
+    return block_summary(mcfg, {}, "moe")
 
 
 def _start_wandb(cfg: RunConfig, rd: RunDir, rid: str, mcfg: ModelConfig, params: dict[str, int], fpt: float,
@@ -513,15 +511,25 @@ def _start_wandb(cfg: RunConfig, rd: RunDir, rid: str, mcfg: ModelConfig, params
     return WandbMirror.start(cfg, rd.path, rid, config)
 
 
-def write_run_config(rd: RunDir, resolved: RunConfig) -> None:
-    """Write config.yaml, refusing a folder that already holds a different run."""
+def write_run_config(rd: RunDir, resolved: RunConfig, force: bool = False) -> None:
+    """Write config.yaml (and the run.json marker), refusing a folder that holds a different run or files that
+    are not a run's, unless `force`."""
     new = resolved.model_dump(mode="json")
-    old = rd.read_config()
-    if old is not None and run_id(old) != run_id(new):
-        diff = ", ".join(_diff_keys(old, new)) or "content"
-        raise ConfigError(f"{rd.path} already holds another run (its config.yaml differs in: {diff}); choose "
-                          "another output folder or delete this one")
-    rd.write_config(new)
+    rid = run_id(new)
+    if not force:
+        old, marker, foreign = rd.read_config(), rd.read_marker(), rd.foreign_entries()
+        if old is not None and run_id(old) != rid:
+            diff = ", ".join(_diff_keys(old, new)) or "content"
+            raise ConfigError(f"{rd.path} already holds another run (its config.yaml differs in: {diff}); choose "
+                              "another output folder or delete this one")
+        if old is None and marker is not None and marker.run_id != rid:  # (config.yaml, when present, rules)
+            raise ConfigError(f"{rd.path} is the run folder of {marker.run_id} (its run.json), not of {rid}; choose "
+                              "another output folder, or pass --force to overwrite it")
+        if foreign:
+            shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+            raise ConfigError(f"{rd.path} is not empty and is not a run folder (it holds {shown}); choose another "
+                              "output folder (--out), or pass --force to write the run into it anyway")
+    rd.write_config(new, rid)
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -534,8 +542,6 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def _progress_bar(total: int, initial: int, env: Env) -> Any:
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                 disable=not (env.main and sys.stderr.isatty()))
 
@@ -557,16 +563,49 @@ def _on_rank0(fn: Any, env: Env) -> Any:
     return value
 
 
-def _lock_owner(rd: RunDir) -> str:
-    try:
-        return "held by " + rd.lock_path.read_text().strip()
-    except OSError:
-        return "lock file unreadable"
-
-
-def _describe(err: BaseException) -> str:
+def _describe(err: BaseException, run_dir: Path | None = None) -> str:
+    """status.json's `error`. A failed write (full disk, quota, permissions) often surfaces as another error (torch:
+    "unexpected pos N vs M") with the OSError only in its chain: then the OSError, the file and the fix come first."""
     if isinstance(err, KeyboardInterrupt):
         return "interrupted"
     tb = traceback.extract_tb(err.__traceback__)
     where = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
-    return f"{type(err).__name__}: {err}{where}"
+    text = f"{type(err).__name__}: {err}{where}"
+    os_err = _os_error_in_chain(err)
+    if os_err is None or os_err.strerror is None:
+        return text
+    path = os_err.filename or _path_being_written(err) or run_dir or "the run folder"
+    if os_err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space or move --out (the run folder) to another disk, then run the same command again"
+    elif os_err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make the run folder writable or move --out, then run the same command again"
+    else:
+        fix = "check the disk and the run folder, then run the same command again"
+    detail = "" if os_err is err else f" ({text})"
+    return f"{os_err.strerror} while writing {path}; {fix}{detail}"
+
+
+def _os_error_in_chain(err: BaseException) -> OSError | None:
+    """The first OSError with an errno in `err`, its __cause__ and __context__ chains."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def _path_being_written(err: BaseException) -> str | None:
+    """The file an atomic write (runfolder.atomic.atomic_write) was writing when `err` was raised, if any."""
+    found = None
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "atomic_write" and "path" in tb.tb_frame.f_locals:
+            found = str(tb.tb_frame.f_locals["path"])
+        tb = tb.tb_next
+    return found

@@ -17,7 +17,7 @@ from benchmarks.bench_inference import (
     summary,
     touched,
 )
-from experiments.commands import bench
+from cli import bench
 from ultramem import build_model
 from ultramem.model import KVCache
 from ultramem.moe import MoEFFN

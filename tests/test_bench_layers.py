@@ -12,7 +12,7 @@ import torch
 
 from benchmarks.bench_layers import add_ratios, memory_size, our_memory_config, selected, targets
 from benchmarks.common import Timing, peak_memory_mb, spread_warnings, time_round_robin
-from experiments.commands import bench
+from cli import bench
 
 
 def test_timing_median_and_iqr_match_numpy():

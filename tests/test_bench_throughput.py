@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks.bench_throughput import Trainer, preset_name
-from experiments.commands import bench
+from cli import bench
 from ultramem.accounting import flops_per_token
 from ultramem.presets import get_preset
 

@@ -18,7 +18,7 @@ from analysis.collect import (
     save_collected,
     unflatten,
 )
-from experiments.runstore import RunDir
+from runfolder import RunDir
 
 FINAL = {
     "run_id": "ultramem-abc", "name": "um-t1", "sweep": "tiny", "family": "ultramem", "preset": "ultramem-t1",
@@ -87,7 +87,7 @@ def test_cache_is_reused_and_invalidated_by_a_changed_file(runs_dir):
     first = collect_runs(runs_dir)
     assert (runs_dir / ".analysis_cache" / "runs.parquet").exists()
     pd.testing.assert_frame_equal(collect_runs(runs_dir).runs, first.runs)
-    RunDir(runs_dir / "ultramem-abc").write_final({**FINAL, "val_loss": 2.0, "note": "rewritten"})
+    RunDir(runs_dir / "ultramem-abc").write_final({**FINAL, "val_loss": 2.0})
     again = collect_runs(runs_dir).runs.set_index("run_id")
     assert again.loc["ultramem-abc", "val_loss"] == 2.0
 

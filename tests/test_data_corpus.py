@@ -115,7 +115,7 @@ def test_embedded_source_goes_through_datasets_and_keeps_its_facts(tmp_path, sma
 
 
 def test_corpus_command_writes_text_facts_and_stats(tmp_path, capsys):
-    from experiments.commands import data
+    from cli import data
 
     parser = argparse.ArgumentParser()
     data.add_arguments(parser)

@@ -10,7 +10,7 @@ import pytest
 
 from experiments.config import run_config_from_dict
 from experiments.resolve import resolve_run_config
-from experiments.runstore import RunDir
+from runfolder import RunDir
 
 
 def _prepare(run_dir, shakespeare_path, cache, preset, nproc):

@@ -22,7 +22,7 @@ import yaml
 
 from experiments.config import run_config_from_dict
 from experiments.resolve import resolve_run_config
-from experiments.runstore import RunDir
+from runfolder import RunDir
 
 BATCH = 8
 

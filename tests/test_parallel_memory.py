@@ -12,8 +12,8 @@ import pytest
 import torch
 from parallel_harness import spawn
 
-from ultramem.accounting import memory_parallel_bytes
 from ultramem.config import ConfigError, MemoryConfig
+from ultramem.layout import memory_parallel_bytes
 
 # K = heads * top_m = 6 slots per token, N = 36 rows, D_v = 16 split between h = 2 MCS cores, E = 4 IVE groups
 MEM = MemoryConfig(num_keys=6, value_dim=16, heads=2, top_m=3, num_cores=2, value_expansion=4, key_dim=4)

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from experiments.sweep import USABLE_GPU_MEMORY, _memory_gb, plan_sweep, plan_table
-from ultramem.accounting import ParallelLayout, check_layout, count_params, train_memory
+from experiments.pricing import USABLE_GPU_MEMORY, memory_gb
+from experiments.sweep import plan_sweep, plan_table
+from ultramem.accounting import count_params
 from ultramem.config import ConfigError
+from ultramem.layout import ParallelLayout, check_layout, train_memory
 from ultramem.presets import get_preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +56,7 @@ def test_a_run_that_does_not_fit_is_refused_with_the_gpu_count_it_needs(tmp_path
         "train": {"micro_batch_size": 4, "batch_size": 2048, "seq_len": 2048, "dtype": "auto"},
         "parallel": {"fsdp": True, "activation_checkpointing": False, "expert_parallel": 1,
                      "memory_parallel": {"mode": "none", "size": 1}}}
-    fits = [n for n in range(8, needed + 1) if 2048 % n == 0 and _memory_gb(cfg, config, n) <= 72]
+    fits = [n for n in range(8, needed + 1) if 2048 % n == 0 and memory_gb(cfg, config, n) <= 72]
     assert fits == [needed]
     # with memory parallelism the same run fits the 8 GPUs
     plan = plan_sweep(_sweep(tmp_path, "ultramem-1.6b-x12", "{fsdp: true, memory_parallel: {mode: dim, size: 8}}"))

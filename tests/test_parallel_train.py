@@ -34,7 +34,8 @@ def _worker(rank: int, W: int, preset: str, parallel: dict, micro: int | None = 
     from experiments.distributed import Parallel
     from experiments.trainer import Env, build_optimizer, set_lr, train_step
     from ultramem import build_model
-    from ultramem.accounting import memory_parallel_bytes, num_memory_layers, train_memory
+    from ultramem.accounting import num_memory_layers
+    from ultramem.layout import memory_parallel_bytes, train_memory
     from ultramem.presets import get_preset
 
     mcfg = get_preset(preset).override({"seq_len": T})

@@ -15,8 +15,8 @@ from analysis.fit import SOLVERS
 from analysis.plots import plot_scaling, save
 from analysis.report import analyse
 from analysis.synthetic import write_synthetic_ladder, write_synthetic_memory_sweep
-from experiments.commands import fit as fit_cmd
-from experiments.commands import plots as plots_cmd
+from cli import fit as fit_cmd
+from cli import plots as plots_cmd
 
 
 def _parse(module, argv: list[str]) -> argparse.Namespace:

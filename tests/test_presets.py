@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from ultramem.accounting import PAPER_TABLE1, count_params, flops_per_token, table1_comparison
+from ultramem.accounting import count_params, flops_per_token
 from ultramem.config import ConfigError
-from ultramem.presets import PRESETS, get_preset
+from ultramem.presets import PAPER_TABLE1, PRESETS, get_preset, table1_comparison
 
 PAPER_SIZES = ("151m", "680m", "1.6b")
 TINY_SIZES = ("t1", "t2", "t3", "t4", "t5", "t6")
@@ -113,13 +113,13 @@ def test_overrides_are_field_by_field_and_copies_are_independent():
 
 
 def test_planning_modules_do_not_import_torch():
-    code = ("import sys, ultramem, ultramem.presets, ultramem.accounting, experiments.commands.models as m; "
+    code = ("import sys, ultramem, ultramem.presets, ultramem.accounting, cli.models as m; "
             "m.preset_rows(); assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_models_command_lists_every_preset_as_json(capsys):
-    from experiments.commands import models
+    from cli import models
 
     parser = argparse.ArgumentParser()
     models.add_arguments(parser)

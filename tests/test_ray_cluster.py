@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.runstore import RunDir
 from experiments.sweep import plan_sweep
+from runfolder import RunDir
 
 pytestmark = [pytest.mark.netns, pytest.mark.ray, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -166,7 +166,7 @@ def test_sweep_runs_on_both_hosts_and_survives_losing_the_worker_host(two_hosts,
     plan = plan_sweep(path)
     dirs = [RunDir(plan.runs_dir / r.run_id) for r in plan.runs]
     driver = subprocess.Popen(
-        ["ip", "netns", "exec", two_hosts.ns["head"], sys.executable, "-m", "experiments.cli", "sweep", "run",
+        ["ip", "netns", "exec", two_hosts.ns["head"], sys.executable, "-m", "cli", "sweep", "run",
          str(path), "--address", two_hosts.address, "--retries", "2"],
         env=two_hosts.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -18,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from experiments.commands.sweep import status_rows
-from experiments.runstore import RunDir
-from experiments.scheduler import ResourceError, is_claimed, run_sweep
+from cli.sweep import status_rows
+from experiments.scheduler import ResourceError, run_sweep
 from experiments.sweep import plan_sweep
+from runfolder import RunDir, is_claimed
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +104,7 @@ def test_small_sweep_on_local_ray_ends_done_and_reruns_only_new_points(ray_local
         assert final["total_params"] == run.total_params
 
     # Ray is not needed to read progress: the status table comes from the run folders alone.
-    out = subprocess.run([sys.executable, "-m", "experiments.cli", "sweep", "status", str(path), "--format", "json"],
+    out = subprocess.run([sys.executable, "-m", "cli", "sweep", "status", str(path), "--format", "json"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)["runs"]
@@ -146,10 +147,40 @@ def test_unsatisfiable_resources_cli_exit_code(tmp_path):
         parameters: {model.preset: {value: dense-tiny}, train.steps: {value: 5}}
         resources: {default: {cpus: 4096}}
         """)
-    out = subprocess.run([sys.executable, "-m", "experiments.cli", "sweep", "run", str(path), "--backend", "local"],
+    out = subprocess.run([sys.executable, "-m", "cli", "sweep", "run", str(path), "--backend", "local"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "need more than any node of the local cluster" in out.stderr and "cpus=4096" in out.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_address_with_no_ray_fails_fast_with_exit_2(tmp_path):
+    """Ray itself retries a dead address for minutes and ignores Ctrl-C meanwhile (issue 15)."""
+    path = write_sweep(tmp_path, "parameters: {model.preset: {value: dense-tiny}, train.steps: {value: 5}}\n")
+    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "cli", "sweep", "run", str(path), "--address", address],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and time.monotonic() - t0 < 30
+    assert f"Ray at {address}: cannot connect" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_an_open_port_that_is_not_ray_gives_up_after_the_connect_timeout(tmp_path):
+    path = write_sweep(tmp_path, "parameters: {model.preset: {value: dense-tiny}, train.steps: {value: 5}}\n")
+    with socket.socket() as server:  # accepts TCP connections, never answers Ray's handshake
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        t0 = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "cli", "sweep", "run", str(path), "--address", address,
+                              "--connect-timeout", "3"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and time.monotonic() - t0 < 25
+    assert f"Ray at {address}: no answer from a Ray head within 3 s" in out.stderr
 
 
 @pytest.mark.slow
@@ -215,7 +246,7 @@ def test_killed_driver_then_rerun_finishes_only_the_remainder(ray_local, tmp_pat
     plan = plan_sweep(path)
     short, long = (RunDir(plan.runs_dir / r.run_id) for r in sorted(plan.runs, key=lambda r: r.tokens))
     ray_tmp = Path("/tmp") / f"umdrv-{os.getpid()}"
-    driver = subprocess.Popen([sys.executable, "-m", "experiments.cli", "sweep", "run", str(path)],
+    driver = subprocess.Popen([sys.executable, "-m", "cli", "sweep", "run", str(path)],
                               env={**os.environ, "ULTRAMEM_RAY_TMP": str(ray_tmp)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -260,7 +291,7 @@ def test_two_concurrent_sweep_runs_never_train_a_run_twice(tmp_path):
     path = write_sweep(tmp_path, """
         parameters: {model.preset: {values: [dense-tiny, moe-tiny, ultramem-tiny]}, train.steps: {value: 30}}
         """)
-    cmd = [sys.executable, "-m", "experiments.cli", "sweep", "run", str(path), "--backend", "local"]
+    cmd = [sys.executable, "-m", "cli", "sweep", "run", str(path), "--backend", "local"]
     drivers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [d.communicate(timeout=600) for d in drivers]
     assert [d.returncode for d in drivers] == [0, 0], outs

@@ -228,6 +228,16 @@ def test_runs_dir_default_env_and_explicit(tmp_path, monkeypatch):
     assert sweep_runs_dir(path) == tmp_path / "elsewhere"
 
 
+def test_a_relative_output_dir_is_relative_to_the_sweep_file_from_any_directory(tmp_path, monkeypatch):
+    (tmp_path / "sweeps").mkdir()
+    path = write(tmp_path / "sweeps", "name: g\noutput_dir: ../runs/g\nbase: {model: {preset: dense-tiny}, "
+                 "data: {source: embedded}}\nparameters: {seed: {value: 0}}\n")
+    for cwd in (tmp_path, tmp_path / "sweeps", Path("/")):
+        monkeypatch.chdir(cwd)
+        assert sweep_runs_dir(path) == tmp_path / "sweeps" / ".." / "runs" / "g"
+        assert plan_sweep(path).runs_dir.resolve() == (tmp_path / "runs" / "g").resolve()
+
+
 # ---- planning (needs the model library's presets and accounting) -----------------------------------------------
 
 
@@ -275,7 +285,7 @@ def test_plan_json_rows_and_cli(tmp_path):
         name: p
         parameters: {model.preset: {values: [dense-tiny, ultramem-tiny]}, train.steps: {value: 10}}
         """)
-    out = subprocess.run([sys.executable, "-m", "experiments.cli", "sweep", "plan", str(path), "--format", "json"],
+    out = subprocess.run([sys.executable, "-m", "cli", "sweep", "plan", str(path), "--format", "json"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
@@ -283,7 +293,7 @@ def test_plan_json_rows_and_cli(tmp_path):
     for row in data["runs"]:
         assert {"run_id", "family", "total_params", "active_params", "tokens", "flops"} <= set(row)
     assert data["totals"]["flops"] == pytest.approx(sum(r["flops"] for r in data["runs"]))
-    table = subprocess.run([sys.executable, "-m", "experiments.cli", "sweep", "plan", str(path)],
+    table = subprocess.run([sys.executable, "-m", "cli", "sweep", "plan", str(path)],
                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert table.returncode == 0 and "TOTAL" in table.stdout
     assert all(r["run_id"] in table.stdout for r in data["runs"])

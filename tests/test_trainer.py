@@ -16,8 +16,8 @@ import yaml
 
 from experiments.config import run_config_from_dict
 from experiments.resolve import model_config, resolve_run_config
-from experiments.runstore import RunDir
 from experiments.trainer import RunBusy, build_optimizer, lr_at, set_lr, setup_env, train, train_step
+from runfolder import RunDir
 from ultramem import build_model
 from ultramem.accounting import flops_per_token
 from ultramem.config import ConfigError

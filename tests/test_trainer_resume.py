@@ -13,7 +13,7 @@ import torch
 
 from experiments.config import run_config_from_dict
 from experiments.resolve import resolve_run_config
-from experiments.runstore import RunDir
+from runfolder import RunDir
 
 STEPS, CKPT_EVERY = 40, 10
 

@@ -7,9 +7,9 @@ import time
 import pytest
 
 from experiments.config import run_config_from_dict
-from experiments.runstore import RunDir
 from experiments.tracking import flatten
 from experiments.trainer import train
+from runfolder import RunDir
 
 
 @pytest.fixture(scope="module")

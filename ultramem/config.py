@@ -1,10 +1,11 @@
-"""Typed model configuration shared by every family (dense, MoE, PKM, UltraMem).
+"""Typed model configuration shared by every family (dense, MoE, PKM, UltraMem; the registry: ultramem/families).
 
 A `ModelConfig` is plain data: it is what presets define, what sweeps override field by field and what every run
 saves in its resolved `config.yaml`. `ModelConfig.from_dict` rejects unknown keys with the dotted path of the bad
 key and the allowed names, so a typo in YAML never passes silently.
 
-Shapes that the rest of the library (model, accounting) relies on are stated next to each field.
+Shapes that the rest of the library (model, accounting) relies on are stated next to each field. Which block a
+family needs, and any check of its own, come from its `Family` record.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-FAMILIES = ("dense", "moe", "pkm", "ultramem")
-
-
-class ConfigError(ValueError):
-    """A configuration value or key a user can fix. The message names the field and what is allowed."""
+from ultramem.errors import ConfigError
+from ultramem.errors import check as _check
+from ultramem.families import families, get_family
+from ultramem.memory.placement import parse_layers
 
 
 @dataclass
@@ -114,7 +114,7 @@ class MemoryConfig:
 class ModelConfig:
     """A decoder-only transformer (pre-norm, RoPE, causal SDPA) of one family."""
 
-    family: str = "dense"  # dense | moe | pkm | ultramem
+    family: str = "dense"  # a registered family: dense | moe | pkm | ultramem (ultramem.families)
     vocab_size: int = 256
     seq_len: int = 256  # maximum context length (RoPE tables)
     n_layers: int = 4
@@ -126,8 +126,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     init_std: float = 0.02  # std of linear/embedding init; residual projections are scaled by 1/sqrt(2 n_layers)
-    moe: MoEConfig | None = None  # required when family == "moe"
-    memory: MemoryConfig | None = None  # required when family in ("pkm", "ultramem")
+    moe: MoEConfig | None = None  # required exactly when the family's block is "moe" (family moe)
+    memory: MemoryConfig | None = None  # required exactly when the family's block is "memory" (pkm, ultramem)
 
     @property
     def ffn_inner(self) -> int:
@@ -138,37 +138,30 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     def validate(self) -> ModelConfig:
-        _check(self.family in FAMILIES, "model.family", self.family, " | ".join(FAMILIES))
+        family = get_family(self.family)  # ConfigError naming model.family and the registered families
         _check(self.d_model % self.n_heads == 0 and self.head_dim % 2 == 0, "model.n_heads", self.n_heads,
                f"a divisor of d_model ({self.d_model}) leaving an even head_dim for RoPE")
         _check(self.norm in ("rmsnorm", "layernorm"), "model.norm", self.norm, "rmsnorm | layernorm")
         for name in ("vocab_size", "seq_len", "n_layers", "d_model"):
             _check(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "an integer >= 1")
-        needs_moe, needs_mem = self.family == "moe", self.family in ("pkm", "ultramem")
-        _check(needs_moe == (self.moe is not None), "model.moe", self.moe,
-               "a moe block exactly when family is 'moe'")
-        _check(needs_mem == (self.memory is not None), "model.memory", self.memory,
-               "a memory block exactly when family is 'pkm' or 'ultramem'")
+        for block in BLOCKS:
+            owners = " or ".join(repr(f.name) for f in families() if f.block == block)
+            _check((family.block == block) == (getattr(self, block) is not None), f"model.{block}",
+                   getattr(self, block), f"a {block} block exactly when family is {owners}")
         if self.moe is not None:
             self.moe.validate()
         if self.memory is not None:
             self._validate_memory(self.memory)
+        if family.validate is not None:
+            family.validate(self)
         return self
 
     def _validate_memory(self, mem: MemoryConfig) -> None:
-        from ultramem.memory.placement import parse_layers
-
         mem.validate()
         parse_layers(mem.layers, self.n_layers)
         if not mem.value_proj:
             _check(mem.value_expansion * mem.value_dim == self.d_model, "model.memory.value_dim", mem.value_dim,
                    f"d_model / value_expansion ({self.d_model} / {mem.value_expansion}) when value_proj is false")
-        if self.family == "pkm":
-            # PKM scores are additive (row + column) with one value table and no cores; these UltraMem fields
-            # have no meaning there, so a non-default value is a mistake rather than something to ignore.
-            for name in ("tucker_rank", "num_cores", "value_expansion"):
-                _check(getattr(mem, name) == 1, f"model.memory.{name}", getattr(mem, name),
-                       "1 for family 'pkm' (TDQKR, MCS and IVE are UltraMem features)")
 
     # ---- conversion -------------------------------------------------------------------------------------------
 
@@ -185,7 +178,7 @@ class ModelConfig:
         return ModelConfig.from_dict(merged, path)
 
 
-_NESTED = {"moe": MoEConfig, "memory": MemoryConfig}
+BLOCKS: dict[str, type] = {"moe": MoEConfig, "memory": MemoryConfig}  # the blocks a family may own (Family.block)
 
 
 def _from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
@@ -197,10 +190,10 @@ def _from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        if name in _NESTED and cls is ModelConfig:
-            kwargs[name] = None if value is None else _from_dict(_NESTED[name], value, f"{path}.{name}")
+        if name in BLOCKS and cls is ModelConfig:
+            kwargs[name] = None if value is None else _from_dict(BLOCKS[name], value, f"{path}.{name}")
             continue
-        default = getattr(cls(), name) if name not in _NESTED else None
+        default = getattr(cls(), name) if name not in BLOCKS else None
         kwargs[name] = _coerce(value, default, f"{path}.{name}")
     return cls(**kwargs)
 
@@ -226,11 +219,6 @@ def _coerce(value: Any, default: Any, path: str) -> Any:
     if isinstance(default, str) and not isinstance(value, str):
         raise ConfigError(f"{path}: expected a string, got {value!r}")
     return value
-
-
-def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{path}: invalid value {value!r}; allowed: {allowed}")
 
 
 def expand_dotted(d: dict[str, Any]) -> dict[str, Any]:
@@ -260,7 +248,7 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
-    "FAMILIES",
+    "BLOCKS",
     "ConfigError",
     "MoEConfig",
     "MemoryConfig",

@@ -1,4 +1,5 @@
 """Decoder-only transformer for every family: dense MLP, MoE FFN, or a dense MLP plus PKM/UltraMem memory layers.
+Each block's FFN and each memory layer come from the family's record (`Family.build_ffn`, `Family.build_memory`).
 
 Pre-norm blocks (x += attn(norm(x)); h = norm(x); x += ffn(h)), RoPE (half rotation, as OLMo), causal attention via
 F.scaled_dot_product_attention, optional weight tying, GPT-2 init (N(0, init_std), residual output projections
@@ -18,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ultramem.config import ConfigError, ModelConfig
-from ultramem.memory.placement import parse_layers
-from ultramem.mlp import MLP
+from ultramem.families import get_family
+from ultramem.families.product_keys import memory_pairs
+from ultramem.optim import param_groups
 
 NORM_EPS = 1e-5
 IGNORE_INDEX = -1  # targets equal to this are left out of the loss
@@ -105,25 +107,21 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
+        family = get_family(cfg.family)
         self.norm1 = make_norm(cfg, cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
         self.norm2 = make_norm(cfg, cfg.d_model)
-        if cfg.family == "moe":
-            from ultramem.moe import MoEFFN
-
-            self.ffn = MoEFFN(cfg.d_model, cfg.ffn_inner, cfg.moe, cfg.init_std, cfg.n_layers, cfg.dropout)
-        else:
-            self.ffn = MLP(cfg.d_model, cfg.ffn_inner, cfg.init_std, cfg.n_layers, cfg.dropout)
-        self.is_moe = cfg.family == "moe"
+        self.ffn = family.build_ffn(cfg, index)
+        self.ffn_aux = family.ffn_aux  # the FFN returns (y, aux)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0):
         """-> (x after the block [B, T, d], h = pre-FFN normalised state [B, T, d], aux dict of the FFN)."""
         x = x + self.attn(self.norm1(x), cos, sin, kv, pos)
         h = self.norm2(x)
-        y, aux = self.ffn(h) if self.is_moe else (self.ffn(h), {})
+        y, aux = self.ffn(h) if self.ffn_aux else (self.ffn(h), {})
         return x + y, h, aux
 
 
@@ -135,9 +133,10 @@ class Transformer(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        family = get_family(cfg.family)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm_f = make_norm(cfg, cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.wte.weight, std=cfg.init_std)
@@ -146,22 +145,13 @@ class Transformer(nn.Module):
         else:
             nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
 
-        self.memory_pairs = parse_layers(cfg.memory.layers, cfg.n_layers) if cfg.memory is not None else []
-        self.memories = nn.ModuleList(self._memory_layer() for _ in self.memory_pairs)
+        self.memory_pairs = memory_pairs(cfg) if family.build_memory is not None else []
+        self.memories = nn.ModuleList(family.build_memory(cfg, j) for j in range(len(self.memory_pairs)))
         self._readers = [[j for j, (a, _) in enumerate(self.memory_pairs) if a == i] for i in range(cfg.n_layers)]
 
         cos, sin = rope_tables(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-
-    def _memory_layer(self) -> nn.Module:
-        if self.cfg.family == "ultramem":
-            from ultramem.memory.ultramem import UltraMemLayer
-
-            return UltraMemLayer(self.cfg.d_model, self.cfg.memory, self.cfg.n_layers, self.cfg.init_std)
-        from ultramem.memory.pkm import PKMLayer
-
-        return PKMLayer(self.cfg.d_model, self.cfg.memory, self.cfg.n_layers, self.cfg.init_std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> ModelOutput:
@@ -197,8 +187,6 @@ class Transformer(nn.Module):
     # ---- trainer hooks ------------------------------------------------------------------------------------------
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        from ultramem.optim import param_groups
-
         return param_groups(self, weight_decay)
 
     @torch.no_grad()
@@ -209,8 +197,8 @@ class Transformer(nn.Module):
 
     def expert_load(self) -> torch.Tensor | None:
         """Per-layer fraction of token-slots per expert [n_layers, E] over the training forwards since the last
-        call (zeros if there were none); None for non-MoE families."""
-        if self.cfg.family != "moe":
+        call (zeros if there were none); None for families without routed experts (`Family.parallel.expert_module`)."""
+        if get_family(self.cfg.family).parallel.expert_module is None:
             return None
         return torch.stack([block.ffn.take_load() for block in self.blocks]).cpu()
 

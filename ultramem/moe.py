@@ -30,13 +30,17 @@ Both are per layer; MegaBlocks (the official code) averages them over MoE layers
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ultramem.config import ConfigError, MoEConfig
+from ultramem.errors import ConfigError
 from ultramem.kernels.grouped import grouped_mm, grouped_mm_unsupported_reason
+
+if TYPE_CHECKING:  # annotations only: ultramem.config imports the family registry, which builds these layers
+    from ultramem.config import MoEConfig
 
 
 class MoEFFN(nn.Module):

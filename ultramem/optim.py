@@ -3,7 +3,8 @@
 Groups (each a dict torch optimizers accept, plus "name" and "lr_mult_fn"):
   decay     every weight with >= 2 dims that is not a value table (linears, embeddings, keys, cores, conv)
   no_decay  norm weights and other 1-dim parameters
-  values    memory value tables (PKM and UltraMem `values`), with weight decay, at base LR x lr_mult_fn(progress)
+  values    memory value tables (the `values` of every family's `parallel.value_module`: PKM and UltraMem layers),
+            with weight decay, at base LR x lr_mult_fn(progress)
 
 `lr_mult_fn(progress)` takes the training progress step / total_steps in [0, 1] and returns the multiplier the
 trainer applies on top of its own schedule. For values it is the official `CosWithWarmup.get_lr` rule
@@ -18,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+
+from ultramem.families import value_module_types
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,8 @@ def value_lr_multiplier(progress: float, start: float, decay_fraction: float) ->
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Split `model`'s trainable parameters into the groups above; empty groups are left out."""
-    from ultramem.memory.pkm import PKMLayer
-    from ultramem.memory.ultramem import UltraMemLayer
-
-    value_ids = {id(m.values) for m in model.modules() if isinstance(m, PKMLayer | UltraMemLayer)}
+    types = value_module_types()
+    value_ids = {id(m.values) for m in model.modules() if isinstance(m, types)}
     decay, no_decay, values = [], [], []
     for p in model.parameters():  # shared (tied) parameters are yielded once
         if not p.requires_grad:

@@ -1,7 +1,8 @@
 """Named model presets: the paper's sizes (Table 1) and a tiny ladder for CPU scaling studies. Pure Python.
 
 `get_preset(name, overrides)` returns a fresh, validated `ModelConfig`; overrides are applied field by field
-(nested dicts or dotted keys, e.g. {"memory.top_m": 8}). `ultramem models` lists every preset with its counts.
+(nested dicts or dotted keys, e.g. {"memory.top_m": 8}). `ultramem models` lists every preset with its counts;
+`table1_comparison()` sets the paper-size presets against the paper's Table 1. A new family's presets go here.
 
 Paper sizes (Huang et al. 2025, Table 1; the v1 Table 6 shapes were not recovered, see the digest §3 and §9)
 --------------------------------------------------------------------------------------------------------------
@@ -187,3 +188,34 @@ def get_preset(name: str, overrides: dict[str, Any] | None = None) -> ModelConfi
         raise ConfigError(f"model.preset: unknown preset {name!r}; known: {', '.join(PRESETS)} "
                           f"(`ultramem models` lists them)")
     return PRESETS[name].override(overrides or {})
+
+
+# ---- the paper's Table 1 ----------------------------------------------------------------------------------------
+
+# Huang et al. 2025, Table 1 (verbatim via the digest's [REV] source): total parameters (B) and GFLOPs per token.
+PAPER_TABLE1: dict[str, tuple[float, float]] = {
+    "dense-151m": (0.15, 0.30),
+    "moe-151m-2in32": (2.04, 0.35),
+    "ultramem-151m-x12": (2.03, 0.35),
+    "dense-680m": (0.68, 1.36),
+    "moe-680m-2in33": (8.95, 1.50),
+    "ultramem-680m-x12": (8.93, 1.49),
+    "dense-1.6b": (1.61, 3.21),
+    "moe-1.6b-2in34": (21.36, 3.52),
+    "ultramem-1.6b-x12": (21.41, 3.50),
+    "dense-6.5b": (6.44, 12.88),
+}
+
+
+def table1_comparison(tolerance: float = 0.03) -> list[dict]:
+    """Our paper-size presets against Table 1: non-embedding params and 2 x active non-embedding FLOPs."""
+    rows = []
+    for name, (paper_b, paper_gflops) in PAPER_TABLE1.items():
+        pc = count_params(get_preset(name))
+        ours_b, ours_gflops = pc.non_embedding / 1e9, 2 * pc.active_non_embedding / 1e9
+        err_b, err_f = ours_b / paper_b - 1, ours_gflops / paper_gflops - 1
+        rows.append({"preset": name, "params_b": round(ours_b, 3), "paper_params_b": paper_b,
+                     "params_rel_err": round(err_b, 4), "gflops": round(ours_gflops, 3),
+                     "paper_gflops": paper_gflops, "gflops_rel_err": round(err_f, 4),
+                     "within_tolerance": abs(err_b) <= tolerance and abs(err_f) <= tolerance})
+    return rows

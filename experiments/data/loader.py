@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from experiments.data.shards import SPLITS, PreparedData
+from ultramem.config import ConfigError
 
 
 class TokenLoader:
@@ -34,11 +35,13 @@ class TokenLoader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_tokens = prepared.num_tokens(split)
         fewest = (self.num_tokens - seq_len) // seq_len  # windows at the largest offset, seq_len - 1
-        if fewest < batch_size * world_size:
-            raise ValueError(
-                f"the {split!r} split of {prepared.root} has {self.num_tokens:,} tokens, fewer than one global batch "
-                f"of {batch_size * world_size} x (seq_len {seq_len} + 1); lower train.seq_len or the batch size, "
-                f"or use more data" + (" (or a larger data.val_fraction)" if split == "val" else ""))
+        if fewest < batch_size * world_size:  # a ConfigError (exit 2: retrying cannot help), naming the data
+            source = prepared.meta.get("source", prepared.root)
+            raise ConfigError(
+                f"data.source {source}: the {split!r} split has {self.num_tokens:,} tokens, fewer than one global "
+                f"batch of {batch_size * world_size} x (seq_len {seq_len} + 1) (token cache {prepared.root}); lower "
+                "train.seq_len or train.batch_size, or use more data"
+                + (" (or a larger data.val_fraction)" if split == "val" else ""))
         self.epoch, self.cursor = 0, 0
         self._plan()
         self._eval: list[tuple[torch.Tensor, torch.Tensor]] | None = None

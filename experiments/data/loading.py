@@ -16,13 +16,16 @@ reads it.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from experiments.data.corpus import corpus_fingerprint, corpus_options, ensure_corpus_file
 from ultramem.config import ConfigError
 
 if TYPE_CHECKING:
@@ -47,8 +50,6 @@ class Source:
 def resolve_source(cfg: DataConfig, cache: Path) -> Source:
     src = cfg.source.strip()
     if src == "embedded":
-        from experiments.data.corpus import corpus_fingerprint, corpus_options
-
         opts = corpus_options(cfg.embedded)
         fp = corpus_fingerprint(opts)
         return Source("embedded", "embedded", f"embedded corpus {opts.describe()}", fp, "json",
@@ -115,22 +116,57 @@ def _file_fingerprints(files: list[str]) -> list[Any]:
 
 
 def _short(fp: dict[str, Any]) -> str:
-    import json
-
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ---- reading ------------------------------------------------------------------------------------------------
 
 
+def check_local_files(src: Source, cfg: DataConfig) -> None:
+    """Refuse what `datasets` would only report as "DatasetGenerationError: An error occurred while generating the
+    dataset": a text file that is not UTF-8, and a source whose files are all empty (or, for text, blank)."""
+    blank = []
+    for f in src.files:
+        if os.path.getsize(f) == 0:
+            blank.append(f"{f} is empty")
+        elif src.builder == "text" and not _has_text(f, cfg):
+            blank.append(f"{f} has no text lines (only blanks)")
+    if blank and len(blank) == len(src.files):
+        what = blank[0] if len(blank) == 1 else f"all {len(blank)} files are empty or blank ({blank[0]}, ...)"
+        raise ConfigError(f"data.source={cfg.source!r}: {what}; point data.source at a file with text (a .txt "
+                          "file gives one document per blank-line separated paragraph)")
+
+
+def _has_text(path: str, cfg: DataConfig) -> bool:
+    """Whether a text file holds a non-blank line; ConfigError naming the file if it is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    found, offset = False, 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise ConfigError(
+                    f"data.source={cfg.source!r}: {path} is not UTF-8 text (byte {offset - pending + err.start:,} "
+                    f"cannot be decoded: {err.reason}); convert it (e.g. `iconv -f latin1 -t utf-8`) or point "
+                    "data.source at a text file (json/jsonl/parquet need data.format or their extension)") from None
+            found = found or bool(text.strip())
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ConfigError(f"data.source={cfg.source!r}: {path} is not UTF-8 text (it ends inside a multi-byte "
+                              "character: a truncated file?); convert or repair it") from None
+    return found
+
+
 def load_documents(src: Source, cfg: DataConfig, cache: Path) -> Any:
     """A `datasets.Dataset` (or `IterableDataset` when streaming) with the documents in column `src.text_field`."""
-    import datasets
+    import datasets  # lazy: ~1 s; `experiments.data` stays cheap until documents are loaded
 
     hf_cache = str(cache / "hf")
     if src.kind == "embedded":
-        from experiments.data.corpus import ensure_corpus_file
-
         ensure_corpus_file(cfg.embedded, Path(src.files[0]))
     if src.kind == "hub":
         try:
@@ -144,6 +180,8 @@ def load_documents(src: Source, cfg: DataConfig, cache: Path) -> Any:
                               f"{hint}check data.source / data.hf_config / data.hf_split, or use a local file or "
                               "source: embedded") from None
     else:
+        if src.kind == "local":
+            check_local_files(src, cfg)
         kwargs = {"sample_by": "paragraph"} if src.builder == "text" else {}
         try:
             ds = datasets.load_dataset(src.builder, data_files={"train": src.files}, split="train",

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from filelock import FileLock, Timeout
+from tqdm.auto import tqdm
 
 from experiments.data.loading import Source, load_documents, resolve_source
 from experiments.data.tokenizers import (
@@ -45,7 +47,7 @@ from experiments.data.tokenizers import (
     tokenizer_vocab_size,
     train_bpe,
 )
-from experiments.runstore import atomic_write_json
+from runfolder import atomic_write_json
 from ultramem.config import ConfigError
 
 if TYPE_CHECKING:
@@ -146,8 +148,6 @@ def prepare_data(data_cfg: DataConfig, progress: bool | None = None) -> Prepared
 
     progress: show progress bars (None: only when stderr is a terminal).
     """
-    from filelock import FileLock, Timeout
-
     folder, src, key = prepared_dir(data_cfg)
     if (folder / "meta.json").exists():
         return _open(folder)
@@ -184,7 +184,7 @@ def _open(folder: Path) -> PreparedData:
 
 
 def _build(cfg: DataConfig, src: Source, key: str, tmp: Path, progress: bool) -> dict[str, Any]:
-    import datasets
+    import datasets  # lazy: ~1 s, only when a cache is built (a cache hit never loads it)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork workers; each tokenises single-threaded
     started = time.time()
@@ -276,7 +276,7 @@ Chunk = dict[str, tuple[np.ndarray, int]]  # split -> (its documents' tokens, on
 
 def _mapped_chunks(tokens: Any) -> Iterator[Chunk]:
     """Chunks of a tokenised `datasets.Dataset`, split without leaving Arrow."""
-    import pyarrow.compute as pc
+    import pyarrow.compute as pc  # lazy: only when a cache is built (with `datasets`)
 
     for table in tokens.with_format("arrow").iter(batch_size=_MAP_BATCH * 10):
         ids, held = table.column("ids").combine_chunks(), table.column("val").combine_chunks()
@@ -305,8 +305,6 @@ def _streamed_chunks(docs: Any, fn_kwargs: dict[str, Any]) -> Iterator[Chunk]:
 
 def _write_splits(chunks: Iterator[Chunk], tmp: Path, dtype: np.dtype, progress: bool) -> dict[str, Any]:
     """Append each chunk to train.bin / val.bin; returns token and document counts per split."""
-    from tqdm.auto import tqdm
-
     counts = {"tokens": dict.fromkeys(SPLITS, 0), "documents": dict.fromkeys(SPLITS, 0)}
     files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115 (closed below)
     try:
@@ -334,7 +332,7 @@ def _actual_vocab(tokenizer: ByteTokenizer | HFTokenizer) -> int:
 
 @contextlib.contextmanager
 def _progress_bars(enabled: bool) -> Iterator[None]:
-    from datasets.utils import logging as ds_logging
+    from datasets.utils import logging as ds_logging  # lazy: only when a cache is built
 
     was = ds_logging.is_progress_bar_enabled()
     (ds_logging.enable_progress_bar if enabled else ds_logging.disable_progress_bar)()

@@ -118,6 +118,7 @@ def tokenizer_vocab_size(data_cfg: DataConfig) -> int:
 
 def load_hub_tokenizer(name: str) -> Any:
     """`tokenizer.json` of a hub model (cached by huggingface_hub; works offline once cached)."""
+    # lazy: planning (`tokenizer_vocab_size` for byte/bpe) never loads the tokenizer libraries
     from huggingface_hub import hf_hub_download
     from tokenizers import Tokenizer
 
@@ -152,7 +153,7 @@ def train_bpe(texts: Iterator[str], vocab_size: int) -> HFTokenizer:
     The 256-byte initial alphabet makes every string encodable; on a small corpus the trainer may stop with fewer
     merges than asked, so the tokenizer can be smaller than `vocab_size` but never larger.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # lazy: kept out of planning
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -179,7 +180,7 @@ def load_tokenizer(meta: dict[str, Any], root: Path) -> ByteTokenizer | HFTokeni
     spec, vocab = meta["tokenizer"], meta["vocab_size"]
     if spec == "byte":
         return ByteTokenizer(vocab)
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # lazy: kept out of planning and of byte-tokenised runs
 
     tok = Tokenizer.from_file(str(root / "tokenizer.json"))
     return HFTokenizer(tok, spec, vocab, meta["eot_id"])

@@ -52,6 +52,7 @@ def gather_pool(
     if backend not in BACKENDS:
         raise ValueError(f"gather_pool: backend={backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend == "triton" or (backend == "auto" and values.is_cuda and triton_available()):
+        # lazy: Triton is an optional dependency (pip install -e '.[gpu]')
         from ultramem.kernels.triton_retrieval import gather_pool_triton
 
         return gather_pool_triton(values, rows, scores, groups, num_groups)
@@ -185,7 +186,7 @@ def check_inputs(
 
 def triton_available() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (lazy: Triton is an optional dependency)
     except ImportError:
         return False
     return True

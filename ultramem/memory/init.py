@@ -25,11 +25,13 @@ In all modes the Tucker cores are U(0, 1). The value projection (`value_proj_std
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ultramem.config import MemoryConfig
+if TYPE_CHECKING:  # annotations only: ultramem.config imports the family registry, which builds these layers
+    from ultramem.config import MemoryConfig
 
 CALIBRATION_SAMPLES = 2048
 CALIBRATION_SEED = 0

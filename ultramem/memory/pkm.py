@@ -12,14 +12,18 @@ UltraMem so that the paper's bag-of-tricks ablation (Table 2) is a sequence of c
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from ultramem.config import MemoryConfig
 from ultramem.kernels.retrieval import gather_pool
 from ultramem.memory.init import calibrate_scores, init_query_and_keys, value_proj_std, value_std
 from ultramem.memory.query import NORM_EPS, ProductQuery
 from ultramem.memory.tdqkr import activate
+
+if TYPE_CHECKING:  # annotations only: ultramem.config imports the family registry, which builds these layers
+    from ultramem.config import MemoryConfig
 
 
 class PKMLayer(nn.Module):

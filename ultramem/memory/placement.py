@@ -5,12 +5,12 @@ normalised hidden state of block a and its output is added to the residual strea
 (official code `mem_insert_way`). `a == b` puts the memory in parallel with block a's FFN. "every" is one memory
 layer per block in parallel with its FFN (the official 'full', used by UltraMemV2).
 
-Pure Python: `ultramem.config` validates specs with it, so it must not import torch.
+Pure Python: `ultramem.config` validates specs with it, so it imports neither torch nor the config (only errors).
 """
 
 from __future__ import annotations
 
-from ultramem.config import ConfigError
+from ultramem.errors import ConfigError
 
 FIELD = "model.memory.layers"
 

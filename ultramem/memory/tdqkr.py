@@ -40,12 +40,16 @@ Departures from the official code, each deliberate:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ultramem.config import MemoryConfig
 from ultramem.memory.query import NORM_EPS, ProductQuery
+
+if TYPE_CHECKING:  # annotations only: ultramem.config imports the family registry, which builds these layers
+    from ultramem.config import MemoryConfig
 
 
 class TDQKR(nn.Module):

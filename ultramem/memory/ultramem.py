@@ -11,13 +11,17 @@ Memory layout follows the official `UltraMemLayerV1`: physical table V [N = num_
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from ultramem.config import MemoryConfig
 from ultramem.kernels.retrieval import gather_pool
 from ultramem.memory.init import calibrate_scores, init_query_and_keys, value_proj_std, value_std
 from ultramem.memory.tdqkr import TDQKR
+
+if TYPE_CHECKING:  # annotations only: ultramem.config imports the family registry, which builds these layers
+    from ultramem.config import MemoryConfig
 
 
 class UltraMemLayer(nn.Module):

@@ -8,7 +8,8 @@
 Each function changes the model in place and returns the parameters it now owns; `experiments.distributed` picks
 them from RunConfig.parallel, in the order memory/expert parallelism, activation checkpointing, then FSDP (which
 ignores what the first two own). Which layouts a model accepts, what they send and what they need per GPU is in
-`ultramem.accounting` (ParallelLayout, check_layout, memory_parallel_bytes, train_memory).
+`ultramem.layout` (ParallelLayout, check_layout, memory_parallel_bytes, train_memory). Which modules expert and
+memory parallelism split comes from the family registry (`Family.parallel`, ultramem/families).
 """
 
 from ultramem.parallel.comm import CommStats, reduce_gradients

@@ -29,24 +29,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from ultramem.families import expert_module_types
 from ultramem.kernels.grouped import grouped_mm
 from ultramem.parallel.comm import CommStats, all_to_all, exchange_counts, shard_parameter
 
 
 def shard_experts(model: nn.Module, mesh: DeviceMesh, global_group: dist.ProcessGroup | None = None,
                   stats: CommStats | None = None) -> list[nn.Parameter]:
-    """Split the experts of every MoE layer over mesh["ep"] and route tokens across it.
+    """Split the experts of every MoE layer (the FFN types of the families' `parallel.expert_module`) over
+    mesh["ep"] and route tokens across it.
 
     `mesh` is the 2-D (edp, ep) mesh; every rank must hold the same full experts on entry. `global_group` is the
     group whose tokens form the global batch of the balance loss (default: all ranks). Returns the new expert
     parameters (DTensors) for `reduce_gradients`.
     """
-    from ultramem.moe import MoEFFN
-
     group, P = mesh.get_group("ep"), mesh["ep"].size()
-    params = []
+    params, types = [], expert_module_types()
     for ffn in model.modules():
-        if not isinstance(ffn, MoEFFN):
+        if not isinstance(ffn, types):
             continue
         if ffn.cfg.num_experts % P:
             raise ValueError(f"parallel.expert_parallel: {P} must divide model.moe.num_experts "

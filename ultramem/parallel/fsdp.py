@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -52,8 +53,6 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     """Recompute each block's activations in the backward instead of keeping them (composable checkpoint: no
     wrapper module, so parameter names and checkpoints are unchanged). Memory layers are not recomputed: under
     memory parallelism that would repeat their communication."""
-    from torch.distributed._composable import checkpoint
-
     for block in model.blocks:
         checkpoint(block)
     return model

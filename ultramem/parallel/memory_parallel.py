@@ -26,7 +26,7 @@ row (number-wise): rank j holds rows [j ceil(N/P), (j+1) ceil(N/P)) x all column
       3. all-to-all the partial sums back; the token's rank adds the P partials     s T E D_v (P-1)
     The paper's number-wise formula 4 bs topm (P-1)/P + 2 bs topm v_dim (P-1)/P returns every looked-up row
     unpooled; pooling first sends E D_v P instead of K D_v values per token, less whenever E P < K.
-`ultramem.accounting.memory_parallel_bytes` gives both the paper's and these counts; the layers record what they
+`ultramem.layout.memory_parallel_bytes` gives both the paper's and these counts; the layers record what they
 actually send in a `CommStats` (tests compare the two).
 
 The value gradients stay sharded: each rank's shard receives the gradient of every token of its group, so the only
@@ -44,9 +44,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ultramem.accounting import memory_parallel_cores
-from ultramem.config import ConfigError
+from ultramem.errors import ConfigError
+from ultramem.families import value_module_types
 from ultramem.kernels.retrieval import gather_pool
+from ultramem.layout import memory_parallel_cores
 from ultramem.parallel.comm import CommStats, all_gather, all_to_all, shard_parameter
 
 MODES = ("dim", "row")
@@ -54,19 +55,18 @@ MODES = ("dim", "row")
 
 def shard_value_tables(model: nn.Module, mode: str, mesh: DeviceMesh,
                        stats: CommStats | None = None) -> list[nn.Parameter]:
-    """Split every UltraMem value table of `model` over mesh["mp"] and swap in the matching pooling op.
+    """Split every value table that memory parallelism may split (the UltraMem layers': the families whose
+    `parallel.memory_parallel` is set) over mesh["mp"] and swap in the matching pooling op.
 
     `mesh` is the 2-D (mdp, mp) mesh; every rank must hold the same full tables (same seed) on entry. Returns the
     new value parameters: `DTensor`s on `mesh`, whose gradients `reduce_gradients` finishes after the backward.
     """
-    from ultramem.memory.ultramem import UltraMemLayer
-
     if mode not in MODES:
         raise ConfigError(f"parallel.memory_parallel.mode: {mode!r}; allowed: none | {' | '.join(MODES)}")
     group = mesh.get_group("mp")
-    params = []
+    params, types = [], value_module_types(memory_parallel=True)
     for layer in model.modules():
-        if not isinstance(layer, UltraMemLayer):
+        if not isinstance(layer, types):
             continue
         cfg = layer.cfg
         N, Dv, C = cfg.num_values, cfg.value_dim, cfg.num_cores

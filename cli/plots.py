@@ -1,7 +1,7 @@
 """Regenerate every plot and the report of a sweep from what is on disk.
 
-  ultramem plots sweeps/tiny_cpu.yaml          the sweep's runs directory -> runs/tiny_cpu_report/
-  ultramem plots runs/tiny_cpu --out DIR       a runs directory (report in DIR)
+  ultramem plots sweeps/tiny_cpu.yaml          the sweep's runs directory -> runs/tiny-cpu_report/ (<name>_report)
+  ultramem plots runs/tiny-cpu --out DIR       a runs directory (report in DIR)
   ultramem plots docs/results/study/runs.csv   a saved runs table (curves.csv beside it): regenerates the committed
                                                figures and report in that folder, byte for byte
 
@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.commands.fit import SOLVERS
+from cli.fit import SOLVERS
 
 HELP = "regenerate the plots and the Markdown/HTML report of a sweep"
 
@@ -38,13 +38,14 @@ def resolve_source(source: str | Path) -> Path:
     """A sweep YAML -> its runs directory; anything else as given."""
     path = Path(source)
     if path.suffix in (".yaml", ".yml"):
-        from experiments.sweep import sweep_runs_dir
+        from experiments.sweep import sweep_runs_dir  # lazy: pydantic and the planner stay out of --help
 
         return sweep_runs_dir(path)
     return path
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: pandas, scipy and matplotlib load only when plotting (cli/__init__.py)
     from analysis.checks import FitError
     from analysis.report import build_report
 

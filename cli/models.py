@@ -15,21 +15,23 @@ from __future__ import annotations
 import argparse
 import json
 
+from experiments.textfmt import format_table, human_fixed
+from ultramem.accounting import count_params, flops_per_token
+from ultramem.families import family_names
+from ultramem.presets import PRESETS, table1_comparison
+
 HELP = "list model presets with parameter counts and FLOPs per token"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("table", "json"), default="table")
-    parser.add_argument("--family", choices=("dense", "moe", "pkm", "ultramem"), default=None,
+    parser.add_argument("--family", choices=family_names(), default=None,
                         help="only presets of this family")
     parser.add_argument("--table1", action="store_true",
                         help="compare the paper-size presets with Table 1 of the UltraMem paper instead")
 
 
 def preset_rows(family: str | None = None) -> list[dict]:
-    from ultramem.accounting import count_params, flops_per_token
-    from ultramem.presets import PRESETS
-
     rows = []
     for name, cfg in PRESETS.items():
         if family and cfg.family != family:
@@ -43,27 +45,14 @@ def preset_rows(family: str | None = None) -> list[dict]:
     return rows
 
 
-def _human(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3f}{unit}" if unit != "K" else f"{n / scale:.1f}{unit}"
-    return f"{n:.0f}"
-
-
 def _table(rows: list[dict], columns: list[tuple[str, str]], human: set[str]) -> str:
-    cells = [[_human(r[k]) if k in human else str(r[k]) for k, _ in columns] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h) in enumerate(columns)]
-
-    def line(parts: list[str]) -> str:  # name and family left-aligned, numbers right-aligned
-        return "  ".join(p.ljust(w) if i < 2 else p.rjust(w) for i, (p, w) in enumerate(zip(parts, widths, strict=True)))
-
-    return "\n".join([line([h for _, h in columns]), *(line(c) for c in cells)])
+    """name and family left-aligned, numbers right-aligned; the `human` columns as 1.234G."""
+    cells = [[human_fixed(r[k]) if k in human else str(r[k]) for k, _ in columns] for r in rows]
+    return format_table([h for _, h in columns], cells, right=range(2, len(columns)), rule=False, strip=False)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.table1:
-        from ultramem.accounting import table1_comparison
-
         rows = table1_comparison()
         if args.format == "json":
             print(json.dumps(rows, indent=2))

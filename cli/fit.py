@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from analysis.checks import FitError
+    from analysis.checks import FitError  # lazy: numpy/scipy/pandas load only when fitting (cli/__init__.py)
 
     try:
         result = fit_table(args)
@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def fit_table(args: argparse.Namespace) -> dict:
+    # lazy: numpy/scipy/pandas load only when fitting (cli/__init__.py)
     from analysis.checks import FitError, require_columns
     from analysis.collect import load_table
 
@@ -73,6 +74,7 @@ def fit_table(args: argparse.Namespace) -> dict:
         groups = df[args.group_col].to_numpy()
     kw = dict(groups=groups, n_boot=args.bootstrap, seed=args.seed, level=args.level, source=source)
     if args.law == "power":
+        # lazy: scipy, only when fitting
         from analysis.fit import fit_power_law_ci
 
         require_columns(df, [args.x_col, args.loss_col], source)
@@ -81,6 +83,7 @@ def fit_table(args: argparse.Namespace) -> dict:
         params = ("E", "A", "alpha")
         formula = fit.law.formula(args.x_col)
     else:
+        # lazy: scipy, only when fitting
         from analysis.chinchilla import chinchilla_columns, fit_chinchilla_ci
 
         d_col = args.d_col or (None if args.flops_col else "D")

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import time
 from typing import Any
+
+from experiments.textfmt import decimal as _num
+from experiments.textfmt import duration as _duration
+from experiments.textfmt import format_table, human
 
 HELP = "plan, run and watch a sweep of runs (Ray or local)"
 
@@ -31,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="ray (default): a fresh local Ray, or the cluster at --address / RAY_ADDRESS; "
                         "local: this machine, no Ray")
     r.add_argument("--address", default=None, help="Ray cluster address (HEAD_IP:PORT); default $RAY_ADDRESS")
+    r.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
+                   help="give up on a Ray cluster (--address / RAY_ADDRESS) that does not answer within S seconds "
+                        "(default 30)")
     r.add_argument("--max-concurrent", type=int, default=None, help="at most this many runs at once")
     r.add_argument("--retries", type=int, default=2,
                    help="relaunches of a failed training process (each resumes from the newest checkpoint)")
@@ -50,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         from experiments.scheduler import run_sweep
 
         report = run_sweep(plan, backend=args.backend, address=args.address,
-                           max_concurrent=args.max_concurrent, retries=args.retries)
+                           max_concurrent=args.max_concurrent, retries=args.retries,
+                           connect_timeout=args.connect_timeout)
         return 0 if report.ok else 1
     return _status(plan, args.format)
 
@@ -71,7 +77,7 @@ def _plan(plan: Any, fmt: str) -> int:
 
 def status_rows(plan: Any) -> list[dict[str, Any]]:
     """One row per run of the sweep (and per stray run folder in its output dir), from the run folders only."""
-    from experiments.runstore import RunDir, iter_run_dirs
+    from runfolder import RunDir, iter_run_dirs
 
     rows = [_row(RunDir(plan.runs_dir / r.run_id), r.name, int(r.tokens)) for r in plan.runs]
     known = {r.run_id for r in plan.runs}
@@ -83,48 +89,26 @@ def status_rows(plan: Any) -> list[dict[str, Any]]:
 
 
 def _row(rd: Any, name: str, budget: int) -> dict[str, Any]:
-    from experiments.scheduler import is_claimed
+    from runfolder import Status, run_state
 
-    status = rd.status() if rd.status_path.exists() else {"state": "pending"}
-    state = status.get("state", "pending")
-    metrics = rd.metrics() if rd.metrics_path.exists() else []
+    now = run_state(rd)
+    status = now.status or Status()
+    metrics = rd.metrics()
     train = [m for m in metrics if m.get("kind") == "train"]
     evals = [m for m in metrics if m.get("kind") == "eval"]
     last = train[-1] if train else {}
-    tokens = last.get("tokens", status.get("tokens", 0)) or 0
+    tokens = last.get("tokens", status.tokens or 0) or 0
     tps = last.get("tokens_per_s")
-    if state == "running" and not (is_claimed(rd) or _alive_here(status)):
-        state = "interrupted"  # nothing trains it now: the next `sweep run` resumes it
-    eta = (budget - tokens) / tps if state == "running" and tps and budget > tokens else None
-    final = (rd.final() if state == "done" else None) or {}
+    eta = (budget - tokens) / tps if now.state == "running" and tps and budget > tokens else None
+    error = now.detail if now.state == "unreadable" else status.error if now.state == "failed" else None
     return {
-        "run_id": rd.run_id, "name": name, "state": state, "step": max(status.get("step") or 0, last.get("step", 0)),
-        "total_steps": status.get("total_steps"), "loss": last.get("loss"),
-        "val_loss": final.get("val_loss", evals[-1]["val_loss"] if evals else None), "tokens": tokens, "budget": budget, "tokens_per_s": tps,
-        "eta_s": eta, "attempts": status.get("attempts", 0), "node": status.get("node"),
-        "error": (status.get("error") or "").splitlines()[0] if state == "failed" and status.get("error") else None,
+        "run_id": rd.run_id, "name": name, "state": now.state,
+        "step": max(status.step or 0, last.get("step", 0)), "total_steps": status.total_steps,
+        "loss": last.get("loss"),
+        "val_loss": now.final.val_loss if now.final else evals[-1]["val_loss"] if evals else None,
+        "tokens": tokens, "budget": budget, "tokens_per_s": tps, "eta_s": eta, "attempts": status.attempts,
+        "node": status.node, "error": error.splitlines()[0] if error else None,
     }
-
-
-def _alive_here(status: dict[str, Any]) -> bool:
-    """Whether the status's writer is a live process on this host. Not alive: a zombie (dead, not reaped) or a
-    process in the middle of exiting (its memory, and with it its command line, already released)."""
-    if status.get("host") != socket.gethostname() or not status.get("pid"):
-        return False
-    pid = int(status["pid"])
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return state != "Z" and bool(f.read())
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel whether the pid exists
-        try:
-            os.kill(pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
 
 
 def _status(plan: Any, fmt: str) -> int:
@@ -132,8 +116,6 @@ def _status(plan: Any, fmt: str) -> int:
     if fmt == "json":
         print(json.dumps({"sweep": plan.sweep.name, "runs_dir": str(plan.runs_dir), "runs": rows}, indent=1))
         return 0
-    from experiments.sweep import format_table, human
-
     headers = ["run_id", "state", "step", "loss", "val_loss", "tokens", "tok/s", "ETA", "tries", "node", "name"]
     table = [[
         r["run_id"], r["state"], f"{r['step']}/{r['total_steps'] or '?'}", _num(r["loss"]), _num(r["val_loss"]),
@@ -151,13 +133,3 @@ def _status(plan: Any, fmt: str) -> int:
             print(f"{r['run_id']}: {r['error']} (see {plan.runs_dir / r['run_id'] / 'train.log'})")
     return 0
 
-
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4f}"
-
-
-def _duration(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

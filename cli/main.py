@@ -1,22 +1,26 @@
-"""`ultramem` command line: one entry point, one module per subcommand (see experiments/commands/)."""
+"""`ultramem` command line: one entry point, one module per subcommand (`cli/<command>.py`).
+
+The top layer of the project: it assembles `experiments`, `analysis` and `benchmarks`; nothing below imports it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ultramem.config import ConfigError
 
 # name -> module defining HELP, add_arguments(parser), run(args)
 COMMANDS = {
-    "models": "experiments.commands.models",
-    "data": "experiments.commands.data",
-    "train": "experiments.commands.train",
-    "sweep": "experiments.commands.sweep",
-    "fit": "experiments.commands.fit",
-    "plots": "experiments.commands.plots",
-    "bench": "experiments.commands.bench",
+    "models": "cli.models",
+    "data": "cli.data",
+    "train": "cli.train",
+    "sweep": "cli.sweep",
+    "fit": "cli.fit",
+    "plots": "cli.plots",
+    "bench": "cli.bench",
 }
 
 
@@ -44,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `ultramem models | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="data.source: a local text/json/jsonl/parquet file, 'embedded' or 'hf:NAME'")
     parser.add_argument("--steps", type=int, help="train.steps (overrides the token budget)")
     parser.add_argument("--out", help="run folder (default: runs/<run_id>)")
+    parser.add_argument("--force", action="store_true",
+                        help="write the run into --out even if that folder holds files that are not this run's")
 
 
 def build_config(args: argparse.Namespace) -> tuple[Any, str]:
@@ -52,30 +54,55 @@ def build_config(args: argparse.Namespace) -> tuple[Any, str]:
     return run_config_from_dict(data, source), source
 
 
+def make_run_folder(path: Path, label: str) -> None:
+    """Create the run folder and prove it writable, or raise a one-line ConfigError naming it and the reason (an
+    --out under a regular file, in /proc, at /dev/null, on a read-only disk) instead of a traceback later."""
+    import errno
+    import os
+    import tempfile
+
+    from ultramem.config import ConfigError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        if isinstance(err, FileExistsError) or (err.errno == errno.EEXIST and not path.is_dir()):
+            reason = "it exists and is not a folder"
+        elif isinstance(err, NotADirectoryError):
+            reason = "a part of the path is a file, not a folder"
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
+        raise ConfigError(f"{label} {path}: cannot create the run folder there: {reason}{where}; choose a writable "
+                          "folder") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from experiments.config import run_id
     from experiments.resolve import resolve_run_config
-    from experiments.run_one import EXIT_BUSY, EXIT_DIVERGED
-    from experiments.runstore import TERMINAL, RunDir
+    from experiments.run_one import EXIT_BUSY, EXIT_DIVERGED, launch_command
     from experiments.trainer import Diverged, RunBusy, train, write_run_config
+    from runfolder import RunDir, run_state
 
     cfg, source = build_config(args)
     resolved = resolve_run_config(cfg, source)
     rid = run_id(resolved.model_dump(mode="json"))
     rd = RunDir(Path(args.out) if args.out else Path("runs") / rid)
-    if rd.status().get("state") not in TERMINAL:
-        rd.update_status(attempts=int(rd.status().get("attempts") or 0) + 1)
+    make_run_folder(rd.path, "--out" if args.out else "run folder")
     print(f"run {rid} -> {rd.path}", file=sys.stderr)
     nproc = resolved.parallel.nproc
     if nproc > 1:
-        write_run_config(rd, resolved)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "experiments.run_one", str(rd.path)]
-        rc = subprocess.call(cmd)
+        write_run_config(rd, resolved, args.force)
+        now = run_state(rd)
+        if not now.finished:  # counted here: the torchrun workers do not count themselves (as under a scheduler)
+            rd.update_status(attempts=(now.status.attempts if now.status else 0) + 1)
+        rc = subprocess.call(launch_command(rd.path, nproc))
         final = rd.final() if rc == 0 else None
     else:
         try:
-            final = train(resolved, rd.path, source)
+            final = train(resolved, rd.path, source, count_attempt=True, force=args.force)
         except Diverged as err:
             print(f"diverged: {err}", file=sys.stderr)
             return EXIT_DIVERGED

@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from ultramem.config import ConfigError, deep_merge
+
 HELP = "prepare token shards; write or describe the embedded corpus"
 
 
@@ -43,10 +45,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _data_config(target: str, overrides: list[str]):
+    # lazy: pydantic and the run config stay out of `ultramem --help` (cli/__init__.py)
     from pydantic import ValidationError
 
     from experiments.config import DataConfig, format_validation_error, load_yaml, parse_set
-    from ultramem.config import ConfigError, deep_merge
 
     is_yaml = target.endswith((".yaml", ".yml"))
     base = load_yaml(target).get("data", {}) if is_yaml else {"source": target}
@@ -60,6 +62,7 @@ def _data_config(target: str, overrides: list[str]):
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    # lazy: tokenizers, datasets and numpy load only when preparing
     from experiments.data import prepare_data
     from experiments.data.shards import describe
 
@@ -70,9 +73,10 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _corpus(args: argparse.Namespace) -> int:
+    # lazy: pydantic and yaml stay out of `ultramem --help` (cli/__init__.py)
     from experiments.config import parse_set
     from experiments.data.corpus import corpus_options, corpus_stats, generate_corpus
-    from experiments.runstore import atomic_write_text
+    from runfolder import atomic_write_text
 
     texts, facts = generate_corpus(corpus_options(parse_set(args.overrides)))
     if args.out:

@@ -1,0 +1,175 @@
+"""The registry of model families, and the `Family` record each family module registers.
+
+A family is one value of `ModelConfig.family`. Its record says everything the rest of the code needs to know about it,
+so that no module compares family names: which config block it owns, how its layers are built, what they count
+(parameters, FLOPs, decode traffic, activation memory), how they are sharded and grouped for the optimizer, and how
+the family is drawn. docs/families.md explains each field and the steps to add a family.
+
+Pure Python, and it imports nothing from `ultramem.config` (which imports this registry to check `model.family`): the
+config types and torch appear in annotations only. A family's build functions import their torch modules when first
+called, so that configs, presets, accounting and sweep planning never import torch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ultramem.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: ultramem.config imports this module, and it must stay torch-free
+    from torch import nn
+
+    from ultramem.config import MemoryConfig, ModelConfig
+
+
+@dataclass(frozen=True)
+class PlotStyle:
+    """How analysis/plots.py draws the family (plain strings; the registry never imports matplotlib)."""
+
+    label: str  # legend text
+    color: str  # "#rrggbb"
+    marker: str  # matplotlib marker code ("o", "s", "D", "^", ...)
+
+
+@dataclass(frozen=True)
+class FFNParams:
+    """Parameters of one block's feed-forward layer."""
+
+    dense: int  # read by every token (MLP matrices, a router)
+    sparse: int = 0  # parameters tokens select from (routed experts)
+    active_sparse: int = 0  # what one token reads of them (its top-k experts)
+
+
+@dataclass(frozen=True)
+class MemoryParams:
+    """One memory layer: dense (read by every token), values (sparse table), active_values (read per token)."""
+
+    dense: int
+    values: int
+    active_values: int
+
+
+@dataclass(frozen=True)
+class ParallelHooks:
+    """What sharding (ultramem.parallel, experiments.distributed) and the optimizer groups (ultramem.optim) need.
+
+    The type getters import torch modules when called; they are only called where torch is already in use.
+    """
+
+    # FFN module type whose routed experts expert parallelism splits (`w_in`/`w_out` [E, ...], `run_experts`,
+    # `balance_counts`, `take_load`); None: no routed experts (parallel.expert_parallel must be 1, and
+    # Transformer.expert_load() returns None).
+    expert_module: Callable[[], type] | None = None
+    num_experts: Callable[[ModelConfig], int] | None = None  # routed experts per block (expert_parallel divides it)
+    # Memory layer type whose `values` table forms the optimizer's "values" group (value-table LR multiplier).
+    value_module: Callable[[], type] | None = None
+    memory_parallel: bool = False  # parallel.memory_parallel may split those tables (modes dim | row)
+    unused_parameters: bool = False  # a step may leave parameters without a gradient (DDP find_unused_parameters)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family. Fields are read by the module named in the comment; defaults mean "not this feature"."""
+
+    name: str  # the value of ModelConfig.family
+    title: str  # the name in messages and docs ("UltraMem")
+    block: str | None  # the ModelConfig block it owns and requires ("moe", "memory"); None: no block (ultramem.config)
+    style: PlotStyle  # analysis/plots.py
+    # ---- every block's FFN: built by ultramem.model, counted by ultramem.accounting and ultramem.layout ----------
+    build_ffn: Callable[[ModelConfig, int], nn.Module]  # (cfg, block index) -> that block's FFN, d -> d
+    ffn_params: Callable[[ModelConfig], FFNParams]  # one block's FFN
+    ffn_activations: Callable[[ModelConfig], int]  # elements per token one FFN keeps for the backward (2-byte)
+    ffn_aux: bool = False  # the FFN's forward returns (y, aux dict) rather than y
+    # (cfg, batch size) -> (parameters all FFNs read in one decode step, expected distinct experts per layer)
+    decode_experts: Callable[[ModelConfig, int], tuple[float, float]] | None = None
+    # ---- memory layers, placed by model.memory.layers (families/product_keys.py) ---------------------------------
+    build_memory: Callable[[ModelConfig, int], nn.Module] | None = None  # (cfg, memory index) -> memory layer j
+    memory_params: Callable[[MemoryConfig, int], MemoryParams] | None = None  # (memory block, d_model), one layer
+    retrieval_flops: Callable[[MemoryConfig], int] | None = None  # parameter-free FLOPs per token, one memory layer
+    # ---- the rest --------------------------------------------------------------------------------------------------
+    validate: Callable[[ModelConfig], None] | None = None  # checks beyond the block's own (raise ConfigError)
+    summary: Callable[[ModelConfig, dict[str, int]], dict[str, Any]] | None = None  # final.json[block]
+    parallel: ParallelHooks = field(default_factory=ParallelHooks)
+
+    @property
+    def sparse(self) -> bool:
+        """Owns parameters tokens select from (routed experts, memory value tables): compared against dense."""
+        return self.parallel.expert_module is not None or self.build_memory is not None
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Add `family` (after the ones registered before it) and return it. Its name must be new."""
+    if family.name in _REGISTRY:
+        raise ValueError(f"family {family.name!r} is already registered")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", family.name):
+        raise ValueError(f"family name {family.name!r}: use lowercase letters, digits and '_' (preset names are "
+                         "'<family>-<size>...', so no '-')")
+    memory = (family.build_memory, family.memory_params, family.retrieval_flops)
+    if any(f is None for f in memory) != all(f is None for f in memory):
+        raise ValueError(f"family {family.name!r}: build_memory, memory_params and retrieval_flops go together")
+    if family.build_memory is not None and family.block != "memory":
+        raise ValueError(f"family {family.name!r}: memory layers read the 'memory' block; set block='memory'")
+    experts = (family.parallel.expert_module, family.parallel.num_experts, family.decode_experts)
+    if any(f is None for f in experts) != all(f is None for f in experts):
+        raise ValueError(f"family {family.name!r}: parallel.expert_module, parallel.num_experts and decode_experts "
+                         "go together")
+    if family.parallel.memory_parallel and family.parallel.value_module is None:
+        raise ValueError(f"family {family.name!r}: parallel.memory_parallel needs parallel.value_module")
+    _REGISTRY[family.name] = family
+    return family
+
+
+def unregister(name: str) -> Family:
+    """Remove a family (tests register temporary ones); returns it."""
+    return _REGISTRY.pop(name)
+
+
+def get_family(name: str) -> Family:
+    """The family registered as `name`; ConfigError naming model.family and the registered names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"model.family: invalid value {name!r}; allowed: {' | '.join(_REGISTRY)}") from None
+
+
+def families() -> tuple[Family, ...]:
+    """Every registered family, in registration order (dense, moe, pkm, ultramem, then any added later)."""
+    return tuple(_REGISTRY.values())
+
+
+def family_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+# ---- lookups across families -----------------------------------------------------------------------------------
+
+
+def expert_module_types() -> tuple[type, ...]:
+    """The FFN types expert parallelism splits (imports their torch modules)."""
+    return tuple(f.parallel.expert_module() for f in families() if f.parallel.expert_module is not None)
+
+
+def value_module_types(memory_parallel: bool = False) -> tuple[type, ...]:
+    """The memory layer types with a `values` table (only those memory parallelism may split, if asked)."""
+    return tuple(f.parallel.value_module() for f in families()
+                 if f.parallel.value_module is not None and (f.parallel.memory_parallel or not memory_parallel))
+
+
+def block_summary(cfg: ModelConfig, params: dict[str, int], block: str) -> dict[str, Any] | None:
+    """What final.json records under `block` ("memory", "moe"): the family's summary if it owns that block."""
+    fam = get_family(cfg.family)
+    return fam.summary(cfg, params) if fam.block == block and fam.summary is not None else None
+
+
+# ---- arithmetic shared by the accounting hooks -------------------------------------------------------------------
+
+
+def expected_distinct(n_items: int, n_draws: float, per_draw: int = 1) -> float:
+    """E[#distinct items] when each of n_draws draws picks per_draw distinct items uniformly (coupon collector)."""
+    return n_items * (1.0 - (1.0 - per_draw / n_items) ** n_draws)
