@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from experiments.ray_reaper import OWNER_ENV
 from experiments.run_one import EXIT_BUSY, EXIT_CONFIG, launch_command
 from experiments.sweep import Plan, PlannedRun
 from runfolder import TERMINAL, RunDir, is_claimed, run_state
@@ -247,6 +248,15 @@ def probe_address(address: str, timeout: float) -> None:
                           "(default 6379) is reachable from here (see docs/cluster.md)") from None
 
 
+def start_reaper() -> subprocess.Popen:
+    """Tag this driver's environment (inherited by the private Ray's processes) and start the watcher that ends
+    them when the driver is gone, even after a SIGKILL (experiments/ray_reaper.py)."""
+    tag = f"{os.getpid()}-{os.urandom(4).hex()}"
+    os.environ[OWNER_ENV] = tag
+    return subprocess.Popen([sys.executable, "-m", "experiments.ray_reaper", tag], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, start_new_session=True)
+
+
 def _init_within(ray: Any, timeout: float, **kwargs: Any) -> None:
     """ray.init in a helper thread, so that the main thread can give up after `timeout` (a port that accepts
     connections but is no Ray) and Ctrl-C reaches it at any moment."""
@@ -292,6 +302,7 @@ class RayBackend:
 
         self.ray = ray
         self.owned = False
+        self.reaper: subprocess.Popen | None = None
         if ray.is_initialized():
             return
         kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
@@ -299,7 +310,9 @@ class RayBackend:
             if address:
                 _init_within(ray, connect_timeout, address=address, **kwargs)
             else:
-                # A fresh, private Ray: no dashboard, small object store (runs pass no data).
+                # A fresh, private Ray: no dashboard, small object store (runs pass no data), and a watcher that
+                # stops its processes if this driver dies without shutting it down.
+                self.reaper = start_reaper()
                 ray.init(address="local", include_dashboard=False, _temp_dir=ray_temp_dir(),
                          object_store_memory=128 * 2**20, **kwargs)
         except ray.exceptions.AuthenticationError as err:
@@ -365,6 +378,11 @@ class RayBackend:
     def close(self) -> None:
         if self.owned:
             self.ray.shutdown()
+        if self.reaper is not None:  # EOF: it stops whatever the shutdown left behind, then exits
+            os.environ.pop(OWNER_ENV, None)  # processes started from now on are not this Ray's
+            with contextlib.suppress(Exception):
+                self.reaper.stdin.close()
+                self.reaper.wait(timeout=30)
 
 
 # ---- local backend -----------------------------------------------------------------------------------------------

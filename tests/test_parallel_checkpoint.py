@@ -103,6 +103,10 @@ def test_sharded_checkpoint_resumes_on_another_world_size(tmp_path, shakespeare_
     _launch(run, 1)
     same_as_reference(range(5, 7))
     assert (run.ckpt_dir / "step_00000006.pt").is_file()  # no sharding: a single-file checkpoint again
-    want = _weights(ref)
+    # Resharding changes the order of the sums, and AdamW divides by sqrt(v): an element whose gradient nearly
+    # cancels can move by a visible fraction of the LR (measured: 1 element of 16,384 by 3.2% of it), so each
+    # element must agree to 10% of the LR and nearly all of them to 1e-5 (as in test_parallel_train).
+    want, lr = _weights(ref), run.read_config()["train"]["lr"]
     for name, value in _weights(run).items():
-        torch.testing.assert_close(value, want[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(value, want[name], rtol=1e-4, atol=lr / 10, msg=lambda m, name=name: f"{name}: {m}")
+        assert ((value - want[name]).abs() > 1e-5 + 1e-4 * want[name].abs()).float().mean() < 1e-3, name

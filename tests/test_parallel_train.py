@@ -86,13 +86,14 @@ def _worker(rank: int, W: int, preset: str, parallel: dict, micro: int | None = 
     if nccl:
         return
     # AdamW divides by sqrt(v): where a gradient element nearly cancels, round-off in the order of the sums moves
-    # it by a visible fraction of the LR (measured: at most 2 elements of a tensor, by up to 2% of the LR), so the
-    # bound is 5% of the LR per element and nearly all elements must agree to 1e-5.
+    # it by a visible fraction of the LR (measured: at most 2 elements of a tensor, by up to 2% of the LR on the
+    # machine that wrote this test; 1 element of 4,096 by 5.2% on a later one, same torch, other CPU kernels), so
+    # the bound is 10% of the LR per element and nearly all elements must agree to 1e-5.
     ref_params = dict(ref.named_parameters())
     lr = _train_config(B).lr
     for name, p in raw.named_parameters():
         got, want = full(p.detach()), ref_params[name].detach()
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=lr / 20, msg=name)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=lr / 10, msg=lambda m, name=name: f"{name}: {m}")
         assert ((got - want).abs() > 1e-5 + 1e-4 * want.abs()).float().mean() < 1e-3, name
     ref_buffers = dict(ref.named_buffers())
     for name, b in raw.named_buffers():

@@ -58,6 +58,20 @@ def processes_mentioning(*words: str) -> list[int]:
     return pids
 
 
+def processes_of_driver(pid: int) -> list[int]:
+    """Processes started by the private Ray of the sweep driver `pid` (tagged in their environment)."""
+    needle = f"ULTRAMEM_RAY_OWNER={pid}-".encode()
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if any(var.startswith(needle) for var in f.read().split(b"\0")):
+                    out.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def trainer_pids(run_dir: Path) -> list[int]:
     return processes_mentioning("experiments.run_one", str(run_dir))
 
@@ -265,6 +279,9 @@ def test_killed_driver_then_rerun_finishes_only_the_remainder(ray_local, tmp_pat
     assert not leftover, "processes of the killed driver's Ray outlived it"
     # The private Ray dies with its driver, and the training process with its Ray worker, releasing the claim.
     wait_for(lambda: not trainer_pids(long.path) and not is_claimed(long), 60, "the training process to exit")
+    # ... and so do the agents, which change their command line (ray::DashboardAgent, ray::RuntimeEnvAgent) and
+    # on their own outlive the driver by more than a minute: experiments/ray_reaper.py ends them.
+    wait_for(lambda: not processes_of_driver(driver.pid), 20, "the killed driver's Ray agents to exit")
     assert long.status()["state"] == "running" and long.final() is None
     assert {r["run_id"]: r["state"] for r in status_rows(plan)} == {short.run_id: "done", long.run_id: "interrupted"}
     short_final = short.final_path.stat().st_mtime
