@@ -572,21 +572,25 @@ def _describe(err: BaseException, run_dir: Path | None = None) -> str:
     where = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
     text = f"{type(err).__name__}: {err}{where}"
     os_err = _os_error_in_chain(err)
-    if os_err is None or os_err.strerror is None:
+    if os_err is None:
         return text
     path = os_err.filename or _path_being_written(err) or run_dir or "the run folder"
-    if os_err.errno in (errno.ENOSPC, errno.EDQUOT):
+    if os_err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         fix = "free space or move --out (the run folder) to another disk, then run the same command again"
-    elif os_err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "make the run folder writable or move --out, then run the same command again"
+    elif os_err.errno == errno.EROFS:
+        fix = "move --out (the run folder) to a writable disk, then run the same command again"
     else:
-        fix = "check the disk and the run folder, then run the same command again"
+        fix = "check the disk, then run the same command again"
     detail = "" if os_err is err else f" ({text})"
-    return f"{os_err.strerror} while writing {path}; {fix}{detail}"
+    return f"{os_err.strerror or os.strerror(os_err.errno)} while writing {path}; {fix}{detail}"
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)  # a write the disk refused
 
 
 def _os_error_in_chain(err: BaseException) -> OSError | None:
-    """The first OSError with an errno in `err`, its __cause__ and __context__ chains."""
+    """The first OSError of a refused write (full disk, quota, read-only, I/O error) in `err`, its __cause__ and
+    __context__ chains."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [err]
     while todo:
@@ -594,7 +598,7 @@ def _os_error_in_chain(err: BaseException) -> OSError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno is not None:
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
             return e
         todo += [e.__cause__, e.__context__]
     return None

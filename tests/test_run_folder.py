@@ -168,3 +168,10 @@ def test_plots_help_names_the_report_folder_it_really_writes():
     helptext = subprocess.run([sys.executable, "-m", "cli", "plots", "-h"], capture_output=True, text=True,
                               check=True).stdout
     assert f"runs/{real.name}/" in helptext and "tiny_cpu_report" not in helptext
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_would_give(tmp_path):
+    atomic_write_text(tmp_path / "a.json", "{}")
+    with open(tmp_path / "b.json", "w") as f:
+        f.write("{}")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777
