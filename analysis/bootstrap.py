@@ -3,6 +3,14 @@
 Resampling is by *run*: with one row per run this is case resampling (Epoch, cell 21); when a run contributes
 several rows (intermediate checkpoints) whole runs are drawn as clusters, because checkpoints of one run are
 correlated and treating them as independent shrinks the intervals dishonestly (Epoch, cells 60–61).
+
+An interval is flagged unreliable (`Estimate.unreliable` says why; printed instead of the numbers, and
+`"reliable": false` in JSON) when fewer than MIN_USABLE_SHARE (half) of the resamples drawn gave a usable value:
+the resamples that cannot be refitted (too few distinct points) are not a random subset, so the percentiles of the
+rest describe neither the data nor the law (6 points of a 5-parameter law: ~25% usable; 4 points of a
+3-parameter law: ~66%). It is flagged as well when it has zero width (relative width below ZERO_WIDTH: the usable
+resamples gave one value, because the data do not identify it or are noise-free), which would otherwise look exact.
+Estimates without a bootstrap carry no flag; `to_dict` adds the flag keys only to flagged estimates (or full=True).
 """
 
 from __future__ import annotations
@@ -14,43 +22,82 @@ from typing import Any
 
 import numpy as np
 
+MIN_USABLE_SHARE = 0.5  # an interval from fewer usable resamples than this share of those drawn is unreliable
+ZERO_WIDTH = 1e-9  # relative width below which an interval counts as zero width
+
 
 @dataclass(frozen=True)
 class Estimate:
-    """A point estimate with a percentile interval and the bootstrap standard error (nan without a bootstrap)."""
+    """A point estimate with a percentile interval and the bootstrap standard error (nan without a bootstrap).
+
+    usable / resamples: the finite bootstrap values behind the interval and the resamples drawn (None without a
+    bootstrap); see `unreliable`.
+    """
 
     value: float
     lo: float = math.nan
     hi: float = math.nan
     se: float = math.nan
+    usable: int | None = None
+    resamples: int | None = None
 
     @property
     def has_ci(self) -> bool:
         return math.isfinite(self.lo) and math.isfinite(self.hi)
 
+    @property
+    def unreliable(self) -> str:
+        """Why the interval must not be trusted, e.g. "48/200 resamples usable" ("" when it can be, or without a
+        bootstrap)."""
+        if self.usable is None or not self.resamples:
+            return ""
+        if self.usable < MIN_USABLE_SHARE * self.resamples:
+            return f"{self.usable}/{self.resamples} resamples usable"
+        if self.has_ci and self.hi - self.lo <= ZERO_WIDTH * max(abs(self.lo), abs(self.hi)):
+            return f"zero width: {self.usable}/{self.resamples} usable resamples gave one value"
+        return ""
+
+    @property
+    def reliable(self) -> bool:
+        return not self.unreliable
+
     def excludes(self, x: float) -> bool:
-        return self.has_ci and not (self.lo <= x <= self.hi)
+        return self.has_ci and self.reliable and not (self.lo <= x <= self.hi)
 
     def fmt(self, digits: int = 4) -> str:
         v = f"{self.value:.{digits}g}"
+        if self.unreliable:
+            return f"{v} [unreliable: {self.unreliable}]"
         return f"{v} [{self.lo:.{digits}g}, {self.hi:.{digits}g}]" if self.has_ci else v
 
-    def to_dict(self) -> dict[str, float | None]:
+    def to_dict(self, full: bool = False) -> dict[str, Any]:
+        """value, lo, hi, se; plus reliable, usable_resamples, resamples (and why, if unreliable) when the interval
+        is unreliable or full=True."""
         clean = lambda x: x if math.isfinite(x) else None
-        return {"value": clean(self.value), "lo": clean(self.lo), "hi": clean(self.hi), "se": clean(self.se)}
+        out: dict[str, Any] = {"value": clean(self.value), "lo": clean(self.lo), "hi": clean(self.hi),
+                               "se": clean(self.se)}
+        if full or self.unreliable:
+            out.update(reliable=self.reliable, usable_resamples=self.usable, resamples=self.resamples)
+            if self.unreliable:
+                out["unreliable"] = self.unreliable
+        return out
 
 
-def estimate(value: float, draws: np.ndarray | None, level: float = 0.95) -> Estimate:
-    """Percentile interval of the finite bootstrap draws around `value`."""
+def estimate(value: float, draws: np.ndarray | None, level: float = 0.95, resamples: int | None = None) -> Estimate:
+    """Percentile interval of the finite bootstrap draws around `value`.
+
+    resamples: how many resamples were drawn (default: len(draws)); those without a finite draw count as unusable.
+    """
     if draws is None:
         return Estimate(float(value))
-    d = np.asarray(draws, dtype=float)
+    d = np.asarray(draws, dtype=float).reshape(-1)
+    total = d.size if resamples is None else int(resamples)
     d = d[np.isfinite(d)]
     if d.size < 2:
-        return Estimate(float(value))
+        return Estimate(float(value), usable=int(d.size), resamples=total)
     q = (1 - level) / 2
     lo, hi = np.quantile(d, [q, 1 - q])
-    return Estimate(float(value), float(lo), float(hi), float(np.std(d, ddof=1)))
+    return Estimate(float(value), float(lo), float(hi), float(np.std(d, ddof=1)), int(d.size), total)
 
 
 def resample_counts(n_rows: int, groups: np.ndarray | None, n_boot: int, seed: int) -> np.ndarray:
@@ -94,6 +141,15 @@ class LawFit:
         q = (1 - self.level) / 2
         return np.nanquantile(preds, q, axis=0), np.nanquantile(preds, 1 - q, axis=0)
 
+    @property
+    def resamples(self) -> int:
+        return len(self.boot) + self.n_failed
+
+    @property
+    def reliable(self) -> bool:
+        """At least MIN_USABLE_SHARE of the resamples refitted (each estimate may still be flagged on its own)."""
+        return not self.resamples or len(self.boot) >= MIN_USABLE_SHARE * self.resamples
+
     def to_dict(self) -> dict[str, Any]:
         return {"law": type(self.law).__name__, "n_points": self.n_points, "n_groups": self.n_groups,
                 "n_boot": len(self.boot), "n_failed": self.n_failed, "level": self.level,
@@ -115,7 +171,7 @@ def bootstrap_fit(refit: Callable[[np.ndarray], list[Any]], law: Any, n_rows: in
     boot = [b for b in refit(counts) if b is not None] if len(counts) else []
     estimates = {}
     for name, fn in quantities.items():
-        draws = np.array([fn(b) for b in boot], dtype=float) if boot else None
-        estimates[name] = estimate(fn(law), draws, level)
+        draws = np.array([fn(b) for b in boot], dtype=float) if len(counts) else None
+        estimates[name] = estimate(fn(law), draws, level, resamples=len(counts))
     n_groups = n_rows if groups is None else len(np.unique(np.asarray(groups)))
     return LawFit(law, estimates, n_rows, n_groups, boot, len(counts) - len(boot), level, objective, note)

@@ -25,7 +25,7 @@ import pandas as pd
 
 from analysis import lse
 from analysis.bootstrap import LawFit, bootstrap_fit
-from analysis.checks import FitError, positive_array, require_columns, require_points
+from analysis.checks import FitError, numeric_column, positive_array, require_columns, require_points
 
 HOFFMANN_A = tuple(np.arange(0, 30, 5.0))  # a = log A and b = log B
 HOFFMANN_E = tuple(np.arange(-1, 1.5, 0.5))
@@ -84,12 +84,20 @@ class ChinchillaLaw:
         return (f"L = {self.E:.3f} + {self.A:.4g}/N^{self.alpha:.3f} + {self.B:.4g}/D^{self.beta:.3f}")
 
     def theta(self) -> np.ndarray:
-        return np.array([math.log(self.A), math.log(self.B), math.log(self.E), self.alpha, self.beta])
+        """(a, b, e, α, β); a coefficient that underflowed to 0 in the fit maps back to a very negative log."""
+        log = lambda v: math.log(v) if v > 0 else -700.0
+        return np.array([log(self.A), log(self.B), log(self.E), self.alpha, self.beta])
 
     @classmethod
     def from_theta(cls, theta: np.ndarray) -> ChinchillaLaw:
+        """From (a, b, e, α, β); a log beyond float range gives an infinite coefficient (see `finite`)."""
         a, b, e, alpha, beta = (float(v) for v in theta[:5])
-        return cls(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta)
+        exp = lambda v: math.exp(v) if v < 709.7 else math.inf
+        return cls(E=exp(e), A=exp(a), B=exp(b), alpha=alpha, beta=beta)
+
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(v) for v in self.params().values())
 
 
 # Hoffmann et al. (2022), unrounded values from the TeX source (the rounded paper-body values are biased).
@@ -112,7 +120,8 @@ def _arrays(n: object, d: object, loss: object, source: str) -> tuple[np.ndarray
     if not (na.size == da.size == la.size):
         raise FitError(f"{source}: N, D and loss have different lengths ({na.size}, {da.size}, {la.size})")
     require_points(len({*zip(na.tolist(), da.tolist(), strict=True)}), MIN_POINTS, "L(N, D) = E + A/N^α + B/D^β "
-                   "(distinct (N, D) pairs)", source)
+                   "(distinct (N, D) pairs)", source, n_rows=la.size,
+                   fix=f"add runs at other (N, D) pairs: five parameters need {MIN_POINTS} or more")
     return na, da, la
 
 
@@ -136,7 +145,7 @@ def fit_chinchilla(n: object, d: object, loss: object, *, estimator: str = "hube
         start = x0 if x0 is not None else fit_chinchilla(na, da, la, optimizer=optimizer, delta=delta,
                                                          refine_top=refine_top, source=source).law
         phi, nll = lse.fit_huber_mle(logx, logy, start.theta(), delta)
-        return ChinchillaFit(ChinchillaLaw.from_theta(phi[:5]), nll, "mle", la.size, float(phi[5]))
+        return ChinchillaFit(_finite_law(phi[:5], source), nll, "mle", la.size, float(phi[5]))
     starts = lse.start_grid(2, HOFFMANN_A, HOFFMANN_E, HOFFMANN_ALPHA) if x0 is None else x0.theta()[None]
     if optimizer == "lbfgs":
         best = lse.fit_huber(logx, logy, starts, delta, refine_top)
@@ -145,7 +154,16 @@ def fit_chinchilla(n: object, d: object, loss: object, *, estimator: str = "hube
     if best is None or not (np.all(np.isfinite(best[0])) and np.isfinite(best[1])):
         raise FitError(f"{source}: no start reached a finite optimum for L(N, D)")
     theta, f = best
-    return ChinchillaFit(ChinchillaLaw.from_theta(theta), f, "huber", la.size)
+    return ChinchillaFit(_finite_law(theta, source), f, "huber", la.size)
+
+
+def _finite_law(theta: np.ndarray, source: str) -> ChinchillaLaw:
+    law = ChinchillaLaw.from_theta(theta)
+    if not law.finite:
+        raise FitError(f"{source}: these points do not identify L(N, D) = E + A/N^α + B/D^β (the best fit sends "
+                       f"{'A' if math.isinf(law.A) else 'B' if math.isinf(law.B) else 'E'} to infinity); add runs "
+                       "over a wider range of N and D, or fit one variable with --law power")
+    return law
 
 
 def chinchilla_columns(df: pd.DataFrame, *, n_col: str, d_col: str | None, flops_col: str | None, loss_col: str,
@@ -155,11 +173,11 @@ def chinchilla_columns(df: pd.DataFrame, *, n_col: str, d_col: str | None, flops
         raise FitError(f"{source}: L(N, D) needs a token column or a FLOPs column to derive D = C/(6N); "
                        f"pass --d-col or --flops-col (available: {', '.join(map(str, df.columns))})")
     require_columns(df, [n_col, d_col or flops_col, loss_col], source)
-    n = positive_array(df[n_col], n_col, source)
+    n = numeric_column(df, n_col, source)
     if d_col is not None:
-        return n, positive_array(df[d_col], d_col, source), positive_array(df[loss_col], loss_col, source)
-    c = positive_array(df[flops_col], flops_col, source)
-    return n, c / (6 * n), positive_array(df[loss_col], loss_col, source)
+        return n, numeric_column(df, d_col, source), numeric_column(df, loss_col, source)
+    c = numeric_column(df, flops_col, source)
+    return n, c / (6 * n), numeric_column(df, loss_col, source)
 
 
 def fit_chinchilla_ci(n: object, d: object, loss: object, *, groups: Sequence | np.ndarray | None = None,
@@ -187,7 +205,8 @@ def fit_chinchilla_ci(n: object, d: object, loss: object, *, groups: Sequence | 
         starts = np.repeat(fit.law.theta()[None], len(counts), axis=0)
         thetas, objs = lse.fit_batch(starts, np.log(np.vstack([na, da])), np.log(la), counts, delta=delta)
         ok = np.isfinite(objs) & np.all(np.isfinite(thetas), axis=1) & _enough_pairs(na, da, counts)
-        return [ChinchillaLaw.from_theta(t) if good else None for t, good in zip(thetas, ok, strict=True)]
+        laws = [ChinchillaLaw.from_theta(t) if good else None for t, good in zip(thetas, ok, strict=True)]
+        return [b if b is not None and b.finite else None for b in laws]
 
     return bootstrap_fit(refit, fit.law, la.size, groups=None if groups is None else np.asarray(groups),
                          n_boot=n_boot, seed=seed, quantities=quantities, level=level, objective=fit.objective,

@@ -8,6 +8,7 @@ read, so re-collecting an unchanged sweep costs one stat per file.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from dataclasses import dataclass, field
@@ -148,17 +149,43 @@ def _write_cache(cache_dir: Path, collected: Collected, key: str) -> None:
         pass  # a read-only results folder is analysed all the same, just not cached
 
 
-def load_table(path: str | Path) -> pd.DataFrame:
-    """A CSV or parquet table; errors name the file."""
+def load_table(path: str | Path, *, lines: bool = False) -> pd.DataFrame:
+    """A CSV or parquet table; errors name the file and say what to fix.
+
+    lines=True: for a CSV, `df.attrs["lines"]` holds the line of the file of each data row (the header is line 1,
+    so data row N is line N + 1 unless blank lines intervene), for error messages (analysis.checks).
+    """
     path = Path(path)
     if not path.is_file():
-        raise FitError(f"{path}: file not found")
+        raise FitError(f"{path}: " + ("is a folder, not a table" if path.is_dir() else "file not found")
+                       + "; give the path of a .csv or .parquet file")
     if path.suffix not in TABLE_SUFFIXES:
         raise FitError(f"{path}: unsupported table format {path.suffix!r}; use {' or '.join(TABLE_SUFFIXES)}")
     try:
-        return pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+        df = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
     except (ValueError, OSError) as err:
-        raise FitError(f"{path}: cannot read the table ({err})") from None
+        why = " ".join(str(err).split())  # pandas' parser messages end in a newline: keep the error on one line
+        raise FitError(f"{path}: cannot read the table ({why}); it must be a {path.suffix[1:]} file with a header "
+                       "row and the same number of fields on every line") from None
+    if lines and path.suffix == ".csv":
+        found = _csv_data_lines(path)
+        if found is not None and len(found) == len(df):
+            df.attrs["lines"] = found
+    return df
+
+
+def _csv_data_lines(path: Path) -> list[int] | None:
+    """The first line of each data record of a CSV (blank lines skipped, as pandas does); None if unreadable."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
+            reader, starts, end = csv.reader(f), [], 0
+            for record in reader:
+                start, end = end + 1, reader.line_num
+                if record and not (len(record) == 1 and not record[0].strip()):
+                    starts.append(start)
+    except (OSError, csv.Error):
+        return None
+    return starts[1:]  # the first record is the header
 
 
 def save_collected(collected: Collected, out_dir: str | Path) -> list[Path]:

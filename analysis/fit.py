@@ -139,7 +139,8 @@ def fit_pure_power_law(x: object, y: object, weights: object = None, *, x_name: 
                        source: str = "<table>") -> PurePowerLaw:
     """y = k·x^a by OLS of ln y on ln x (weights 1/σ² optional, as in Porian's weighted fits)."""
     xa, ya = _xy(x, y, x_name, y_name, source)
-    require_points(len(np.unique(xa)), MIN_POINTS_PURE, f"a power law {y_name} = k·{x_name}^a", source)
+    require_points(len(np.unique(xa)), MIN_POINTS_PURE, f"a power law {y_name} = k·{x_name}^a", source,
+                   n_rows=xa.size, fix=f"add runs at other {x_name} values")
     w = np.ones((1, xa.size)) if weights is None else np.asarray(weights, dtype=float).reshape(1, -1)
     intercept, slope = _wls(np.log(xa), np.log(ya), w)
     return PurePowerLaw(k=math.exp(intercept[0]), a=float(slope[0]))
@@ -180,7 +181,9 @@ def fit_power_law(x: object, y: object, *, floor: bool = True, solver: str = "ls
         return PowerLaw(E=0.0, A=law.k, alpha=-law.a)
     if solver not in SOLVERS:
         raise FitError(f"solver {solver!r} unknown; allowed: {', '.join(SOLVERS)}")
-    require_points(len(np.unique(xa)), MIN_POINTS_FLOOR, f"{y_name} = E + A·{x_name}^−α", source)
+    require_points(len(np.unique(xa)), MIN_POINTS_FLOOR, f"{y_name} = E + A·{x_name}^−α", source, n_rows=xa.size,
+                   fix=f"add runs at other {x_name} values, or fit a pure power law (no floor: `--no-floor`), "
+                       f"which needs {MIN_POINTS_PURE}")
     logx, logy = np.log(xa)[None, :], np.log(ya)
     starts = lse.start_grid(1, PORIAN_A, PORIAN_E, PORIAN_ALPHA)
     if solver == "porian":
@@ -203,7 +206,8 @@ def fit_log_linear(x: object, y: object, *, x_name: str = "x", y_name: str = "lo
     ya = np.asarray(y, dtype=float).reshape(-1)
     if not np.all(np.isfinite(ya)):
         raise FitError(f"{source}: column {y_name!r} has non-finite values; drop those rows")
-    require_points(len(np.unique(xa)), MIN_POINTS_PURE, f"{y_name} = c0 − k·ln {x_name}", source)
+    require_points(len(np.unique(xa)), MIN_POINTS_PURE, f"{y_name} = c0 − k·ln {x_name}", source, n_rows=xa.size,
+                   fix=f"add runs at other {x_name} values")
     intercept, slope = _wls(np.log(xa), ya, np.ones((1, xa.size)))
     return LogLinear(c0=float(intercept[0]), k=-float(slope[0]))
 

@@ -43,6 +43,7 @@ from runfolder import TERMINAL, RunDir, is_claimed, run_state
 from ultramem.config import ConfigError
 
 BACKENDS = ("ray", "local")
+WAIT_POLL_S = 0.5  # how often the driver wakes while runs are in flight (so that Ctrl-C is handled promptly)
 CLAIM_POLL_S = 1.0  # how often a task waiting for another scheduler's claim looks again
 LOG_TAIL_LINES = 20  # lines of train.log kept in status.json's `error` for a failed run
 
@@ -350,7 +351,9 @@ class RayBackend:
                     if job.memory_gb is not None:
                         opts["memory"] = int(job.memory_gb * 2**30)
                     inflight[task.options(**opts).remote(job, retries)] = job
-                ready, _ = ray.wait(list(inflight), num_returns=1)
+                # With a timeout: a wait without one blocks in Ray's C++ and Ctrl-C would not reach us until a
+                # run finished.
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=WAIT_POLL_S)
                 for ref in ready:
                     job = inflight.pop(ref)
                     outcome = self._result(ref, job)
@@ -468,7 +471,10 @@ class LocalBackend:
                     running[job.run_id] = (job, gpus)
                     env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {}
                     threading.Thread(target=self._work, args=(job, retries, env, done), daemon=True).start()
-                outcome = done.get()
+                try:
+                    outcome = done.get(timeout=WAIT_POLL_S)  # (a timeout keeps Ctrl-C prompt here too)
+                except queue.Empty:
+                    continue
                 job, gpus = running.pop(outcome.run_id)
                 pool.give(job, gpus)
                 outcomes.append(outcome)

@@ -304,6 +304,33 @@ def test_killed_driver_then_rerun_finishes_only_the_remainder(ray_local, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ray", "local"])
+def test_ctrl_c_stops_a_sweep_promptly_and_keeps_its_checkpoints(tmp_path, backend):
+    path = write_sweep(tmp_path, """
+        parameters: {model.preset: {value: dense-tiny}, train.steps: {value: 100000}, train.ckpt_every: {value: 10}}
+        """)
+    rd = RunDir(plan_sweep(path).runs_dir / plan_sweep(path).runs[0].run_id)
+    ray_tmp = Path("/tmp") / f"umint-{os.getpid()}"
+    driver = subprocess.Popen([sys.executable, "-m", "cli", "sweep", "run", str(path), "--backend", backend],
+                              env={**os.environ, "ULTRAMEM_RAY_TMP": str(ray_tmp)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: rd.checkpoints(), 300, "a first checkpoint", poll=0.1)
+        t0 = time.monotonic()
+        driver.send_signal(signal.SIGINT)
+        rc = driver.wait(timeout=60)
+        stopped_after = time.monotonic() - t0
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert rc == 130 and stopped_after < 30, (rc, stopped_after, driver.stderr.read().decode()[-2000:])
+    wait_for(lambda: not trainer_pids(rd.path), 30, "the training process to exit")
+    assert rd.checkpoints() and rd.final() is None  # what it trained is kept for the next `sweep run`
+
+
+@pytest.mark.slow
 def test_two_concurrent_sweep_runs_never_train_a_run_twice(tmp_path):
     path = write_sweep(tmp_path, """
         parameters: {model.preset: {values: [dense-tiny, moe-tiny, ultramem-tiny]}, train.steps: {value: 30}}
