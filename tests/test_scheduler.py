@@ -331,6 +331,32 @@ def test_ctrl_c_stops_a_sweep_promptly_and_keeps_its_checkpoints(tmp_path, backe
 
 
 @pytest.mark.slow
+def test_attempts_are_numbered_across_sweep_runs_and_a_refused_train_is_not_one(tmp_path):
+    path = write_sweep(tmp_path, """
+        parameters: {model.preset: {value: dense-tiny}, train.steps: {value: 400}, train.ckpt_every: {value: 10}}
+        """)
+    rd = RunDir(plan_sweep(path).runs_dir / plan_sweep(path).runs[0].run_id)
+    cmd = [sys.executable, "-m", "cli", "sweep", "run", str(path), "--backend", "local"]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: rd.checkpoints(), 300, "a first checkpoint", poll=0.1)
+        # a second `ultramem train` of the same run while it trains: refused (exit 4), and not an attempt
+        busy = subprocess.run([sys.executable, "-m", "cli", "train", str(rd.config_path), "--out", str(rd.path)],
+                              capture_output=True, text=True, timeout=300)
+        assert busy.returncode == 4 and "another process is training this run" in busy.stderr
+        assert rd.status()["attempts"] == 1
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=60) == 130
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0
+    headers = [line.split(" on ")[0] for line in rd.log_path.read_text().splitlines() if line.startswith("=== ")]
+    assert headers == ["=== attempt 1", "=== attempt 2"] and rd.status()["attempts"] == 2
+
+
+@pytest.mark.slow
 def test_two_concurrent_sweep_runs_never_train_a_run_twice(tmp_path):
     path = write_sweep(tmp_path, """
         parameters: {model.preset: {values: [dense-tiny, moe-tiny, ultramem-tiny]}, train.steps: {value: 30}}
