@@ -1,7 +1,9 @@
 """Run folders (docs/run_folder.md), W&B projects or saved tables -> one tidy table of runs and one of curves.
 
 `runs`: one row per run that wrote final.json (RUN_COLUMNS). `curves`: one row per logged point (CURVE_COLUMNS):
-training loss ("train") and held-out loss ("eval") against step, tokens and FLOPs. Collecting a runs directory
+training loss ("train") and held-out loss ("eval") against step, tokens and FLOPs. The runs columns in
+DERIVED_COLUMNS (values_per_token) are computed from others on every way in (run folders, the cache, W&B, saved
+tables, so a table saved before such a column existed gains it on load) and are left out of a saved runs.csv. Collecting a runs directory
 caches both tables as parquet next to the runs (`.analysis_cache/`), keyed by the size and mtime of every file
 read, so re-collecting an unchanged sweep costs one stat per file.
 """
@@ -25,9 +27,12 @@ RUN_COLUMNS = [
     "val_loss", "train_loss", "total_params", "active_params", "non_embedding_params", "embedding_params",
     "active_non_embedding_params", "sparse_params", "flops_per_token", "tokens", "flops", "steps", "batch_size",
     "seq_len", "lr", "memory_slots", "memory_top_m", "memory_heads", "memory_value_expansion", "memory_layers",
-    "moe_experts", "moe_top_k", "knowledge_facts", "knowledge_recall", "knowledge_heldout_recall",
+    "values_per_token", "moe_experts", "moe_top_k", "knowledge_facts", "knowledge_recall", "knowledge_heldout_recall",
     "knowledge_bits", "wall_s", "tokens_per_s", "tokenizer", "vocab_size", "data_source", "run_dir",
 ]
+# Derived from other columns, never saved: values_per_token = memory value rows a token reads over all memory
+# layers, heads x top-m x memory layers (the activation density of UltraMemV2 §2.6; NaN without a memory).
+DERIVED_COLUMNS = ["values_per_token"]
 CURVE_COLUMNS = ["run_id", "family", "kind", "step", "tokens", "flops", "loss"]
 CACHE_DIR = ".analysis_cache"
 TABLE_SUFFIXES = (".csv", ".parquet")
@@ -69,6 +74,7 @@ def final_to_row(final: dict[str, Any], config: dict[str, Any] | None = None, st
         "memory_slots": _num(memory.get("num_values")), "memory_top_m": _num(memory.get("top_m")),
         "memory_heads": _num(memory.get("heads")), "memory_value_expansion": _num(memory.get("value_expansion")),
         "memory_layers": _num(memory.get("num_layers")),
+        "values_per_token": values_per_token(memory.get("heads"), memory.get("top_m"), memory.get("num_layers")),
         "moe_experts": _num(moe.get("num_experts")), "moe_top_k": _num(moe.get("top_k")),
         "knowledge_facts": _num(knowledge.get("facts")), "knowledge_recall": _num(knowledge.get("recall")),
         "knowledge_heldout_recall": _num(knowledge.get("heldout_recall")),
@@ -79,6 +85,20 @@ def final_to_row(final: dict[str, Any], config: dict[str, Any] | None = None, st
                 "tokens_per_s", "vocab_size"):
         row[key] = _num(final.get(key))
     return row
+
+
+def values_per_token(heads: Any, top_m: Any, layers: Any) -> float:
+    """Value rows one token reads over all memory layers: heads x top-m x memory layers (NaN if any is missing)."""
+    return _num(heads) * _num(top_m) * _num(layers)
+
+
+def derive_columns(runs: pd.DataFrame) -> pd.DataFrame:
+    """`runs` with DERIVED_COLUMNS filled in where missing (NaN) from the columns they are computed from."""
+    col = lambda c: pd.to_numeric(runs[c], errors="coerce") if c in runs else pd.Series(math.nan, index=runs.index)
+    derived = col("memory_heads") * col("memory_top_m") * col("memory_layers")
+    runs = runs.copy()
+    runs["values_per_token"] = col("values_per_token").fillna(derived).astype(float)
+    return runs
 
 
 def metrics_to_curve(run_id: str, family: str | None, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -104,7 +124,7 @@ def _fingerprint(root: Path, dirs: list[RunDir]) -> str:
 
 
 def _frames(rows: list[dict[str, Any]], curves: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    runs = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    runs = derive_columns(pd.DataFrame(rows, columns=RUN_COLUMNS))
     runs = runs.sort_values(["family", "active_params", "memory_slots", "run_id"], kind="stable",
                             na_position="first").reset_index(drop=True)
     return runs, pd.DataFrame(curves, columns=CURVE_COLUMNS)
@@ -120,8 +140,8 @@ def collect_runs(runs_dir: str | Path, *, cache: bool = True) -> Collected:
     key = _fingerprint(root, dirs)
     if cache and (cache_dir / "key.json").exists() and (cache_dir / "key.json").read_text() == key:
         skipped = json.loads((cache_dir / "skipped.json").read_text())
-        return Collected(pd.read_parquet(cache_dir / "runs.parquet"), pd.read_parquet(cache_dir / "curves.parquet"),
-                         skipped)
+        return Collected(derive_columns(pd.read_parquet(cache_dir / "runs.parquet")),
+                         pd.read_parquet(cache_dir / "curves.parquet"), skipped)
     rows, curves, skipped = [], [], []
     for rd in dirs:
         now = run_state(rd)
@@ -192,11 +212,14 @@ def save_collected(collected: Collected, out_dir: str | Path) -> list[Path]:
     """runs.csv and curves.csv: the plain-text record a study commits instead of run folders and checkpoints.
 
     Floats are written as their shortest round-trip repr, so reading the files back gives the very same numbers.
+    DERIVED_COLUMNS are left out (load_collected derives them again), so the saved format does not change when a
+    derived column is added.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "runs.csv", out / "curves.csv"]
-    atomic_write_text(paths[0], collected.runs.to_csv(index=False))
+    runs = collected.runs.drop(columns=[c for c in DERIVED_COLUMNS if c in collected.runs])
+    atomic_write_text(paths[0], runs.to_csv(index=False))
     atomic_write_text(paths[1], collected.curves.to_csv(index=False))
     return paths
 

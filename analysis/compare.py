@@ -10,6 +10,8 @@ knowledge capacity. Every function takes the runs table of analysis/collect.py a
 - UltraMem loss vs memory size at a fixed backbone (fixed activated size, top-m): log-linear L = c0 − k·ln M, which
   is how the paper states it ("the loss decreases linearly as the sparse parameters increase exponentially",
   Fig. 6b), and a power law with a floor where there are enough sizes.
+- Activation density (UltraMemV2 §1, §4.1): loss vs values read per token v at fixed total parameters, per memory
+  family, as L = c0 + b·ln v; and whether 4× density lowers the loss more than 4× total sparse parameters.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ AXES = {  # column -> axis label with units
     "tokens": "training tokens",
     "memory_slots": "memory values per layer",
     "sparse_params": "sparse (memory value) parameters",
+    "values_per_token": "memory values read per token (heads × top-m × memory layers)",
 }
 FLOOR_MIN_SIZES = MIN_POINTS_FLOOR + 1  # "auto" fits a floor only with a residual dof to spare
 
@@ -290,3 +293,143 @@ def knowledge_table(runs: pd.DataFrame) -> pd.DataFrame:
     df["facts_recalled"] = df["knowledge_recall"] * df["knowledge_facts"]
     df["bits_per_param"] = df["knowledge_bits"] / df["total_params"]
     return df.reset_index(drop=True)
+
+
+# ---- activation density (UltraMemV2: "activation density has greater impact than total sparse parameters") ------
+
+DENSITY_X = "values_per_token"
+MEMORY_SIZE_KEYS = {"ultramem": "model.memory.num_keys", "pkm": "model.memory.num_keys",
+                    "memory_plus": "model.memory_plus.num_keys", "ultramem_v2": "model.memory_v2.num_keys"}
+FOLD = 4.0  # the comparison's factor: 4× values per token vs 4× sparse parameters
+
+
+def _negate(e: Estimate) -> Estimate:
+    return Estimate(-e.value, -e.hi, -e.lo, e.se, e.usable, e.resamples)
+
+
+def scale_estimate(e: Estimate, f: float) -> Estimate:
+    """f·e with its interval (ends swapped for f < 0)."""
+    lo, hi = sorted((e.lo * f, e.hi * f))
+    return Estimate(e.value * f, lo, hi, e.se * abs(f), e.usable, e.resamples)
+
+
+@dataclass
+class DensityLaw:
+    """One memory family's runs at one total parameter count (and backbone) across values read per token v.
+
+    `fit`: L = c0 − k·ln v (analysis.fit.LogLinear) from >= 3 densities, else None with `reason`. `slope` is
+    dL/d ln v = −k (negative: reading more values per token lowers the loss)."""
+
+    family: str
+    total_params: float  # the group's total parameters, rounded to 3 significant figures
+    backbone: str
+    n_runs: int
+    densities: list[float]
+    fit: LawFit | None = None
+    reason: str = ""
+    run_ids: list[str] = field(default_factory=list)
+
+    @property
+    def slope(self) -> Estimate | None:
+        return None if self.fit is None else _negate(self.fit.estimates["k"])
+
+
+def _total_group(total: pd.Series) -> pd.Series:
+    return total.map(lambda t: float(f"{t:.3g}"))
+
+
+def density_laws(runs: pd.DataFrame, y: str = "val_loss", *, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> list[DensityLaw]:
+    """Loss vs values read per token at fixed total parameters: one group per family, total parameters (3
+    significant figures) and backbone that holds >= 2 densities; a law from >= 3 densities (a bootstrap over runs).
+    Groups with one density are not on this axis and are left out."""
+    df = usable(runs, DENSITY_X, y)
+    df = df[np.isfinite(pd.to_numeric(df["total_params"], errors="coerce"))]
+    out = []
+    if df.empty:
+        return out
+    keys = pd.DataFrame({"family": df["family"], "total": _total_group(df["total_params"].astype(float)),
+                         "backbone": df["backbone"].fillna("?") if "backbone" in df else "?"}, index=df.index)
+    order = {f: i for i, f in enumerate(families(df))}
+    groups = sorted(keys.drop_duplicates().itertuples(index=False), key=lambda k: (order[k[0]], k[1], k[2]))
+    for fam, total, backbone in groups:
+        g = df[(keys["family"] == fam) & (keys["total"] == total) & (keys["backbone"] == backbone)]
+        densities = sorted(g[DENSITY_X].astype(float).unique())
+        if len(densities) < 2:
+            continue
+        law = DensityLaw(str(fam), float(total), str(backbone), len(g), densities, run_ids=list(g["run_id"]))
+        out.append(law)
+        if len(densities) < MIN_POINTS_PURE:
+            law.reason = f"not identified: needs >= {MIN_POINTS_PURE} densities (has {len(densities)})"
+            continue
+        law.fit = fit_log_linear_ci(g[DENSITY_X], g[y], groups=g["run_id"], n_boot=n_boot, seed=seed, level=level,
+                                    x_name=DENSITY_X, y_name=y, source=f"{fam} N_total {total:.3g}")
+    return out
+
+
+def _sparse_laws(runs: pd.DataFrame, family: str, y: str, **kw) -> list[tuple[str, float, LawFit, int]]:
+    """(backbone, values per token, L = c0 − k·ln P_sparse, runs) for each group of one family at fixed backbone and
+    values per token with >= 3 sparse-parameter sizes."""
+    df = usable(usable(runs[runs["family"] == family], DENSITY_X, y), "sparse_params", y)
+    out = []
+    for (backbone, v), g in df.groupby([df["backbone"].fillna("?"), df[DENSITY_X].astype(float)], sort=True):
+        if g["sparse_params"].nunique() >= MIN_POINTS_PURE:
+            fit = fit_log_linear_ci(g["sparse_params"], g[y], groups=g["run_id"], x_name="sparse_params", y_name=y,
+                                    source=f"{family} {backbone} v {v:g}", **kw)
+            out.append((str(backbone), float(v), fit, len(g)))
+    return out
+
+
+DENSITY_COMPARISON_COLUMNS = ["family", "backbone", "loss change, 4× density", "loss change, 4× sparse params",
+                              "difference", "verdict"]
+
+
+def density_vs_sparse(runs: pd.DataFrame, laws: list[DensityLaw], y: str = "val_loss", *, n_boot: int = 1000,
+                      seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """Per family with a density axis: the loss change from 4× values per token (at fixed total parameters) next to
+    the loss change from 4× sparse parameters (at fixed values per token, same backbone), both from log-linear laws
+    (Δ = slope · ln 4), and their difference with a CI from the two independent bootstraps (draw i with draw i).
+    Where the runs hold only one of the two axes, the verdict says which runs would answer it."""
+    rows = []
+    for fam in dict.fromkeys(law.family for law in laws):
+        fitted = [law for law in laws if law.family == fam and law.fit is not None]
+        sparse = _sparse_laws(runs, fam, y, n_boot=n_boot, seed=seed, level=level)
+        dens = max(fitted, key=lambda law: law.n_runs) if fitted else None
+        paired = [s for s in sparse if dens is None or s[0] == dens.backbone]
+        sp = max(paired, key=lambda s: s[3]) if paired else None
+        bb = dens.backbone if dens is not None else next(law.backbone for law in laws if law.family == fam)
+        row = {"family": fam, "backbone": bb, "loss change, 4× density": "—", "loss change, 4× sparse params": "—",
+               "difference": "—", "verdict": ""}
+        rows.append(row)
+        ln = math.log(FOLD)
+        if dens is not None:
+            row["loss change, 4× density"] = scale_estimate(dens.slope, ln).fmt(3)
+        if sp is not None:
+            row["loss change, 4× sparse params"] = scale_estimate(_negate(sp[2].estimates["k"]), ln).fmt(3)
+        need = []
+        if dens is None:
+            need.append(f"{MIN_POINTS_PURE} or more values-per-token settings (top-m, heads, memory layers) of {fam} at "
+                        "one total parameter count (sweeps/density_tiny.yaml)")
+        if sp is None:
+            at = (f" (one of {', '.join(f'{d:g}' for d in dens.densities)})" if dens is not None else "")
+            key = MEMORY_SIZE_KEYS.get(fam, "the memory size")
+            need.append(f"{MIN_POINTS_PURE} or more memory sizes ({key}; 4× the values = 2× the keys) of {fam} on "
+                        f"backbone {bb} at one fixed values per token{at}, on the same data and budget")
+        if need:
+            row["verdict"] = "not answered by these runs: needs " + " and ".join(need)
+            continue
+        d_draws = np.array([-b.k * ln for b in dens.fit.boot])
+        s_draws = np.array([-b.k * ln for b in sp[2].boot])
+        k = min(len(d_draws), len(s_draws))
+        e = estimate(dens.slope.value * ln - (-sp[2].law.k * ln), d_draws[:k] - s_draws[:k] if k else None, level,
+                     resamples=min(dens.fit.resamples, sp[2].resamples))
+        row["difference"] = e.fmt(3)
+        row["verdict"] = ("not testable (" + (e.unreliable or "no interval") + ")" if not (e.has_ci and e.reliable)
+                          else "4× density lowers the loss more (as UltraMemV2 reports; interval below 0)" if e.hi < 0
+                          else "4× sparse parameters lower the loss more (contradicts UltraMemV2; interval above 0)"
+                          if e.lo > 0
+                          else "no detectable difference (interval contains 0)")
+        span = dens.densities[-1] / dens.densities[0]
+        if span < FOLD:
+            row["verdict"] += f"; the densities span only {span:.2g}×, so 4× extrapolates the law"
+    return pd.DataFrame(rows, columns=DENSITY_COMPARISON_COLUMNS)

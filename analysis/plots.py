@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from analysis.compare import AXES, FamilyFit, MemoryLaw, Multiplier, families
+from analysis.compare import AXES, DENSITY_X, DensityLaw, FamilyFit, MemoryLaw, Multiplier, families
 from ultramem.families import PlotStyle, family_names, get_family
 
 STYLE = {
@@ -29,7 +29,8 @@ STYLE = {
 }
 LOSS_LABEL = "validation loss (nats/token)"
 SYMBOLS = {"flops": "C", "active_params": "N", "active_non_embedding_params": "N", "total_params": "N_total",
-           "non_embedding_params": "N", "tokens": "D", "memory_slots": "M", "sparse_params": "P_sparse"}
+           "non_embedding_params": "N", "tokens": "D", "memory_slots": "M", "sparse_params": "P_sparse",
+           "values_per_token": "v"}
 
 
 def family_style(family: str) -> PlotStyle:
@@ -190,6 +191,38 @@ def plot_memory(runs: pd.DataFrame, laws: list[MemoryLaw], y: str = "val_loss") 
     ax.set_title("UltraMem: loss vs memory size at fixed activated size")
     if laws:
         ax.legend(loc="upper right")
+    return fig
+
+
+def plot_density(runs: pd.DataFrame, laws: list[DensityLaw], y: str = "val_loss") -> Figure:
+    """Loss against memory values read per token (log x) per memory family at fixed total parameters: one line per
+    (family, total parameters) group through the mean loss at each density, every run as a marker, and the
+    group's fitted slope dL/d ln v in the legend when it has >= 3 densities."""
+    fig, (ax,) = _figure()
+    styles = ["-", "--", ":", "-."]
+    if not laws:
+        _note(ax, "no memory family with >= 2 densities at one total parameter count")
+    seen: dict[str, int] = {}
+    ys: list[float] = []
+    for law in laws:
+        i = seen.get(law.family, 0)
+        seen[law.family] = i + 1
+        g = runs[runs["run_id"].isin(law.run_ids)]
+        mean = g.groupby(DENSITY_X)[y].mean().sort_index()
+        ys.extend(g[y].astype(float))
+        label = f"{family_label(law.family)}, N_total {law.total_params:.3g}"
+        label += f": slope {law.slope.fmt(3)}" if law.slope is not None else " (2 densities: no slope)"
+        ax.plot(mean.index, mean.values, color=color(law.family), linestyle=styles[i % len(styles)], label=label)
+        ax.scatter(g[DENSITY_X], g[y], color=color(law.family), marker=marker(law.family), zorder=3)
+    if ys:
+        pad = max(ys) - min(ys) or 0.1
+        ax.set_ylim(min(ys) - 0.05 * pad, max(ys) + 0.25 * pad)  # room for the legend
+    _log(ax, "x", base=2)
+    ax.set_xlabel(f"{AXES[DENSITY_X]}   [v]")
+    ax.set_ylabel(LOSS_LABEL)
+    ax.set_title("Activation density at fixed total parameters")
+    if laws:
+        ax.legend(loc="best")
     return fig
 
 

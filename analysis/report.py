@@ -29,15 +29,19 @@ from analysis.checks import FitError
 from analysis.collect import Collected, load_collected, read_inference_benchmark, save_collected
 from analysis.compare import (
     AXES,
+    DensityLaw,
     FamilyFit,
     MemoryLaw,
     Multiplier,
     compute_multiplier,
+    density_laws,
+    density_vs_sparse,
     exponent_differences,
     fit_families,
     knowledge_table,
     loss_gap,
     memory_laws,
+    scale_estimate,
 )
 from analysis.isoflop import fit_frontier, isoflop_optima, parabola
 
@@ -60,6 +64,8 @@ class Analysis:
     level: float = 0.95
     solver: str = "lsq"  # how the family laws were fitted (analysis/fit.py SOLVERS)
     claims: list[dict[str, str]] = field(default_factory=list)
+    density: list[DensityLaw] = field(default_factory=list)  # loss vs values per token at fixed total params
+    density_comparison: pd.DataFrame | None = None  # 4× density vs 4× sparse parameters, per family
 
 
 def _isoflop(runs: pd.DataFrame) -> dict[str, Any] | None:
@@ -96,6 +102,9 @@ def analyse(collected: Collected, *, n_boot: int = 1000, seed: int = 0, level: f
                  loss_gap(scaling["flops"], "ultramem", "moe", level=level), memory_laws(runs, **kw),
                  knowledge_table(runs), _isoflop(runs), bench, level, solver)
     a.claims = claims(a)
+    a.density = density_laws(runs, **kw)
+    if a.density:
+        a.density_comparison = density_vs_sparse(runs, a.density, **kw)
     return a
 
 
@@ -164,6 +173,8 @@ def figures(a: Analysis) -> dict[str, Any]:
     figs["compute_multiplier"] = plots.plot_multiplier(a.multiplier)
     if a.memory:
         figs["memory_size"] = plots.plot_memory(runs, a.memory)
+    if a.density:  # some memory family has runs at >= 2 densities at one total parameter count
+        figs["loss_vs_values_per_token"] = plots.plot_density(runs, a.density)
     if a.isoflop is not None:
         i = a.isoflop
         figs["isoflop"] = plots.plot_isoflop(i["points"], i["optima"], i["frontier"], i["parabolas"])
@@ -312,6 +323,8 @@ def report_blocks(a: Analysis, title: str, figure_names: list[str]) -> list[tupl
         b.append(("ul", items))
     if "memory_size" in figure_names:
         b.append(("img", "figures/memory_size.png", "UltraMem loss vs memory size at fixed activated size"))
+    if a.density:
+        b += density_blocks(a, figure_names)
     if a.isoflop is not None:
         b.append(("h", 2, "IsoFLOP profiles and the compute-optimal frontier (dense)"))
         opt = a.isoflop["optima"]
@@ -339,6 +352,37 @@ def report_blocks(a: Analysis, title: str, figure_names: list[str]) -> list[tupl
     return b
 
 
+def density_blocks(a: Analysis, figure_names: list[str]) -> list[tuple]:
+    """The activation-density section (only when some memory family has >= 2 densities at one total size)."""
+    pct = f"{a.level:.0%}"
+    b: list[tuple] = [("h", 2, "Activation density: loss vs memory values read per token")]
+    b.append(("p", "Values per token v = heads × top-m × memory layers: the value rows one token reads. Each row "
+                   "below is one memory family at one total parameter count (3 significant figures) and backbone, "
+                   "across densities; the slope b of L = c0 + b·ln v is fitted from >= 3 densities (b < 0: reading "
+                   f"more values lowers the loss), with a {pct} bootstrap interval over runs, and b·ln 4 is the loss "
+                   "change from 4× the values per token."))
+    rows = []
+    for law in a.density:
+        slope = law.slope
+        rows.append({"family": law.family, "total params": f"{law.total_params:.3g}", "backbone": law.backbone,
+                     "values per token": ", ".join(f"{d:g}" for d in law.densities), "runs": law.n_runs,
+                     "slope b = dL/d ln v": slope.fmt(3) if slope is not None else law.reason,
+                     "loss change, 4× v": scale_estimate(slope, math.log(4)).fmt(3) if slope is not None else "—"})
+    b.append(_table(pd.DataFrame(rows)))
+    b.append(("h", 3, "Density vs total sparse parameters (UltraMemV2's finding)"))
+    b.append(("p", "UltraMemV2 (arXiv 2508.18756, §4.1): activation density (top-m) matters more than total sparse "
+                   "parameters (top-768 at 60B total beats top-256 at 120B). Measured here as the loss change from "
+                   "4× values per token at fixed total parameters against the loss change from 4× sparse "
+                   "parameters at fixed values per token on the same backbone; difference = density − sparse "
+                   f"(negative: density helps more), {pct} interval from the two bootstraps."))
+    if a.density_comparison is not None:
+        b.append(_table(a.density_comparison))
+    if "loss_vs_values_per_token" in figure_names:
+        b.append(("img", "figures/loss_vs_values_per_token.png", "Validation loss vs memory values read per token "
+                                                                 "at fixed total parameters, per memory family"))
+    return b
+
+
 def fits_json(a: Analysis) -> dict[str, Any]:
     def law(fit: LawFit | None) -> dict[str, Any] | None:
         if fit is None:
@@ -350,7 +394,14 @@ def fits_json(a: Analysis) -> dict[str, Any]:
     memory = [{"backbone": m.backbone, "x": m.x, "n_runs": m.n_runs, "reason": m.reason,
                "log_linear": law(m.log_linear), "power": law(m.power)} for m in a.memory]
     records = lambda df: json.loads(df.to_json(orient="records"))
-    return {"level": a.level, "solver": a.solver, "scaling": scaling, "exponent_differences": records(a.differences),
+    extra = {}
+    if a.density:  # only when there is a density axis, so that the fits.json of other sweeps keep their bytes
+        extra["density"] = {
+            "laws": [{"family": d.family, "total_params": d.total_params, "backbone": d.backbone, "n_runs": d.n_runs,
+                      "values_per_token": d.densities, "reason": d.reason, "log_linear": law(d.fit),
+                      "slope": d.slope.to_dict() if d.slope is not None else None} for d in a.density],
+            "vs_sparse": records(a.density_comparison) if a.density_comparison is not None else []}
+    return {**extra, "level": a.level, "solver": a.solver, "scaling": scaling, "exponent_differences": records(a.differences),
             "compute_multiplier": {"summary": records(a.multiplier.summary),
                                    "points": records(a.multiplier.points)},
             "memory": memory, "knowledge": records(a.knowledge), "claims": a.claims}

@@ -1,6 +1,8 @@
 """List the model presets with their parameter counts and FLOPs (no torch import, instant).
 
-  ultramem models                         every preset: family, params (total / active / non-embedding), FLOPs/token
+  ultramem models                         every preset: family, params (total / active / non-embedding), FLOPs/token,
+                                          and its source: "authors" (the authors' released configuration),
+                                          "inferred (...)" (solved from published totals) or "ours (tiny ladder)"
   ultramem models --family ultramem       only one family
   ultramem models --format json           the same as a JSON list
   ultramem models --table1                the paper-size presets against the paper's Table 1 (3% tolerance)
@@ -18,7 +20,7 @@ import json
 from experiments.textfmt import format_table, human_fixed
 from ultramem.accounting import count_params, flops_per_token
 from ultramem.families import family_names
-from ultramem.presets import PRESETS, table1_comparison
+from ultramem.presets import PRESETS, preset_source, table1_comparison
 
 HELP = "list model presets with parameter counts and FLOPs per token"
 
@@ -41,14 +43,16 @@ def preset_rows(family: str | None = None) -> list[dict]:
                      "non_embedding_params": pc.non_embedding,
                      "active_non_embedding_params": pc.active_non_embedding,
                      "flops_per_token": flops_per_token(cfg, seq_len=cfg.seq_len),
-                     "n_layers": cfg.n_layers, "d_model": cfg.d_model, "seq_len": cfg.seq_len})
+                     "n_layers": cfg.n_layers, "d_model": cfg.d_model, "seq_len": cfg.seq_len,
+                     "source": preset_source(name)})
     return rows
 
 
-def _table(rows: list[dict], columns: list[tuple[str, str]], human: set[str]) -> str:
-    """name and family left-aligned, numbers right-aligned; the `human` columns as 1.234G."""
+def _table(rows: list[dict], columns: list[tuple[str, str]], human: set[str], left: tuple[str, ...] = ()) -> str:
+    """name and family (and the `left` columns) left-aligned, numbers right-aligned; the `human` columns as 1.234G."""
     cells = [[human_fixed(r[k]) if k in human else str(r[k]) for k, _ in columns] for r in rows]
-    return format_table([h for _, h in columns], cells, right=range(2, len(columns)), rule=False, strip=False)
+    right = [i for i, (k, _) in enumerate(columns) if i >= 2 and k not in left]
+    return format_table([h for _, h in columns], cells, right=right, rule=False, strip=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     cols = [("name", "name"), ("family", "family"), ("total_params", "total"), ("active_params", "active"),
             ("non_embedding_params", "non-emb"), ("active_non_embedding_params", "active non-emb"),
             ("flops_per_token", "fwd FLOPs/token"), ("n_layers", "layers"), ("d_model", "d_model"),
-            ("seq_len", "seq_len")]
+            ("seq_len", "seq_len"), ("source", "source")]
     print(_table(rows, cols, {"total_params", "active_params", "non_embedding_params",
-                              "active_non_embedding_params", "flops_per_token"}))
+                              "active_non_embedding_params", "flops_per_token"}, left=("source",)))
     return 0

@@ -93,11 +93,13 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> tuple[torch.optim
 
 
 def set_lr(opt: torch.optim.Optimizer, mult_fns: list[Any], step: int, t: TrainConfig) -> float:
-    """Set every group's LR for `step`: schedule(step) * the group's multiplier at progress step/steps."""
+    """Set every group's LR for `step`: schedule(step) * the group's multiplier at progress step/steps, or the
+    group's "fixed_lr" when it has one (Memory+'s value table: a constant LR, no warmup, no decay)."""
     base = lr_at(step, t)
     progress = step / int(t.steps)
     for group, fn in zip(opt.param_groups, mult_fns, strict=True):
-        group["lr"] = base * (fn(progress) if fn is not None else 1.0)
+        fixed = group.get("fixed_lr")
+        group["lr"] = float(fixed) if fixed is not None else base * (fn(progress) if fn is not None else 1.0)
     return base
 
 

@@ -34,13 +34,25 @@ VARIANTS = {
                                                               "value_expansion": 9, "qk_norm": False}},
     "ultramem-no-proj": {"family": "ultramem", "memory": {**MEM, "layers": "1:2", "value_proj": False,
                                                           "value_dim": 8, "value_expansion": 4}},
+    "memory_plus": {"family": "memory_plus", "memory_plus": {"layers": "0,2", "num_keys": 5, "key_dim": 8,
+                                                             "heads": 2, "top_m": 3, "value_dim": 16,
+                                                             "qk_norm": True}},
+    "memory_plus-beside-private": {"family": "memory_plus", "memory_plus": {
+        "layers": "0,2", "replace_ffn": False, "shared_values": False, "swilu": False, "num_keys": 5, "key_dim": 8,
+        "heads": 2, "top_m": 3}},
+    "ultramem_v2": {"family": "ultramem_v2", "memory_v2": {"num_keys": 4, "key_dim": 8, "value_dim": 12,
+                                                           "pre_value_dim": 4, "heads": 2, "top_m": 3,
+                                                           "share_ratio": 0.75, "init": "official"}},
+    "ultramem_v2-private-one-query": {"family": "ultramem_v2", "memory_v2": {
+        "num_keys": 3, "key_dim": 6, "value_dim": 8, "pre_value_dim": 8, "heads": 1, "top_m": 2,
+        "query_per_rank": False, "init": "official"}},
 }
 
 
 def sparse_numel(model) -> int:
     total = 0
     for name, p in model.named_parameters():
-        if name.endswith(".values") or name.endswith("ffn.w_in") or name.endswith("ffn.w_out"):
+        if name.endswith((".values", ".pre_values", "ffn.w_in", "ffn.w_out")):  # value tables, experts
             total += p.numel()
     return total
 
@@ -127,3 +139,71 @@ def test_meta_build_matches_for_a_large_config_without_allocating():
     assert all(p.is_meta for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) == count_params(cfg).total
     assert not torch.is_tensor(model.memories[0].calibration_rms)
+
+
+def test_hand_count_memory_plus():
+    # Meta's variant: blocks 0 and 2 hold a memory layer INSTEAD of their MLP; one table of 5^2 rows x 16 for both.
+    # per memory layer: query Linear(32, 2 heads * 8) + bias = 512 + 16; keys [2*2*5, 8/2] = 80; q/k norms 2 * 4;
+    # swilu Linear(32, 16) + bias = 528; output Linear(16, 32) + bias = 544  ->  1688
+    cfg = BASE.override(VARIANTS["memory_plus"])
+    backbone = 3 * (4096 + 64) + 32  # attention + 2 norms per block, final norm
+    pc = count_params(cfg)
+    assert 528 + 80 + 8 + 528 + 544 == 1688
+    assert pc.non_embedding == backbone + 1 * 4096 + 2 * 1688 + 25 * 16  # one MLP left (block 1), table once
+    assert pc.active_non_embedding == backbone + 4096 + 2 * 1688 + 2 * (2 * 3 * 16)  # H m rows per layer
+    assert pc.sparse == 400
+    # parameter-free FLOPs: per layer and head the m x m candidate sums
+    assert retrieval_flops(cfg) == 2 * 2 * 3 * 3
+    assert flops_per_token(cfg) == 2 * pc.active_non_embedding + 2 * 61 * 32 + 36
+    # decode: the shared table is read once per step: distinct rows among both layers' B * H * m draws
+    one = decode_bytes(cfg, batch_size=1, kv_len=0, bytes_per_param=1)
+    rows = 25 * (1 - (1 - 1 / 25) ** 12)
+    assert one.params == pytest.approx(pc.non_embedding - 400 + 61 * 32 + rows * 16)
+    assert one.value_rows_touched == pytest.approx(25 * (1 - (1 - 1 / 25) ** 6))  # per layer
+    assert decode_bytes(cfg, batch_size=10_000, kv_len=0, bytes_per_param=1).params == pytest.approx(
+        pc.non_embedding + 61 * 32)  # every row once
+
+    # ByteDance's port with private tables and no gate: every block keeps its MLP, each layer has its own table
+    # per layer: query 528, keys 80, output Linear(32 = d_model, 32) + bias = 1056  ->  1664; table 25 x 32
+    beside = BASE.override(VARIANTS["memory_plus-beside-private"])
+    pc = count_params(beside)
+    assert pc.non_embedding == backbone + 3 * 4096 + 2 * (528 + 80 + 1056) + 2 * 25 * 32
+    assert pc.sparse == 2 * 800
+    one = decode_bytes(beside, batch_size=1, kv_len=0, bytes_per_param=1)
+    assert one.params == pytest.approx(pc.non_embedding - 1600 + 61 * 32 + 2 * 25 * (1 - (1 - 1 / 25) ** 6) * 32)
+
+
+def test_hand_count_ultramem_v2():
+    from ultramem.families.ultramem_v2 import window_coverage
+
+    # every block: MLP 4096 + one UltraMemV2 layer; global table Nall = 4^2 * 3 = 48 rows of Dv 12 + Dp 4;
+    # share_ratio 0.75: n = floor(sqrt(48 * 0.75)) = 6 keys per side, windows of 36 rows from 0, 16, 32 (wrapping)
+    cfg = BASE.override(VARIANTS["ultramem_v2"])
+    assert cfg.memory_v2.keys_per_side(3) == 6
+    # per layer: query 32 x (2 heads * 2 sides * 2 ranks * 8) = 2048; q/k norms 16; keys 2*2*6*8*2 = 384;
+    # cores 2*2*2*2 = 16; pre_values_proj 32*4 = 128; values_proj 12*32 = 384  ->  2976
+    backbone = 3 * (4096 + 64) + 32
+    pc = count_params(cfg)
+    assert pc.non_embedding == backbone + 3 * (4096 + 2976) + 48 * 16
+    assert pc.active_non_embedding == backbone + 3 * (4096 + 2976) + 3 * (2 * 3) * 16  # H m rows of both tables
+    assert pc.sparse == 768
+    # parameter-free FLOPs per layer and head: 4 n r = 48, 2 m r^2 = 24, 2 m^2 r = 36, C m (2 r^2 + 2 r) = 72, C m = 6
+    assert retrieval_flops(cfg) == 3 * 2 * (48 + 24 + 36 + 72 + 6)
+    # ring windows against an explicit table of which layer covers which row
+    covered = [0] * 48
+    for layer in range(3):
+        for slot in range(36):
+            covered[(slot + 16 * layer) % 48] += 1
+    assert window_coverage(cfg.memory_v2, 3) == {c: covered.count(c) for c in set(covered)} == {3: 12, 2: 36}
+    one = decode_bytes(cfg, batch_size=1, kv_len=0, bytes_per_param=1)
+    rows = 12 * (1 - (1 - 1 / 36) ** 18) + 36 * (1 - (1 - 1 / 36) ** 12)  # 6 draws per layer, c layers per row
+    assert one.params == pytest.approx(pc.non_embedding - 768 + 61 * 32 + rows * 16)
+    assert one.value_rows_touched == pytest.approx(36 * (1 - (1 - 1 / 36) ** 6))
+    assert decode_bytes(cfg, batch_size=10_000, kv_len=0, bytes_per_param=1).params == pytest.approx(
+        pc.non_embedding + 61 * 32)
+
+    # private windows, one query per side: query 32 x (1 * 2 * 6) = 384, norms 12, keys 1*2*3*6*2 = 72, cores 8,
+    # pre_values_proj 32*8 = 256, values_proj 8*32 = 256  ->  988; table 9 * 3 rows of 16
+    private = BASE.override(VARIANTS["ultramem_v2-private-one-query"])
+    assert count_params(private).non_embedding == backbone + 3 * (4096 + 988) + 27 * 16
+    assert window_coverage(private.memory_v2, 3) == {1: 27}

@@ -37,7 +37,7 @@ def _launch(rd: RunDir, nproc: int) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("preset", ["moe-t1-2in12", "ultramem-t1-x6"])
+@pytest.mark.parametrize("preset", ["moe-t1-2in12", "ultramem-t1-x6", "memory_plus-t1-x6", "ultramem_v2-t1-x6"])
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, shakespeare_path, preset):
     cache = tmp_path / "cache"
     single = _prepare(tmp_path / "single", shakespeare_path, cache, preset, nproc=1)

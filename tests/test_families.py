@@ -35,9 +35,9 @@ BUILT_IN = ("dense", "moe", "pkm", "ultramem")
 
 
 def sparse_numel(model) -> int:
-    """Parameters tokens select from: value tables and routed experts (as tests/test_accounting.py counts them)."""
+    """Parameters tokens select from: value (and pre-value) tables and routed experts (as tests/test_accounting.py)."""
     return sum(p.numel() for name, p in model.named_parameters()
-               if name.endswith(".values") or name.endswith("ffn.w_in") or name.endswith("ffn.w_out"))
+               if name.endswith((".values", ".pre_values", "ffn.w_in", "ffn.w_out")))
 
 
 def test_registry_lists_the_four_families_in_order():

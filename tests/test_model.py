@@ -20,6 +20,16 @@ SMALL = {
                                         "tucker_rank": 1, "num_cores": 1, "value_expansion": 1,
                                         "value_dim": 32, "value_proj": False, "init": "xlm"}},
     "ultramem": {"family": "ultramem", "memory": {**MEMORY, "layers": "0:2/1:1", "query_conv": 3}},
+    # Meta's Memory+ (replaces the FFN of blocks 0 and 2, one shared table) and ByteDance's port (beside the FFN)
+    "memory_plus": {"family": "memory_plus", "memory_plus": {"layers": "0,2", "num_keys": 6, "key_dim": 8,
+                                                             "heads": 2, "top_m": 4, "qk_norm": True}},
+    "memory_plus_beside": {"family": "memory_plus", "memory_plus": {"layers": "1", "replace_ffn": False,
+                                                                    "num_keys": 6, "key_dim": 8, "heads": 2,
+                                                                    "top_m": 4, "value_dim": 16}},
+    # UltraMemV2: a layer in every block beside the FFN, one global table read through overlapping ring windows
+    "ultramem_v2": {"family": "ultramem_v2", "memory_v2": {"num_keys": 4, "key_dim": 8, "value_dim": 12,
+                                                           "pre_value_dim": 4, "heads": 2, "top_m": 3,
+                                                           "share_ratio": 0.5}},
 }
 
 

@@ -1,7 +1,9 @@
 """The one place for parameter counts, FLOPs per token and decode memory traffic. Pure Python (no torch).
 
 Each family contributes its part through its `Family` record (ultramem/families): one block's FFN parameters, one
-memory layer's parameters and retrieval arithmetic, the experts a decode step reads. This module adds the shared
+memory layer's parameters and retrieval arithmetic, the experts a decode step reads; or, for families whose blocks
+differ or share a table (memory_plus, ultramem_v2), all FFN-side layers at once (`model_params`,
+`model_retrieval_flops`, `decode_values`). This module adds the shared
 backbone (attention, norms, embeddings) and the memory value rows. What a parallel layout needs per GPU and sends
 is in `ultramem.layout`; the presets against the paper's Table 1 in `ultramem.presets`.
 
@@ -52,9 +54,13 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     d, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
     embedding = V * d * (1 if cfg.tie_embeddings else 2)
     dense = L * (4 * d * d + 2 * d) + d  # attention, two norms per block, final norm
-    ffn = fam.ffn_params(cfg)
-    dense += L * ffn.dense
-    sparse, active_sparse = L * ffn.sparse, L * ffn.active_sparse
+    if fam.model_params is not None:  # blocks that differ, tables shared across blocks: the family counts them all
+        ffn = fam.model_params(cfg)
+        dense, sparse, active_sparse = dense + ffn.dense, ffn.sparse, ffn.active_sparse
+    else:
+        ffn = fam.ffn_params(cfg)
+        dense += L * ffn.dense
+        sparse, active_sparse = L * ffn.sparse, L * ffn.active_sparse
     if fam.memory_params is not None:
         mp, M = fam.memory_params(cfg.memory, d), num_memory_layers(cfg)
         dense += M * mp.dense
@@ -69,6 +75,8 @@ def count_params(cfg: ModelConfig) -> ParamCount:
 def retrieval_flops(cfg: ModelConfig) -> int:
     """Per-token arithmetic of memory retrieval that involves no parameter (all memory layers)."""
     fam = get_family(cfg.family)
+    if fam.model_retrieval_flops is not None:
+        return fam.model_retrieval_flops(cfg)
     if fam.retrieval_flops is None:
         return 0
     return num_memory_layers(cfg) * fam.retrieval_flops(cfg.memory)
@@ -111,7 +119,10 @@ def decode_bytes(cfg: ModelConfig, batch_size: int, kv_len: int, bytes_per_param
     if fam.decode_experts is not None:
         read, experts = fam.decode_experts(cfg, B)
         params += read
-    if cfg.memory is not None:
+    if fam.decode_values is not None:  # the family's own tables (shared ones: each row once per step)
+        read, rows = fam.decode_values(cfg, B)
+        params += read
+    elif cfg.memory is not None:
         mem = cfg.memory
         rows = expected_distinct(mem.num_values, B * mem.heads * mem.top_m)
         params += num_memory_layers(cfg) * rows * mem.value_dim

@@ -18,7 +18,7 @@ from typing import Any
 from ultramem.errors import ConfigError
 from ultramem.errors import check as _check
 from ultramem.families import families, get_family
-from ultramem.memory.placement import parse_layers
+from ultramem.memory.placement import memory_plus_blocks, parse_layers
 
 
 @dataclass
@@ -111,10 +111,125 @@ class MemoryConfig:
 
 
 @dataclass
+class UltraMemV2Config:
+    """UltraMemV2 (ByteDance Seed 2025, arXiv 2508.18756): a memory layer in every block, beside the FFN.
+
+    With L memory layers and n = keys_per_side(L):
+      - one global table for all layers: values [Nall, value_dim] and pre_values [Nall, pre_value_dim],
+        Nall = num_keys**2 * L rows (`table_rows`)
+      - layer l reads the ring window of n**2 rows starting at row l * num_keys**2, wrapping mod Nall
+      - per layer: keys [heads, 2 (row/col), n, key_dim, tucker_rank]; cores [num_cores, heads, r, r];
+        query_proj Linear(d_model, heads * 2 * (tucker_rank if query_per_rank else 1) * key_dim);
+        pre_values_proj Linear(d_model, pre_value_dim); values_proj Linear(value_dim, d_model); 2 RMSNorm(key_dim)
+    Every token reads heads * top_m rows of both tables per layer.
+    """
+
+    num_keys: int = 32  # knum: physical keys per side per layer; the global table has num_keys**2 * L rows
+    key_dim: int = 32  # D_k: width of each row / column query and key
+    value_dim: int = 48  # D_v: width of a value row (the paper prefers D_p:D_v = 1:3)
+    pre_value_dim: int = 16  # D_p: width of a pre-value row (PEER-style: a_k = <pre_values_proj(h), P[row_k]>)
+    heads: int = 1  # H: key sets, each with its own query and top_m selection; all heads share the tables
+    top_m: int = 16  # m (official knn): rows kept per side by the rank-1 filter, and final slots per head
+    tucker_rank: int = 2  # r: rank of the Tucker cores
+    num_cores: int = 2  # C: Tucker cores; core c weights chunk c of D_v / C columns of each value row
+    query_per_rank: bool = True  # separate queries per Tucker rank, S^(j) = K^(j) q^(j) (paper; not the code's wiring)
+    share_ratio: float = 0.0  # 0: private windows (= 1/L); else mem_share_ratio: n = floor(sqrt(Nall * share_ratio))
+    balance_loss_weight: float = 0.0  # coefficient of the key-balance loss (Eq. 18-20); the paper's V2 uses 0
+    tucker_penalty: float = 0.0  # coefficient of sum_{i>=2} relu(lambda_i - tau)^2 (Eq. 17); the paper's V2 uses 0
+    tucker_margin: float = 0.15  # tau of that penalty
+    value_lr_mult: float = 4.0  # LR multiplier of values and pre_values at step 0 (official 4x -> 1x)
+    value_lr_decay: float = 1.0  # fraction of training over which that multiplier decays linearly to 1
+    init: str = "paper"  # paper: table std matched to the FFN output variance (App. A); official: released code
+    glu_act: bool = False  # GELU on the pre-value score a_k (official mem_use_glu_act; off by default)
+    dropout: float = 0.0  # dropout on the memory output
+
+    def table_rows(self, num_layers: int) -> int:
+        """Nall: rows of the global values / pre_values tables for `num_layers` memory layers."""
+        return self.num_keys**2 * num_layers
+
+    def keys_per_side(self, num_layers: int) -> int:
+        """n (official knum'): keys per side of every layer; its window holds n**2 rows of the global table."""
+        if self.share_ratio == 0.0:
+            return self.num_keys
+        # floor(sqrt(x)) = isqrt(floor(x)); the factor keeps an exact square from rounding down to the next one
+        return math.isqrt(math.floor(self.table_rows(num_layers) * self.share_ratio * (1 + 1e-12)))
+
+    def validate(self, path: str = "model.memory_v2", num_layers: int | None = None) -> None:
+        _check(self.num_keys >= 2, f"{path}.num_keys", self.num_keys, "an integer >= 2")
+        for name in ("key_dim", "value_dim", "pre_value_dim", "heads", "tucker_rank"):
+            _check(getattr(self, name) >= 1, f"{path}.{name}", getattr(self, name), "an integer >= 1")
+        if num_layers is not None:
+            n = self.keys_per_side(num_layers)
+            _check(1 <= self.top_m <= n, f"{path}.top_m", self.top_m, f"1..keys_per_side ({n})")
+        elif self.share_ratio == 0.0:
+            _check(1 <= self.top_m <= self.num_keys, f"{path}.top_m", self.top_m, f"1..num_keys ({self.num_keys})")
+        else:
+            _check(self.top_m >= 1, f"{path}.top_m", self.top_m, "an integer >= 1 (and <= keys_per_side)")
+        _check(self.num_cores >= 1 and self.value_dim % self.num_cores == 0, f"{path}.num_cores", self.num_cores,
+               f"a divisor of value_dim ({self.value_dim})")
+        _check(0.0 <= self.share_ratio <= 1.0, f"{path}.share_ratio", self.share_ratio,
+               "0 (private windows) or a fraction in (0, 1]")
+        _check(self.balance_loss_weight >= 0.0, f"{path}.balance_loss_weight", self.balance_loss_weight,
+               "a number >= 0")
+        _check(self.tucker_penalty >= 0.0, f"{path}.tucker_penalty", self.tucker_penalty, "a number >= 0")
+        _check(self.tucker_penalty == 0.0 or self.tucker_rank >= 2, f"{path}.tucker_penalty", self.tucker_penalty,
+               "0 when tucker_rank is 1 (the penalty acts on singular values 2..r)")
+        _check(self.tucker_margin >= 0.0, f"{path}.tucker_margin", self.tucker_margin, "a number >= 0")
+        _check(self.value_lr_mult >= 1.0, f"{path}.value_lr_mult", self.value_lr_mult, "a number >= 1")
+        _check(0.0 < self.value_lr_decay <= 1.0, f"{path}.value_lr_decay", self.value_lr_decay, "a fraction in (0, 1]")
+        _check(self.init in ("paper", "official"), f"{path}.init", self.init, "paper | official")
+        _check(0.0 <= self.dropout < 1.0, f"{path}.dropout", self.dropout, "a fraction in [0, 1)")
+
+
+@dataclass
+class MemoryPlusConfig:
+    """Memory+ (Meta, "Memory Layers at Scale", arXiv 2412.09764): product-key memory layers with one shared table.
+
+    Per memory layer (ultramem/memory/memory_plus.py; Dv = value_dim or d_model, N = num_keys**2):
+      - query projection: Linear(d_model, heads * key_dim) with bias; each head's query is split into two halves
+      - keys: [2 * heads * num_keys, key_dim // 2] (per head and half)
+      - swilu W1: Linear(d_model, Dv) with bias (if swilu); output W2: Linear(Dv, d_model) with bias
+      - value table V: [N, Dv], one for all memory layers when shared_values
+    Every token reads heads * top_m value rows per layer (softmax over each head's top_m).
+    """
+
+    layers: str = "auto"  # comma-separated 0-indexed blocks holding a memory layer ("4,12,20"), or "auto": Meta's 3
+    #                      centred blocks, middle = n_layers // 2 +- max(1, n_layers // 3) (24 layers -> 4,12,20)
+    replace_ffn: bool = True  # True: the memory replaces those blocks' FFN (Meta); False: FFN kept, memory beside it
+    #                           (ByteDance's port). Either way it reads the FFN's normalised input
+    num_keys: int = 1024  # sqrt(N): sub-keys per half (per head); N = num_keys**2 value rows
+    key_dim: int = 512  # full key/query width per head (even); each half has key_dim // 2 (Meta's k_dim)
+    heads: int = 4  # query heads, each with its own keys and top_m; their rows form one bag per token
+    top_m: int = 32  # values selected per head per token (Meta's knn); also the per-half top-k
+    value_dim: int = 0  # Dv, width of a value row; 0 = d_model (Meta's v_dim = D)
+    qk_norm: bool = False  # RMSNorm on query halves and keys (paper §3.1.4 "when needed"; the released code has none)
+    swilu: bool = True  # True: out = W2(y * silu(W1 x)) (Eq. 2); False: out = W2(y)
+    value_lr: float = 1e-3  # fixed LR of the value table: constant, no warmup or decay (Meta's value_fixed_lr)
+    shared_values: bool = True  # True: one value table for every memory layer; False: a private table per layer
+    dropout: float = 0.0  # dropout on the memory output
+
+    @property
+    def num_values(self) -> int:
+        return self.num_keys**2
+
+    def validate(self, path: str = "model.memory_plus") -> None:
+        spec = self.layers.strip()
+        _check(spec == "auto" or all(p.strip().isdigit() for p in spec.split(",")), f"{path}.layers", self.layers,
+               "'auto' or comma-separated 0-indexed block indices (e.g. '4,12,20')")
+        _check(self.num_keys >= 2, f"{path}.num_keys", self.num_keys, "an integer >= 2")
+        _check(self.key_dim >= 2 and self.key_dim % 2 == 0, f"{path}.key_dim", self.key_dim, "an even integer >= 2")
+        _check(self.heads >= 1, f"{path}.heads", self.heads, "an integer >= 1 (Meta uses 4 and requires >= 2)")
+        _check(1 <= self.top_m <= self.num_keys, f"{path}.top_m", self.top_m, f"1..num_keys ({self.num_keys})")
+        _check(self.value_dim >= 0, f"{path}.value_dim", self.value_dim, "0 (= d_model) or an integer >= 1")
+        _check(self.value_lr > 0.0, f"{path}.value_lr", self.value_lr, "a number > 0")
+        _check(0.0 <= self.dropout < 1.0, f"{path}.dropout", self.dropout, "a fraction in [0, 1)")
+
+
+@dataclass
 class ModelConfig:
     """A decoder-only transformer (pre-norm, RoPE, causal SDPA) of one family."""
 
-    family: str = "dense"  # a registered family: dense | moe | pkm | ultramem (ultramem.families)
+    family: str = "dense"  # a registered family: dense | moe | pkm | ultramem | memory_plus | ... (ultramem.families)
     vocab_size: int = 256
     seq_len: int = 256  # maximum context length (RoPE tables)
     n_layers: int = 4
@@ -128,6 +243,8 @@ class ModelConfig:
     init_std: float = 0.02  # std of linear/embedding init; residual projections are scaled by 1/sqrt(2 n_layers)
     moe: MoEConfig | None = None  # required exactly when the family's block is "moe" (family moe)
     memory: MemoryConfig | None = None  # required exactly when the family's block is "memory" (pkm, ultramem)
+    memory_plus: MemoryPlusConfig | None = None  # required exactly when the family's block is "memory_plus"
+    memory_v2: UltraMemV2Config | None = None  # required exactly when the family's block is "memory_v2" (ultramem_v2)
 
     @property
     def ffn_inner(self) -> int:
@@ -147,11 +264,17 @@ class ModelConfig:
         for block in BLOCKS:
             owners = " or ".join(repr(f.name) for f in families() if f.block == block)
             _check((family.block == block) == (getattr(self, block) is not None), f"model.{block}",
-                   getattr(self, block), f"a {block} block exactly when family is {owners}")
+                   getattr(self, block), f"a {block} block exactly when family is {owners}" if owners else
+                   f"no {block} block (no registered family owns it)")
         if self.moe is not None:
             self.moe.validate()
         if self.memory is not None:
             self._validate_memory(self.memory)
+        if self.memory_plus is not None:
+            self.memory_plus.validate()
+            memory_plus_blocks(self.memory_plus.layers, self.n_layers)
+        if self.memory_v2 is not None:
+            self.memory_v2.validate(num_layers=self.n_layers)
         if family.validate is not None:
             family.validate(self)
         return self
@@ -166,7 +289,12 @@ class ModelConfig:
     # ---- conversion -------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, with a block that is None left out unless it is one of ALWAYS_WRITTEN_BLOCKS (see there)."""
+        out = dataclasses.asdict(self)
+        for block in BLOCKS:
+            if block not in ALWAYS_WRITTEN_BLOCKS and out[block] is None:
+                del out[block]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], path: str = "model") -> ModelConfig:
@@ -178,7 +306,14 @@ class ModelConfig:
         return ModelConfig.from_dict(merged, path)
 
 
-BLOCKS: dict[str, type] = {"moe": MoEConfig, "memory": MemoryConfig}  # the blocks a family may own (Family.block)
+# The blocks a family may own (Family.block).
+BLOCKS: dict[str, type] = {"moe": MoEConfig, "memory": MemoryConfig, "memory_plus": MemoryPlusConfig,
+                           "memory_v2": UltraMemV2Config}
+# Run ids hash the resolved model config, ModelConfig.to_dict(). The blocks that existed when the committed sweeps
+# ran are always written (None included); every block added since is left out while it is None, so that adding
+# a block changes no existing config, run id or finished sweep (tests/test_run_ids.py freezes them). A new block
+# needs nothing here: it is simply not in this tuple.
+ALWAYS_WRITTEN_BLOCKS: tuple[str, ...] = ("moe", "memory")
 
 
 def _from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
@@ -252,7 +387,9 @@ __all__ = [
     "ConfigError",
     "MoEConfig",
     "MemoryConfig",
+    "MemoryPlusConfig",
     "ModelConfig",
+    "UltraMemV2Config",
     "expand_dotted",
     "deep_merge",
 ]

@@ -62,6 +62,12 @@ def check_layout(cfg: ModelConfig, layout: ParallelLayout) -> None:
         raise ConfigError("parallel: fsdp, expert_parallel and memory_parallel shard state across processes; with "
                           "parallel.nproc 1 set fsdp: false, expert_parallel: 1, memory_parallel.mode: none")
     fam = get_family(cfg.family)
+    only_dp = fam.parallel.data_parallel_only
+    if only_dp and (layout.fsdp or ep > 1 or mode != "none"):
+        name = "fsdp" if layout.fsdp else "expert_parallel" if ep > 1 else "memory_parallel.mode"
+        raise ConfigError(f"parallel.{name}: model.family {cfg.family!r} trains with plain data parallelism only: "
+                          f"{only_dp}; set parallel.fsdp: false, parallel.expert_parallel: 1, "
+                          "parallel.memory_parallel.mode: none (parallel.nproc > 1 runs DDP)")
     if ep > 1:
         if fam.parallel.expert_module is None:
             names = " or ".join(repr(f.name) for f in families() if f.parallel.expert_module is not None)
@@ -161,7 +167,9 @@ def train_memory(cfg: ModelConfig, layout: ParallelLayout, micro_batch_size: int
     d, L, V, W = cfg.d_model, cfg.n_layers, cfg.vocab_size, layout.world_size
     pc = count_params(cfg)
     tokens = micro_batch_size * seq_len
-    experts = L * fam.ffn_params(cfg).sparse  # routed experts (expert parallelism splits them)
+    # routed experts (expert parallelism splits them); families counting all FFN-side layers at once
+    # (Family.model_params) have no routed experts: their sparse parameters are value tables
+    experts = 0 if fam.model_params is not None else L * fam.ffn_params(cfg).sparse
     values = pc.sparse - experts  # memory value tables (memory parallelism splits them)
     dense = pc.total - values - experts
     mp = layout.memory_parallel_size if layout.memory_parallel != "none" else 1

@@ -107,13 +107,14 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int):
+    def __init__(self, cfg: ModelConfig, index: int, shared: nn.Module | None = None):
         super().__init__()
         family = get_family(cfg.family)
         self.norm1 = make_norm(cfg, cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
         self.norm2 = make_norm(cfg, cfg.d_model)
-        self.ffn = family.build_ffn(cfg, index)
+        # families with a module shared across blocks (Family.build_shared) get it as a third argument
+        self.ffn = family.build_ffn(cfg, index, shared) if family.build_shared else family.build_ffn(cfg, index)
         self.ffn_aux = family.ffn_aux  # the FFN returns (y, aux)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -136,7 +137,10 @@ class Transformer(nn.Module):
         family = get_family(cfg.family)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        # A module shared by the blocks' FFNs (Memory+'s value table, UltraMemV2's global tables), or None. Each
+        # layer using it registers it too; parameters() yields it once and its gradient sums every reader's.
+        self.shared = family.build_shared(cfg) if family.build_shared else None
+        self.blocks = nn.ModuleList(Block(cfg, i, self.shared) for i in range(cfg.n_layers))
         self.norm_f = make_norm(cfg, cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.wte.weight, std=cfg.init_std)
@@ -191,9 +195,14 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def on_optimizer_step(self) -> None:
-        """Call after every optimizer step: refreshes the TDQKR rank-1 vectors u, t (SVD of the summed cores)."""
+        """Call after every optimizer step: refreshes the TDQKR rank-1 vectors u, t (SVD of the summed cores) of
+        the memory layers, those placed by model.memory.layers and those inside the blocks' FFNs."""
         for mem in self.memories:
             mem.on_optimizer_step()
+        for block in self.blocks:
+            hook = getattr(block.ffn, "on_optimizer_step", None)
+            if hook is not None:
+                hook()
 
     def expert_load(self) -> torch.Tensor | None:
         """Per-layer fraction of token-slots per expert [n_layers, E] over the training forwards since the last

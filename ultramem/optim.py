@@ -3,8 +3,10 @@
 Groups (each a dict torch optimizers accept, plus "name" and "lr_mult_fn"):
   decay     every weight with >= 2 dims that is not a value table (linears, embeddings, keys, cores, conv)
   no_decay  norm weights and other 1-dim parameters
-  values    memory value tables (the `values` of every family's `parallel.value_module`: PKM and UltraMem layers),
-            with weight decay, at base LR x lr_mult_fn(progress)
+  values    memory value tables (the `parallel.value_params` of every family's `parallel.value_module`: `values`
+            of PKM and UltraMem layers and of Memory+ tables, `values` and `pre_values` of the UltraMemV2 table),
+            with weight decay, at base LR x lr_mult_fn(progress), or, when the group has a "fixed_lr" (Memory+'s
+            value_lr), at that constant LR: no warmup, no decay (the trainer's set_lr)
 
 `lr_mult_fn(progress)` takes the training progress step / total_steps in [0, 1] and returns the multiplier the
 trainer applies on top of its own schedule. For values it is the official `CosWithWarmup.get_lr` rule
@@ -20,7 +22,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ultramem.families import value_module_types
+from ultramem.config import ModelConfig
+from ultramem.families import ValueLR, get_family, value_tables
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,9 @@ def value_lr_multiplier(progress: float, start: float, decay_fraction: float) ->
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Split `model`'s trainable parameters into the groups above; empty groups are left out."""
-    types = value_module_types()
-    value_ids = {id(m.values) for m in model.modules() if isinstance(m, types)}
+    tables = value_tables()
+    value_ids = {id(getattr(m, name)) for m in model.modules() for kind, names in tables if isinstance(m, kind)
+                 for name in names}
     decay, no_decay, values = [], [], []
     for p in model.parameters():  # shared (tied) parameters are yielded once
         if not p.requires_grad:
@@ -50,11 +54,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             decay.append(p)
         else:
             no_decay.append(p)
-    mem = getattr(getattr(model, "cfg", None), "memory", None)
-    value_mult = LinearDecayMultiplier(mem.value_lr_mult, mem.value_lr_decay) if mem else LinearDecayMultiplier()
+    rule = value_lr(getattr(model, "cfg", None))
+    value_group = {"name": "values", "params": values, "weight_decay": weight_decay,
+                   "lr_mult_fn": LinearDecayMultiplier(rule.mult, rule.decay)}
+    if rule.fixed is not None:
+        value_group["fixed_lr"] = rule.fixed
     groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay, "lr_mult_fn": LinearDecayMultiplier()},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr_mult_fn": LinearDecayMultiplier()},
-        {"name": "values", "params": values, "weight_decay": weight_decay, "lr_mult_fn": value_mult},
+        value_group,
     ]
     return [g for g in groups if g["params"]]
+
+
+def value_lr(cfg: object) -> ValueLR:
+    """The value tables' LR rule: the family's `value_lr` hook, else model.memory's multiplier (PKM, UltraMem).
+    `cfg` is the model's ModelConfig; anything else (a bare layer's own config, None) gets the plain 1x rule."""
+    if not isinstance(cfg, ModelConfig):
+        return ValueLR()
+    fam = get_family(cfg.family)
+    if fam.value_lr is not None:
+        return fam.value_lr(cfg)
+    mem = getattr(cfg, "memory", None)
+    return ValueLR(mem.value_lr_mult, mem.value_lr_decay) if mem is not None else ValueLR()

@@ -36,7 +36,38 @@ Tiny ladder (CPU): six sizes t1..t6 from 0.1M to 4.7M non-embedding params, byte
 The memory and MoE models carry the memory's dense overhead (keys, query and value projections), so their
 activated params are 13-26% above the dense model of the same size (the most at t1), as in Table 1 where
 MoE/UltraMem-151M run 0.35 GFLOPs/token against the dense model's 0.30.
-Short names dense-tiny, moe-tiny, pkm-tiny, ultramem-tiny are the t2 models (< 2.5M params), for tests and docs.
+  memory_plus-tK-x6 Meta's Memory+ (the memory layer REPLACES the FFN of its blocks) on the same backbone: one memory
+                    layer in the middle block up to 4 blocks, two from 5 blocks ("1,3" of 5, "1,4" of 6), value
+                    dim d (Meta's v_dim = D), key dim d/2 (Meta's "sum of the sub-key dims = D/2"), q/k norm (the
+                    paper's advice for small models), swilu, one shared table. 8 heads (Meta: 4), top_m then
+                    solved so activated params equal the MoE/UltraMem mean (a replaced FFN leaves those params to
+                    the memory: at 4 heads top_m would exceed num_keys), num_keys so total params equal their mean.
+  ultramem_v2-tK-x6 UltraMemV2 in every block beside the FFN, the 227M run's recipe scaled to d: 1 head x top-32, key
+                    / value / pre-value dim d/4, per-rank queries, ring windows share_ratio 0.5, paper init, value
+                    LR 4x -> 1x. As the authors shrink the FFN for iso-compute (4992 vs 5504 at 227M), the FFN
+                    width is solved so activated params equal the MoE/UltraMem mean (3.4-4 d), num_keys so total
+                    params equal their mean.
+Short names dense-tiny, moe-tiny, pkm-tiny, ultramem-tiny, memory_plus-tiny, ultramem_v2-tiny are the t2 models.
+
+The authors' 227M comparison (digest §4: the official repository's scripts, V2 paper Table 10)
+------------------------------------------------------------------------------------------------
+One backbone, 20 layers, d 768, 12 heads, vocab 50304, context 4096, init_std sqrt(2 / (5 d)) (full_megatron).
+The scripts' FFNs are SwiGLU with OLMo's mlp_hidden_size (5504 -> inner 2752); ours is a 2-matrix GELU MLP of the
+same parameters, inner 1.5 x 2752 = 4128 (6016 -> 4512 for Memory+, 4992 -> 3744 for UltraMemV2).
+  ultramem-227m-official  run_ultramem_v1.sh: layers 2:5/6:9/10:13/14:17, 808 keys, key dim 192, value dim 384,
+                          2 heads sharing one query x top-80, E = 4 (1616 keys per side), r = 2, 2 cores, official
+                          init, value LR 4x -> 1x over training.
+  memory_plus-227m        run_memory_plus.sh, ByteDance's port (beside the FFN: replace_ffn false, what the 227M
+                          comparison ran): blocks 4,8,12,16, 1138 keys, half-key dim 384 (key_dim 768), value dim
+                          768 = d, 2 heads x top-80, one shared table at the fixed value LR 1e-3.
+  ultramem_v2-227m        README / run.sh: a layer in every block beside the FFN, 360 keys per layer slice (global
+                          table 360^2 x 20 rows, share_ratio 0.5 -> 1138 keys per side), key dim 192, 1 head x top-32,
+                          value and pre-value dim 192, value LR 4x -> 1x, per-rank queries (the paper's; the script's
+                          flag is off, which the digest §2.7 finds to be a shape error), the released code's init.
+  moe-227m-64e-top8       run_moe.sh's 64 experts, top-8 (lb 0.01, z 0.001, OLMoE's un-renormalised gates); the
+                          expert width is not in the digest
+                          and is inferred: the multiple of 8 giving ultramem-227m-official's total parameters.
+`preset_source(name)` says which presets are the authors' configurations and which are inferred or ours.
 """
 
 from __future__ import annotations
@@ -45,7 +76,14 @@ import dataclasses
 from typing import Any
 
 from ultramem.accounting import count_params
-from ultramem.config import ConfigError, MemoryConfig, ModelConfig, MoEConfig
+from ultramem.config import (
+    ConfigError,
+    MemoryConfig,
+    MemoryPlusConfig,
+    ModelConfig,
+    MoEConfig,
+    UltraMemV2Config,
+)
 
 PAPER_VOCAB = 50304
 TINY_VOCAB = 256
@@ -164,9 +202,137 @@ def _aliases(presets: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
     return tiny
 
 
+# ---- the tiny ladder of the families added later (after the four above, so their order stays) -----------------
+
+# n_layers -> the blocks whose FFN a Memory+ layer replaces on the tiny ladder
+_MEMORY_PLUS_TINY_LAYERS = {2: "1", 3: "1", 4: "2", 5: "1,3", 6: "1,4"}
+MEMORY_PLUS_TINY_HEADS = 8
+
+
+def _solve_memory_plus(base: ModelConfig, memory: MemoryPlusConfig, active: float, total: float) -> ModelConfig:
+    """Memory+ on `base` with the given activated and total non-embedding params: top_m (activated params are
+    linear in it) and num_keys (the nearest integer for the total), alternated until they settle."""
+    def build(n: int, m: int) -> ModelConfig:
+        return _with(base, family="memory_plus", memory_plus=dataclasses.replace(memory, num_keys=n, top_m=m))
+
+    n, m = 2, memory.top_m
+    for _ in range(8):
+        lo, hi = 2, 1 << 16
+        while lo < hi:  # smallest n reaching the total, then the nearer of n - 1 and n
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if count_params(build(mid, m)).non_embedding >= total else (mid + 1, hi)
+        n = min((lo - 1, lo), key=lambda k: abs(count_params(build(max(k, 2), m)).non_embedding - total))
+        a1, a2 = (count_params(build(n, k)).active_non_embedding for k in (1, 2))
+        m = min(n, max(1, round(1 + (active - a1) / (a2 - a1))))
+    return build(n, m)
+
+
+def _tiny_memory_plus_presets(tiny: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+    out = {}
+    for size, (d, L, nh, _) in _TINY.items():
+        moe = next(cfg for name, cfg in tiny.items() if name.startswith(f"moe-{size}-"))
+        um = count_params(tiny[f"ultramem-{size}-x{TINY_MULTIPLE}"])
+        mo = count_params(moe)
+        memory = MemoryPlusConfig(layers=_MEMORY_PLUS_TINY_LAYERS[L], replace_ffn=True, key_dim=d // 2,
+                                  heads=MEMORY_PLUS_TINY_HEADS, top_m=32, value_dim=0, qk_norm=True, swilu=True)
+        out[f"memory_plus-{size}-x{TINY_MULTIPLE}"] = _solve_memory_plus(
+            _dense(L, d, nh, TINY_VOCAB, TINY_SEQ_LEN), memory,
+            active=(um.active_non_embedding + mo.active_non_embedding) / 2,
+            total=(um.non_embedding + mo.non_embedding) / 2)
+    return out
+
+
+def _solve_ultramem_v2(base: ModelConfig, memory: UltraMemV2Config, active: float, total: float) -> ModelConfig:
+    """UltraMemV2 on `base` with the given activated and total non-embedding params: the FFN width (a multiple of
+    8; activated params are linear in it) and num_keys (the nearest integer for the total), alternated."""
+    def build(n: int, f: int) -> ModelConfig:
+        return _with(base, family="ultramem_v2", ffn_hidden=f, memory_v2=dataclasses.replace(memory, num_keys=n))
+
+    n, f = 2, base.ffn_inner
+    for _ in range(8):
+        lo, hi = 2, 1 << 16
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if count_params(build(mid, f)).non_embedding >= total else (mid + 1, hi)
+        n = min((lo - 1, lo), key=lambda k: abs(count_params(build(max(k, 2), f)).non_embedding - total))
+        a1, a2 = (count_params(build(n, w)).active_non_embedding for w in (8, 16))
+        f = max(8, 8 * round(1 + (active - a1) / (a2 - a1)))
+    return build(n, f)
+
+
+def _tiny_ultramem_v2_presets(tiny: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+    out = {}
+    for size, (d, L, nh, _) in _TINY.items():
+        moe = next(cfg for name, cfg in tiny.items() if name.startswith(f"moe-{size}-"))
+        um, mo = count_params(tiny[f"ultramem-{size}-x{TINY_MULTIPLE}"]), count_params(moe)
+        memory = UltraMemV2Config(key_dim=d // 4, value_dim=d // 4, pre_value_dim=d // 4, heads=1, top_m=32,
+                                  tucker_rank=2, num_cores=2, query_per_rank=True, share_ratio=0.5,
+                                  value_lr_mult=4.0, value_lr_decay=1.0, init="paper")
+        out[f"ultramem_v2-{size}-x{TINY_MULTIPLE}"] = _solve_ultramem_v2(
+            _dense(L, d, nh, TINY_VOCAB, TINY_SEQ_LEN), memory,
+            active=(um.active_non_embedding + mo.active_non_embedding) / 2,
+            total=(um.non_embedding + mo.non_embedding) / 2)
+    return out
+
+
+# ---- the authors' 227M configurations (digest §4) -------------------------------------------------------------
+
+OFFICIAL_INIT_STD = 0.02282177322938192  # sqrt(2 / (5 * 768)), the scripts' init_std (full_megatron)
+
+
+def swiglu_equivalent(mlp_hidden_size: int) -> int:
+    """OLMo's mlp_hidden_size h is a SwiGLU of inner h/2 (3 matrices of d x h/2); the 2-matrix MLP of the same
+    parameters has inner 1.5 x h/2."""
+    return 3 * mlp_hidden_size // 4
+
+
+def _official_227m_presets() -> dict[str, ModelConfig]:
+    base = _with(_dense(20, 768, 12, PAPER_VOCAB, 4096), init_std=OFFICIAL_INIT_STD)
+    ultramem = _with(base, family="ultramem", ffn_hidden=swiglu_equivalent(5504), memory=MemoryConfig(
+        layers="2:5/6:9/10:13/14:17", num_keys=808, key_dim=192, value_dim=384, heads=2, query_share=2, top_m=80,
+        score="none", qk_norm=True, value_proj=True, tucker_rank=2, num_cores=2, value_expansion=4, init="official",
+        value_lr_mult=4.0, value_lr_decay=1.0))
+    memory_plus = _with(base, family="memory_plus", ffn_hidden=swiglu_equivalent(6016), memory_plus=MemoryPlusConfig(
+        layers="4,8,12,16", replace_ffn=False, num_keys=1138, key_dim=2 * 384, heads=2, top_m=80, value_dim=0,
+        qk_norm=True, swilu=True, value_lr=1e-3, shared_values=True))
+    ultramem_v2 = _with(base, family="ultramem_v2", ffn_hidden=swiglu_equivalent(4992), memory_v2=UltraMemV2Config(
+        num_keys=360, key_dim=192, value_dim=192, pre_value_dim=192, heads=1, top_m=32, tucker_rank=2, num_cores=2,
+        query_per_rank=True, share_ratio=0.5, value_lr_mult=4.0, value_lr_decay=1.0, init="official"))
+    # 64 experts top-8 (run_moe.sh); the width giving ultramem's total (a multiple of 8, for grouped GEMM)
+    E, k, d, L = 64, 8, base.d_model, base.n_layers
+    shared = count_params(_with(base, ffn_hidden=1)).non_embedding - L * 2 * d  # everything but the FFN
+    hidden = 8 * round((count_params(ultramem).non_embedding - shared - L * d * E) / (L * E * 2 * d * 8))
+    moe = _with(base, family="moe", moe=MoEConfig(num_experts=E, top_k=k, expert_hidden=hidden,
+                                                  normalize_gates=False))  # OLMoE's gates are not renormalised
+    return {"ultramem-227m-official": ultramem, "memory_plus-227m": memory_plus, "ultramem_v2-227m": ultramem_v2,
+            "moe-227m-64e-top8": moe}
+
+
+# ---- where each preset comes from --------------------------------------------------------------------------------
+
+SOURCE_AUTHORS = "authors"
+SOURCE_TABLE1 = "inferred (Table 1 totals)"
+SOURCE_227M = "inferred (227M totals)"
+SOURCE_TINY = "ours (tiny ladder)"
+
+
+def _sources(paper: dict[str, ModelConfig], tiny: dict[str, ModelConfig],
+             official: dict[str, ModelConfig]) -> dict[str, str]:
+    out = {name: SOURCE_TABLE1 for name in paper}
+    out |= {name: SOURCE_TINY for name in tiny}
+    out |= {name: SOURCE_227M if name.startswith("moe-") else SOURCE_AUTHORS for name in official}
+    return out
+
+
 def _all_presets() -> dict[str, ModelConfig]:
-    presets = {**_paper_presets(), **_tiny_presets()}
-    presets.update(_aliases(presets))
+    paper, tiny = _paper_presets(), _tiny_presets()
+    official = _official_227m_presets()
+    tiny_later = {**_tiny_memory_plus_presets(tiny), **_tiny_ultramem_v2_presets(tiny)}
+    presets = {**paper, **tiny, **official, **tiny_later}
+    PRESET_SOURCES.update(_sources(paper, {**tiny, **tiny_later}, official))
+    aliases = _aliases(presets)
+    PRESET_SOURCES.update({alias: SOURCE_TINY for alias in aliases})
+    presets.update(aliases)
     for name, cfg in presets.items():
         try:
             cfg.validate()
@@ -175,7 +341,14 @@ def _all_presets() -> dict[str, ModelConfig]:
     return presets
 
 
+PRESET_SOURCES: dict[str, str] = {}  # preset name -> where it comes from (filled with PRESETS)
 PRESETS: dict[str, ModelConfig] = _all_presets()
+
+
+def preset_source(name: str) -> str:
+    """"authors" (the authors' released configuration), "inferred (...)" (solved from published totals) or
+    "ours (tiny ladder)"."""
+    return PRESET_SOURCES[name]
 
 
 def preset_names() -> list[str]:

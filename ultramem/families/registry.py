@@ -53,6 +53,15 @@ class MemoryParams:
 
 
 @dataclass(frozen=True)
+class ValueLR:
+    """The learning-rate rule of a family's value tables (the optimizer's "values" group, ultramem/optim.py)."""
+
+    mult: float = 1.0  # multiplier on the scheduled LR at progress 0 ...
+    decay: float = 1.0  # ... decaying linearly to 1x at this fraction of training
+    fixed: float | None = None  # a constant LR instead: no warmup, no decay, no multiplier (Memory+'s value_lr)
+
+
+@dataclass(frozen=True)
 class ParallelHooks:
     """What sharding (ultramem.parallel, experiments.distributed) and the optimizer groups (ultramem.optim) need.
 
@@ -64,10 +73,14 @@ class ParallelHooks:
     # Transformer.expert_load() returns None).
     expert_module: Callable[[], type] | None = None
     num_experts: Callable[[ModelConfig], int] | None = None  # routed experts per block (expert_parallel divides it)
-    # Memory layer type whose `values` table forms the optimizer's "values" group (value-table LR multiplier).
+    # Memory layer (or table) type whose `values` table forms the optimizer's "values" group (value-table LR rule).
     value_module: Callable[[], type] | None = None
+    value_params: tuple[str, ...] = ("values",)  # that type's parameters in the "values" group
     memory_parallel: bool = False  # parallel.memory_parallel may split those tables (modes dim | row)
     unused_parameters: bool = False  # a step may leave parameters without a gradient (DDP find_unused_parameters)
+    # Why the family trains with plain data parallelism only (ultramem.layout refuses parallel.fsdp,
+    # parallel.expert_parallel and parallel.memory_parallel, naming this reason); None: no such restriction.
+    data_parallel_only: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,8 +92,9 @@ class Family:
     block: str | None  # the ModelConfig block it owns and requires ("moe", "memory"); None: no block (ultramem.config)
     style: PlotStyle  # analysis/plots.py
     # ---- every block's FFN: built by ultramem.model, counted by ultramem.accounting and ultramem.layout ----------
-    build_ffn: Callable[[ModelConfig, int], nn.Module]  # (cfg, block index) -> that block's FFN, d -> d
-    ffn_params: Callable[[ModelConfig], FFNParams]  # one block's FFN
+    # (cfg, block index) -> that block's FFN, d -> d; (cfg, block index, shared module) for a family with build_shared
+    build_ffn: Callable[..., nn.Module]
+    ffn_params: Callable[[ModelConfig], FFNParams]  # one block's FFN (its MLP, when blocks differ: see model_params)
     ffn_activations: Callable[[ModelConfig], int]  # elements per token one FFN keeps for the backward (2-byte)
     ffn_aux: bool = False  # the FFN's forward returns (y, aux dict) rather than y
     # (cfg, batch size) -> (parameters all FFNs read in one decode step, expected distinct experts per layer)
@@ -89,15 +103,31 @@ class Family:
     build_memory: Callable[[ModelConfig, int], nn.Module] | None = None  # (cfg, memory index) -> memory layer j
     memory_params: Callable[[MemoryConfig, int], MemoryParams] | None = None  # (memory block, d_model), one layer
     retrieval_flops: Callable[[MemoryConfig], int] | None = None  # parameter-free FLOPs per token, one memory layer
+    # ---- memory layers inside the blocks, tables shared across blocks (memory_plus, ultramem_v2) -----------------
+    # (cfg) -> a module every block's FFN may read (a value table shared by all memory layers), or None. The
+    # Transformer builds it once as `self.shared` and calls build_ffn(cfg, i, shared) (ultramem.model).
+    build_shared: Callable[[ModelConfig], nn.Module | None] | None = None
+    # (cfg) -> FFNParams of ALL FFN-side layers and shared tables together (dense, sparse, what one token reads):
+    # accounting.count_params uses it instead of n_layers x ffn_params (+ memory layers) when set.
+    model_params: Callable[[ModelConfig], FFNParams] | None = None
+    # (cfg) -> parameter-free FLOPs per token of every such memory layer (accounting.retrieval_flops)
+    model_retrieval_flops: Callable[[ModelConfig], int] | None = None
+    # (cfg, batch size) -> (parameters one decode step of B sequences reads from the value tables, expected distinct
+    # value rows per memory layer) (accounting.decode_bytes)
+    decode_values: Callable[[ModelConfig, int], tuple[float, float]] | None = None
     # ---- the rest --------------------------------------------------------------------------------------------------
     validate: Callable[[ModelConfig], None] | None = None  # checks beyond the block's own (raise ConfigError)
-    summary: Callable[[ModelConfig, dict[str, int]], dict[str, Any]] | None = None  # final.json[block]
+    summary: Callable[[ModelConfig, dict[str, int]], dict[str, Any]] | None = None  # final.json[summary_block]
+    summary_block: str | None = None  # the final.json key of `summary` ("memory", "moe"); None: `block`
+    # (cfg) -> the LR rule of the value tables (ultramem.optim); None: model.memory's value_lr_mult / value_lr_decay
+    value_lr: Callable[[ModelConfig], ValueLR] | None = None
     parallel: ParallelHooks = field(default_factory=ParallelHooks)
 
     @property
     def sparse(self) -> bool:
         """Owns parameters tokens select from (routed experts, memory value tables): compared against dense."""
-        return self.parallel.expert_module is not None or self.build_memory is not None
+        return (self.parallel.expert_module is not None or self.build_memory is not None
+                or self.parallel.value_module is not None)
 
 
 _REGISTRY: dict[str, Family] = {}
@@ -121,6 +151,11 @@ def register(family: Family) -> Family:
                          "go together")
     if family.parallel.memory_parallel and family.parallel.value_module is None:
         raise ValueError(f"family {family.name!r}: parallel.memory_parallel needs parallel.value_module")
+    if family.parallel.data_parallel_only and (family.parallel.memory_parallel or family.parallel.expert_module):
+        raise ValueError(f"family {family.name!r}: parallel.data_parallel_only excludes memory and expert parallelism")
+    if family.build_memory is not None and family.model_params is not None:
+        raise ValueError(f"family {family.name!r}: model_params counts every FFN-side layer; it replaces "
+                         "build_memory's per-layer count, so use one or the other")
     _REGISTRY[family.name] = family
     return family
 
@@ -155,6 +190,12 @@ def expert_module_types() -> tuple[type, ...]:
     return tuple(f.parallel.expert_module() for f in families() if f.parallel.expert_module is not None)
 
 
+def value_tables() -> tuple[tuple[type, tuple[str, ...]], ...]:
+    """(value module type, names of its parameters in the optimizer's "values" group) per family that has one."""
+    return tuple((f.parallel.value_module(), f.parallel.value_params) for f in families()
+                 if f.parallel.value_module is not None)
+
+
 def value_module_types(memory_parallel: bool = False) -> tuple[type, ...]:
     """The memory layer types with a `values` table (only those memory parallelism may split, if asked)."""
     return tuple(f.parallel.value_module() for f in families()
@@ -162,9 +203,10 @@ def value_module_types(memory_parallel: bool = False) -> tuple[type, ...]:
 
 
 def block_summary(cfg: ModelConfig, params: dict[str, int], block: str) -> dict[str, Any] | None:
-    """What final.json records under `block` ("memory", "moe"): the family's summary if it owns that block."""
+    """What final.json records under `block` ("memory", "moe"): the family's summary if it files it there (its
+    `summary_block`, by default the block it owns)."""
     fam = get_family(cfg.family)
-    return fam.summary(cfg, params) if fam.block == block and fam.summary is not None else None
+    return fam.summary(cfg, params) if (fam.summary_block or fam.block) == block and fam.summary else None
 
 
 # ---- arithmetic shared by the accounting hooks -------------------------------------------------------------------

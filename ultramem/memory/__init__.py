@@ -7,6 +7,9 @@ Modules:
   pkm          the PKM layer (additive product keys, softmax weights)
   ultramem     the UltraMem v1 layer (TDQKR + MCS + IVE + half value dim and projection)
   init         the paper's value/score initialisation
+  memory_plus  the Memory+ layer and its shared value table (Meta, arXiv 2412.09764)
+  ultramem_v2  the UltraMemV2 layer and its global value / pre-value table (ByteDance, arXiv 2508.18756)
+  ffn_memory   a block's FFN slot holding an MLP, a memory layer or both (memory_plus, ultramem_v2)
 
 This package's __init__ imports nothing, so `ultramem.config` can use `placement` without importing torch.
 """

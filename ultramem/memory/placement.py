@@ -5,6 +5,8 @@ normalised hidden state of block a and its output is added to the residual strea
 (official code `mem_insert_way`). `a == b` puts the memory in parallel with block a's FFN. "every" is one memory
 layer per block in parallel with its FFN (the official 'full', used by UltraMemV2).
 
+Memory+ (`model.memory_plus.layers`) names the blocks that hold a memory layer instead: `memory_plus_blocks`.
+
 Pure Python: `ultramem.config` validates specs with it, so it imports neither torch nor the config (only errors).
 """
 
@@ -33,3 +35,31 @@ def parse_layers(spec: str, n_layers: int) -> list[tuple[int, int]]:
         raise ConfigError(f"{FIELD}: {spec!r} repeats a pair; each memory layer needs its own a:b")
     return pairs
 
+
+
+MEMORY_PLUS_FIELD = "model.memory_plus.layers"
+
+
+def memory_plus_blocks(spec: str, n_layers: int) -> list[int]:
+    """'4,12,20' -> [4, 12, 20]; 'auto' -> Meta's 3 centred blocks. Raises ConfigError naming the field.
+
+    auto: middle = n_layers // 2, stride s = max(1, n_layers // 3), {middle - s, middle, middle + s} clipped to
+    [0, n_layers) (24 -> 4,12,20 and 12 -> 2,6,10: Meta's stride 8 and 4; 1 -> 0; 2 -> 0,1).
+    """
+    field = MEMORY_PLUS_FIELD
+    if n_layers < 1:
+        raise ConfigError(f"{field}: n_layers must be >= 1, got {n_layers}")
+    if spec.strip() == "auto":
+        mid, s = n_layers // 2, max(1, n_layers // 3)
+        return sorted({i for i in (mid - s, mid, mid + s) if 0 <= i < n_layers})
+    parts = [p.strip() for p in spec.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise ConfigError(f"{field}: cannot parse {spec!r}; expected 'auto' or comma-separated 0-indexed block "
+                          f"indices (e.g. '4,12,20')")
+    blocks = [int(p) for p in parts]
+    bad = [b for b in blocks if b >= n_layers]
+    if bad:
+        raise ConfigError(f"{field}: block(s) {bad} in {spec!r} out of range; allowed: 0..{n_layers - 1}")
+    if len(set(blocks)) != len(blocks):
+        raise ConfigError(f"{field}: {spec!r} repeats a block; each block holds at most one memory layer")
+    return sorted(blocks)
