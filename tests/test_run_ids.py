@@ -29,7 +29,9 @@ FROZEN = {
 
 @pytest.mark.parametrize("sweep", list(FROZEN))
 def test_committed_sweeps_keep_their_run_ids(sweep):
-    assert [run.run_id for run in plan_sweep(REPO / sweep).runs] == FROZEN[sweep]
+    """Every run the sweep had keeps its id (grid points may be added: study_shakespeare gained two families)."""
+    ids = [run.run_id for run in plan_sweep(REPO / sweep).runs]
+    assert [i for i in ids if i in FROZEN[sweep]] == FROZEN[sweep]
 
 
 def test_new_blocks_are_left_out_of_the_dict_while_none():
