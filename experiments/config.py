@@ -86,8 +86,13 @@ class TrainConfig(Strict):
     micro_batch_size: int | None = Field(None, ge=1)  # sequences per forward/backward; None = batch_size
     seq_len: int | None = Field(None, ge=1)  # training context; None = model.seq_len
     lr: float | Literal["auto"] = "auto"  # peak LR; auto = derived from model size (see experiments.hparams)
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # cosine ends at lr * min_lr_ratio
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # the schedule ends at lr * min_lr_ratio (its floor)
     warmup: float = Field(0.01, ge=0.0)  # fraction of steps (< 1) or a number of steps (>= 1)
+    # LR after warmup: cosine to the floor (paper Table 4); wsd: constant ("stable"), then a cooldown over the
+    # last `cooldown` fraction of the steps to the floor, shaped `cooldown_shape`; linear: straight to the floor
+    schedule: Literal["cosine", "wsd", "linear"] = "cosine"
+    cooldown: float = Field(0.2, gt=0.0, le=1.0)  # wsd: fraction of all steps spent cooling down
+    cooldown_shape: Literal["linear", "1-sqrt"] = "linear"  # wsd: linear, or 1 - sqrt (Hagele et al. 2024)
     weight_decay: float = Field(0.1, ge=0.0)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
@@ -301,12 +306,16 @@ def canonical_json(data: Any) -> str:
 # Fields that never change what a run computes, and so are left out of its id.
 _NOT_IN_ID = ("name", "sweep", "wandb", "parallel")  # the layout changes how a run is computed, not what
 _TRAIN_NOT_IN_ID = ("log_every", "ckpt_every", "keep_checkpoints", "device", "compile", "threads")
+# Fields added after the first run ids were issued enter the id only when set away from their default, so that
+# every earlier run keeps its id (and a finished sweep is still skipped).
+_TRAIN_ID_SINCE_V1 = {"schedule": "cosine", "cooldown": 0.2, "cooldown_shape": "linear"}
 
 
 def run_id(resolved: dict[str, Any]) -> str:
     """<family>-<short hash of the resolved config>, stable across key order and bookkeeping-only fields."""
     content = json.loads(canonical_json({k: v for k, v in resolved.items() if k not in _NOT_IN_ID}))
-    content["train"] = {k: v for k, v in content.get("train", {}).items() if k not in _TRAIN_NOT_IN_ID}
+    content["train"] = {k: v for k, v in content.get("train", {}).items() if k not in _TRAIN_NOT_IN_ID
+                        and not (k in _TRAIN_ID_SINCE_V1 and v == _TRAIN_ID_SINCE_V1[k])}
     content.get("data", {}).pop("cache_dir", None)
     content.get("data", {}).pop("num_proc", None)
     digest = hashlib.sha256(canonical_json(content).encode()).hexdigest()[:10]

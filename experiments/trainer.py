@@ -67,16 +67,29 @@ class RunBusy(RuntimeError):
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
-    """Peak-LR schedule at optimizer step `step` (0-based) of a resolved TrainConfig (paper Table 4).
+    """Peak-LR schedule at optimizer step `step` (0-based) of a resolved TrainConfig.
 
-    Linear warmup over `t.warmup` steps to `t.lr`, then cosine from `t.lr` at the first post-warmup step to
-    `t.lr * t.min_lr_ratio` at the last step.
+    Linear warmup over `t.warmup` steps to `t.lr`; then, to the floor `t.lr * t.min_lr_ratio` at the last step:
+      cosine  (paper Table 4) half a cosine from the first post-warmup step
+      linear  a straight line from the first post-warmup step
+      wsd     constant at `t.lr`, then over the last `t.cooldown` fraction of the steps a cooldown to the floor,
+              `linear` (a fraction p of the way down at cooldown progress p) or `1-sqrt` (sqrt(p) of the way
+              down, i.e. lr = peak (1 - sqrt(p)) to a zero floor; Hagele et al. 2024)
     """
-    warmup, steps, peak = int(t.warmup), int(t.steps), float(t.lr)
+    warmup, steps, peak, floor = int(t.warmup), int(t.steps), float(t.lr), t.min_lr_ratio
     if step < warmup:
         return peak * (step + 1) / warmup
+    if t.schedule == "wsd":
+        start = max(warmup, steps - max(1, round(t.cooldown * steps)))  # first cooldown step
+        if step < start:
+            return peak
+        p = min(1.0, (step - start + 1) / max(1, steps - start))  # reaches 1 at the last step
+        down = p if t.cooldown_shape == "linear" else math.sqrt(p)
+        return peak * (1.0 - (1.0 - floor) * down)
     progress = min(1.0, (step - warmup) / max(1, steps - warmup - 1))
-    return peak * (t.min_lr_ratio + (1.0 - t.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if t.schedule == "linear":
+        return peak * (1.0 - (1.0 - floor) * progress)
+    return peak * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> tuple[torch.optim.AdamW, list[Any]]:

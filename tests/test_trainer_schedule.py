@@ -34,6 +34,38 @@ def test_cosine_runs_from_peak_to_ten_percent_at_the_last_step():
     assert lr_at(s, t) == pytest.approx(expected)
 
 
+def test_wsd_is_constant_then_cools_down_over_its_last_fraction():
+    # 100 steps, warmup 10, cooldown 20% = the last 20 steps (80..99), linear to the 10% floor
+    t = _train(steps=100, schedule="wsd", cooldown=0.2)
+    assert [lr_at(s, t) for s in (10, 50, 79)] == pytest.approx([1e-3] * 3)
+    assert [lr_at(s, t) for s in range(80, 100)] == pytest.approx(
+        [1e-3 * (1 - 0.9 * (s - 79) / 20) for s in range(80, 100)])
+    assert lr_at(99, t) == pytest.approx(1e-4)
+
+
+def test_wsd_one_minus_sqrt_cooldown_to_zero():
+    t = _train(steps=100, schedule="wsd", cooldown=0.25, cooldown_shape="1-sqrt", min_lr_ratio=0.0)
+    # Hagele et al.: lr = peak (1 - sqrt((t - t0) / (T - t0))) over the cooldown
+    assert [lr_at(s, t) for s in range(75, 100)] == pytest.approx(
+        [1e-3 * (1 - math.sqrt((s - 74) / 25)) for s in range(75, 100)], abs=1e-12)
+    assert lr_at(74, t) == pytest.approx(1e-3) and lr_at(99, t) == 0.0
+
+
+def test_linear_schedule_runs_straight_from_peak_to_the_floor():
+    t = _train(schedule="linear")  # steps 10..100 post-warmup
+    assert [lr_at(s, t) for s in (10, 55, 100)] == pytest.approx([1e-3, 1e-3 - 0.5 * 0.9e-3, 1e-4])
+
+
+def test_new_schedule_fields_at_their_defaults_leave_run_ids_unchanged():
+    from experiments.config import run_id
+
+    resolved = {"model": {"family": "dense"}, "train": {"lr": 1e-3, "steps": 10}}
+    with_defaults = {**resolved, "train": {**resolved["train"], "schedule": "cosine", "cooldown": 0.2,
+                                           "cooldown_shape": "linear"}}
+    assert run_id(with_defaults) == run_id(resolved)
+    assert run_id({**resolved, "train": {**resolved["train"], "schedule": "wsd"}}) != run_id(resolved)
+
+
 def test_no_warmup_starts_at_peak():
     assert lr_at(0, _train(warmup=0)) == pytest.approx(1e-3)
 
