@@ -1,19 +1,27 @@
 """Inference benchmark (the paper's Fig. 1): decode-step latency and bytes of parameters read vs batch size for Dense,
-MoE and UltraMem models of equal activated compute, MoE and UltraMem of equal total parameters.
+MoE, UltraMem, Memory+ and UltraMemV2 models of equal activated compute, the sparse ones of equal total parameters.
 
   ultramem bench inference [--batch-sizes 1,4,16,64,256,1024] [--kv-len 2048] [--kv-budget-gb 0.125]
                            [--sparsity 100] [--size default|tiny] [--format table|json] [--out DIR] [--threads 2]
                            [--repeats 5] [--warmup 2] [--clock wall|cpu]
 
 One decode step = the model on one new token per sequence (sequence length 1) with a KV cache holding kv_len
-positions, in eval mode under torch.no_grad, fp32. The three models share one backbone (d_model, layers, heads, so
+positions, in eval mode under torch.no_grad, fp32. The models share one backbone (d_model, layers, heads, so
 identical attention and KV cache) and differ in the FFN:
   dense     the MLP widened so that its activated non-embedding parameters equal UltraMem's
   ultramem  the dense backbone (FFN 4d) plus UltraMem memory layers in the paper's skip-layer layout (E=4, r=2,
             h=2, raw scores), value tables sized to `sparsity` x the activated parameters
   moe       top-2 MoE in every block: expert width solved so activated parameters equal UltraMem's, expert count so
             total parameters equal UltraMem's (the paper's rule for its MoE/UltraMem pairs)
-All counts come from ultramem.accounting (the same code the presets and the trainer use).
+  memory_plus  Meta's Memory+ (the layer REPLACES the FFN of as many blocks as UltraMem has memory layers, spread
+            evenly: '1,3' of 4): one shared table of UltraMem's value width, 4 heads (Meta's), half-key width =
+            UltraMem's key width, q/k norm, SiLU gate; top_m solved for UltraMem's activated parameters and num_keys
+            for its total (the rule of the memory_plus-tK presets, ultramem/presets.py)
+  ultramem_v2  UltraMemV2 in every block beside the FFN: values + pre-values of UltraMem's value width (D_p:D_v =
+            1:3), UltraMem's key width, heads and top_m, share_ratio 0.5, paper init; the FFN width solved for
+            UltraMem's activated parameters and num_keys for its total (the ultramem_v2-tK presets' rule)
+All counts come from ultramem.accounting (the same code the presets and the trainer use); each model's activated
+and total parameters over UltraMem's are in the JSON (`models.<family>.match`), with a warning past 3%.
 
 Why these sizes. Decoding reads every parameter a step touches once per step, whatever the batch, and computes
 2 x activated parameters per token, so a model is memory-bound while B < B* ~ (total / active) x (FLOP/s per byte/s)
@@ -23,21 +31,25 @@ does about 10 FLOP per byte of DRAM bandwidth in fp32, 16x fewer, so with the pa
 compute-bound near B ~ 240 and the comparison would time matrix multiplies rather than memory traffic: the default
 --sparsity 100 keeps the A100's regime up to B ~ 1000 (--sparsity 12 runs the literal ratio). The default backbone
 (d 128, 4 layers, 2 memory layers '0:1/2:3', 1 head x top-32 of 1024-wide values) gives 2.1M activated and 208M total
-parameters: 830 MB per sparse model, 26x the 32 MB last-level cache, so the reads come from DRAM as they would from
-HBM. Wide values keep the key grid small (n' = 634 keys per side): on a CPU UltraMem's per-token top-k over the 2 n'
-keys and the m^2 candidates is a real cost, which a GPU hides.
+parameters: 830 MB per sparse model (four of them: 3.3 GB in all), 26x the 32 MB last-level cache, so the reads come
+from DRAM as they would from HBM. Wide values keep the key grid small (n' = 634 keys per side): on a CPU UltraMem's
+per-token top-k over the 2 n' keys and the m^2 candidates is a real cost, which a GPU hides.
 
 KV cache. kv_len positions of keys and values per sequence for every layer is B x kv_len x 2 x layers x d x 4
 bytes, 1 GiB at B=64 and 16 GiB at B=1024 for the default model: more than a shared 24 GiB machine can hold, and
-reads the three models share. The cache of one batch is capped at --kv-budget-gb (default 1/8 GiB: kv_len 2048 up
+reads the models share. The cache of one batch is capped at --kv-budget-gb (default 1/8 GiB: kv_len 2048 up
 to B=16, 512 at 64, 128 at 256, 32 at 1024); each row reports the kv_len it ran with (kv_len_used) and its KV bytes.
 
 Bytes touched, per row: measured from the step's actual routing (distinct experts per MoE layer, distinct physical
 value rows per memory layer, taken in an extra, untimed call at the same position) times their sizes, plus every
 dense parameter, the output head and the KV cache; next to it the analytic model ultramem.accounting.decode_bytes
-(uniform routing). Per batch size, moe_ultramem_latency_ratio = MoE median latency / UltraMem median latency; the
-crossover is the smallest batch size from which UltraMem stays faster. Results: JSON and a log-log plot of latency
-and bytes vs batch size in benchmarks/results/.
+(uniform routing). A table several layers read (Memory+'s shared values, UltraMemV2's global values + pre-values)
+is counted once per step: its distinct rows over all those layers (`table_rows_touched`, one entry per table;
+`value_rows_touched` stays per layer). `value_bytes` / `analytic_value_bytes` are the table part of each count.
+Per batch size and memory family f (ultramem, memory_plus, ultramem_v2), moe_<f>_latency_ratio = MoE median latency
+/ f's (moe_ultramem_latency_ratio as before; likewise the bytes ratios); the crossover is the smallest batch size
+from which f stays faster. Results: JSON and a log-log plot of latency and bytes vs batch size in
+benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -61,17 +73,27 @@ from benchmarks.common import (
     write_json,
 )
 from ultramem import build_model
-from ultramem.accounting import count_params, decode_bytes
-from ultramem.config import MemoryConfig, ModelConfig, MoEConfig
+from ultramem.accounting import count_params, decode_bytes, num_memory_layers
+from ultramem.config import MemoryConfig, MemoryPlusConfig, ModelConfig, MoEConfig, UltraMemV2Config
+from ultramem.families import families, get_family
 from ultramem.kernels.grouped import grouped_mm_unsupported_reason
 from ultramem.model import KVCache
+from ultramem.presets import _solve_memory_plus, _solve_ultramem_v2  # the tiny ladder's matching rules
 
-HELP = "decode latency and bytes read vs batch size: Dense / MoE / UltraMem (the paper's Fig. 1), MoE/UltraMem ratio"
+HELP = ("decode latency and bytes read vs batch size: Dense / MoE / UltraMem / Memory+ / UltraMemV2 (the paper's "
+        "Fig. 1), MoE/memory latency ratios")
 NAME = "inference"
 TARGET_RATIO = 2.0
 TARGET_FROM_BATCH = 64
 BYTES_PER_PARAM = 4  # fp32 weights
-FAMILIES = ("dense", "moe", "ultramem")
+MATCH_TOLERANCE = 0.03  # warn when a model's activated (sparse models: and total) params are further from UltraMem's
+MEMORY_PLUS_HEADS = 4  # Meta's
+SIZED = ("dense", "moe", "ultramem", "memory_plus", "ultramem_v2")  # the families model_configs builds
+FAMILIES = tuple(f.name for f in families() if f.name in SIZED)  # in registry order
+# the memory families compared with MoE: sparse, without routed experts
+MEMORY_FAMILIES = tuple(f.name for f in families()
+                        if f.name in FAMILIES and f.sparse and f.parallel.expert_module is None)
+SHORT = {"ultramem": "UM", "memory_plus": "M+", "ultramem_v2": "V2"}  # table headers
 
 
 @dataclass(frozen=True)
@@ -114,7 +136,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_configs(size: Size, sparsity: float, seq_len: int, grouped_mm: str = "auto") -> dict[str, Any]:
-    """{family: ModelConfig}: UltraMem at `sparsity`, then MoE and Dense matched to it (see the module docstring)."""
+    """{family: ModelConfig}: UltraMem at `sparsity`, then MoE, Dense, Memory+ and UltraMemV2 matched to it (see the
+    module docstring)."""
     d, L = size.d_model, size.n_layers
     base = ModelConfig(family="dense", vocab_size=size.vocab, seq_len=seq_len, n_layers=L, d_model=d,
                        n_heads=size.n_heads)
@@ -145,7 +168,41 @@ def model_configs(size: Size, sparsity: float, seq_len: int, grouped_mm: str = "
         experts = max(k, round((target.non_embedding - shared) / (L * (2 * d * hidden + d))))
     moe = dataclasses.replace(base, family="moe", moe=MoEConfig(num_experts=experts, top_k=k, expert_hidden=hidden,
                                                                 grouped_mm=grouped_mm))
-    return {"dense": dense.validate(), "moe": moe.validate(), "ultramem": um.validate()}
+    M = num_memory_layers(um)
+    blocks = ",".join(str((2 * j + 1) * L // (2 * M)) for j in range(M))  # M blocks spread evenly: '1,3' of 4
+    memory_plus = _solve_memory_plus(base, MemoryPlusConfig(
+        layers=blocks, replace_ffn=True, key_dim=2 * size.key_dim, heads=MEMORY_PLUS_HEADS, top_m=size.top_m,
+        value_dim=size.value_dim, qk_norm=True, swilu=True), target.active_non_embedding, target.non_embedding)
+    v2 = _solve_ultramem_v2(base, UltraMemV2Config(
+        key_dim=size.key_dim, value_dim=3 * size.value_dim // 4, pre_value_dim=size.value_dim // 4, heads=size.heads,
+        top_m=size.top_m, tucker_rank=2, num_cores=2, query_per_rank=True, share_ratio=0.5, init="paper"),
+        target.active_non_embedding, target.non_embedding)
+    return {"dense": dense.validate(), "moe": moe.validate(), "ultramem": um.validate(),
+            "memory_plus": memory_plus.validate(), "ultramem_v2": v2.validate()}
+
+
+def parameter_match(configs: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{family: {active_vs_ultramem, total_vs_ultramem}}: non-embedding parameter counts over UltraMem's."""
+    ref = count_params(configs["ultramem"])
+    out = {}
+    for f, c in configs.items():
+        pc = count_params(c)
+        out[f] = {"active_vs_ultramem": pc.active_non_embedding / ref.active_non_embedding,
+                  "total_vs_ultramem": pc.non_embedding / ref.non_embedding}
+    return out
+
+
+def match_warnings(match: dict[str, dict[str, float]]) -> list[str]:
+    """A line per model whose activated (and, for a sparse family, total) parameters miss UltraMem's by more than
+    MATCH_TOLERANCE."""
+    out = []
+    for f, m in match.items():
+        keys = ["active_vs_ultramem"] + (["total_vs_ultramem"] if get_family(f).sparse else [])
+        off = {k: m[k] for k in keys if abs(m[k] - 1) > MATCH_TOLERANCE}
+        if off:
+            out.append(f"{f}: " + ", ".join(f"{k} = {v:.3f}" for k, v in off.items())
+                       + f" (more than {MATCH_TOLERANCE:.0%} from UltraMem's)")
+    return out
 
 
 def moe_matmuls(device: torch.device) -> str:
@@ -156,17 +213,32 @@ def moe_matmuls(device: torch.device) -> str:
 
 
 def is_sparse(name: str) -> bool:
-    """Parameters a token selects from: MoE expert matrices and memory value tables (accounting's `sparse`)."""
-    return name.endswith((".w_in", ".w_out")) or (name.startswith("memories.") and name.endswith(".values"))
+    """Parameters a token selects from: MoE expert matrices and memory value tables (accounting's `sparse`): those of
+    the memory layers (memories.j.values), of a table shared by the blocks (shared.values, UltraMemV2's
+    shared.pre_values) or a Memory+ layer's private one (blocks.i.ffn.memory.table.values)."""
+    table = name.startswith(("memories.", "shared.")) or ".table." in name
+    return name.endswith((".w_in", ".w_out")) or (table and name.endswith((".values", ".pre_values")))
 
 
 # ---- bytes touched by one step ----------------------------------------------------------------------------------
 
 
+def block_memories(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The memory layers inside the blocks' FFN slots (Memory+, UltraMemV2: MemoryFFN.memory), in block order."""
+    return [m for m in (getattr(block.ffn, "memory", None) for block in model.blocks) if m is not None]
+
+
+def table_width(table: torch.nn.Module) -> int:
+    """Parameters per row of a shared table: all its row-indexed tensors are read at the selected rows (Memory+'s
+    values; UltraMemV2's values and pre_values)."""
+    return sum(p.shape[1] for p in table.parameters(recurse=False))
+
+
 @torch.no_grad()
 def touched(model: torch.nn.Module, idx: torch.Tensor, cache, kv_len: int) -> dict[str, Any]:  # noqa: ANN001
     """Run one decode step at position kv_len - 1 and count what it read: distinct experts per MoE layer, distinct
-    physical value rows per memory layer, and the bytes of parameters (dense + head + touched sparse) and KV cache."""
+    physical value rows per memory layer and per table (a table several layers read counts each row once), and the
+    bytes of parameters (dense + head + touched sparse) and KV cache."""
     cfg = model.cfg
     rows_per_layer: list[int] = []
     hooks = []
@@ -175,25 +247,61 @@ def touched(model: torch.nn.Module, idx: torch.Tensor, cache, kv_len: int) -> di
             virtual = out[0]  # TDQKR output: virtual slot ids [BT, H*m]
             rows_per_layer.append(int(torch.unique(mem.shuffle[virtual].long() % mem.cfg.num_values).numel()))
         hooks.append(mem.retrieval.register_forward_hook(record))
+    inner = block_memories(model)
+    selected: dict[int, list[torch.Tensor]] = {}  # id(table) -> the physical rows each of its readers selected
+    for mem in inner:
+        def lookup(*args, mem=mem, method=mem.lookup):  # noqa: ANN002, ANN202
+            out = method(*args)  # (physical rows [BT, H*m], ...)
+            selected.setdefault(id(mem.table), []).append(out[0])
+            return out
+        mem.lookup = lookup  # an instance attribute shadows the method for this one call
     try:
         cache.pos = kv_len - 1
         model(idx, cache=cache)
     finally:
         for h in hooks:
             h.remove()
-    experts_per_layer = [int((block.ffn.last_load > 0).sum()) for block in model.blocks] if cfg.family == "moe" else []
+        for mem in inner:
+            del mem.lookup
+    experts_per_layer = [int((block.ffn.last_load > 0).sum()) for block in model.blocks] if cfg.moe else []
     dense = sum(p.numel() for n, p in model.named_parameters() if not is_sparse(n) and n != "wte.weight")
     params = dense + cfg.vocab_size * cfg.d_model  # the (tied) output head reads the whole embedding table
     if not cfg.tie_embeddings:
         params += int(torch.unique(idx).numel()) * cfg.d_model
-    if cfg.family == "moe":
+    if cfg.moe is not None:
         params += sum(experts_per_layer) * 2 * cfg.d_model * cfg.moe.expert_hidden
+    values = 0
+    table_rows: list[int] = []
     if cfg.memory is not None:
-        params += sum(rows_per_layer) * cfg.memory.value_dim
+        values = sum(rows_per_layer) * cfg.memory.value_dim
+        table_rows = list(rows_per_layer)  # one table per layer
+    tables = {id(mem.table): mem.table for mem in inner}
+    for key, rows in selected.items():
+        rows_per_layer += [int(torch.unique(r).numel()) for r in rows]
+        table_rows.append(int(torch.unique(torch.cat([r.flatten() for r in rows])).numel()))
+        values += table_rows[-1] * table_width(tables[key])
+    params += values
     kv = 2 * cfg.n_layers * idx.shape[0] * kv_len * cfg.d_model
     return {"param_bytes": params * BYTES_PER_PARAM, "kv_bytes": kv * BYTES_PER_PARAM,
             "bytes_touched": (params + kv) * BYTES_PER_PARAM,
-            "experts_touched": experts_per_layer or None, "value_rows_touched": rows_per_layer or None}
+            "experts_touched": experts_per_layer or None, "value_rows_touched": rows_per_layer or None,
+            "table_rows_touched": table_rows or None, "value_bytes": values * BYTES_PER_PARAM}
+
+
+def analytic_values(cfg, batch_size: int) -> tuple[float, float]:  # noqa: ANN001
+    """(parameters, rows) of the value tables one decode step reads under ultramem.accounting's uniform routing, all
+    tables together: the family's decode_values hook (a shared table once per step), else (UltraMem, PKM) every
+    memory layer's expected distinct rows of its own table; (0, 0) without tables."""
+    fam = get_family(cfg.family)
+    if fam.decode_values is not None:
+        read, _ = fam.decode_values(cfg, batch_size)
+        width = (cfg.memory_v2.value_dim + cfg.memory_v2.pre_value_dim if cfg.memory_v2 is not None
+                 else cfg.memory_plus.value_dim or cfg.d_model)
+        return read, read / width
+    if cfg.memory is not None:
+        rows = num_memory_layers(cfg) * decode_bytes(cfg, batch_size, 1).value_rows_touched
+        return rows * cfg.memory.value_dim, rows
+    return 0.0, 0.0
 
 
 # ---- measurement ------------------------------------------------------------------------------------------------
@@ -221,7 +329,7 @@ def measure_batch(models: dict[str, torch.nn.Module], B: int, kv: int, args: arg
     """Time one decode step of every model at batch B, position kv - 1, interleaved; then count what it reads."""
     cfg = next(iter(models.values())).cfg
     shape = (B, cfg.n_heads, kv, cfg.head_dim)
-    # One cache for the three models: they share the attention shapes, and a step's latency does not depend on the
+    # One cache for all the models: they share the attention shapes, and a step's latency does not depend on the
     # cached values. Writing the buffers once makes their pages resident before timing.
     k = [torch.randn(shape, device=device) for _ in range(cfg.n_layers)]
     v = [torch.randn(shape, device=device) for _ in range(cfg.n_layers)]
@@ -239,12 +347,15 @@ def measure_batch(models: dict[str, torch.nn.Module], B: int, kv: int, args: arg
     for f, model in models.items():
         t = timings[f]
         analytic = decode_bytes(model.cfg, B, kv, bytes_per_param=BYTES_PER_PARAM)
+        value_params, table_rows = analytic_values(model.cfg, B)
         rows.append({"batch_size": B, "family": f, "model": model_label(model.cfg), "kv_len_used": kv,
                      "latency_ms": t.median, "latency_ms_iqr": t.iqr, "samples_ms": t.samples_ms,
                      **touched(model, idx, caches[f], kv),
                      "analytic_bytes": analytic.total, "analytic_param_bytes": analytic.params,
                      "analytic_experts_touched": analytic.experts_touched,
-                     "analytic_value_rows_touched": analytic.value_rows_touched})
+                     "analytic_value_rows_touched": analytic.value_rows_touched,
+                     "analytic_table_rows_touched": table_rows or None,
+                     "analytic_value_bytes": value_params * BYTES_PER_PARAM})
     return rows
 
 
@@ -255,19 +366,21 @@ def model_label(cfg) -> str:  # noqa: ANN001
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """moe_ultramem_latency_ratio (and the bytes ratio, measured and analytic) on every row of its batch size."""
+    """Per memory family f: moe_<f>_latency_ratio = MoE latency / f's (and the bytes ratios, measured and analytic)
+    on every row of its batch size; for f = ultramem these are the fields moe_ultramem_* of earlier files."""
     by = {(r["batch_size"], r["family"]): r for r in rows}
     for r in rows:
-        moe, um = by.get((r["batch_size"], "moe")), by.get((r["batch_size"], "ultramem"))
-        if moe and um:
-            r["moe_ultramem_latency_ratio"] = moe["latency_ms"] / um["latency_ms"]
-            r["moe_ultramem_bytes_ratio"] = moe["bytes_touched"] / um["bytes_touched"]
-            r["moe_ultramem_analytic_bytes_ratio"] = moe["analytic_bytes"] / um["analytic_bytes"]
+        moe = by.get((r["batch_size"], "moe"))
+        for f in MEMORY_FAMILIES:
+            mem = by.get((r["batch_size"], f))
+            if moe and mem:
+                r[f"moe_{f}_latency_ratio"] = moe["latency_ms"] / mem["latency_ms"]
+                r[f"moe_{f}_bytes_ratio"] = moe["bytes_touched"] / mem["bytes_touched"]
+                r[f"moe_{f}_analytic_bytes_ratio"] = moe["analytic_bytes"] / mem["analytic_bytes"]
 
 
-def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Crossover (smallest batch from which UltraMem stays faster than MoE) and the >= 2x target from batch 64 on."""
-    ratios = {r["batch_size"]: r["moe_ultramem_latency_ratio"] for r in rows if "moe_ultramem_latency_ratio" in r}
+def crossover(ratios: dict[int, float]) -> dict[str, int | None]:
+    """The smallest batch from which the MoE / memory latency ratio stays >= 1, and >= TARGET_RATIO."""
     batches = sorted(ratios)
 
     def stays_above(level: float) -> int | None:
@@ -278,12 +391,26 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             above = b
         return above
 
+    return {"crossover_batch": stays_above(1.0), "ratio_2x_from_batch": stays_above(TARGET_RATIO)}
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Crossover (smallest batch from which UltraMem stays faster than MoE) and the >= 2x target from batch 64 on;
+    `memory_families`: the MoE latency ratios and crossovers of every memory family measured."""
+    ratios = {r["batch_size"]: r["moe_ultramem_latency_ratio"] for r in rows if "moe_ultramem_latency_ratio" in r}
+    batches = sorted(ratios)
+    per_family = {}
+    for f in MEMORY_FAMILIES:
+        key = f"moe_{f}_latency_ratio"
+        fr = {r["batch_size"]: r[key] for r in rows if key in r}
+        if fr:
+            per_family[f] = {"moe_latency_ratio": fr, **crossover(fr)}
     judged = [b for b in batches if b >= TARGET_FROM_BATCH]
-    return {"moe_ultramem_latency_ratio": ratios, "crossover_batch": stays_above(1.0),
-            "ratio_2x_from_batch": stays_above(TARGET_RATIO),
+    return {"moe_ultramem_latency_ratio": ratios, **crossover(ratios),
             "target": {"name": f"MoE/UltraMem decode latency >= {TARGET_RATIO:g}x for every batch >= "
                                f"{TARGET_FROM_BATCH}", "judged_batches": judged,
-                       "met": all(ratios[b] >= TARGET_RATIO for b in judged) if judged else None}}
+                       "met": all(ratios[b] >= TARGET_RATIO for b in judged) if judged else None},
+            "memory_families": per_family}
 
 
 # ---- output -----------------------------------------------------------------------------------------------------
@@ -301,10 +428,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
         if not rs:
             continue
         bs = [r["batch_size"] for r in rs]
-        line = ax_t.plot(bs, [r["latency_ms"] for r in rs], marker="o", label=f)[0]
-        ax_b.plot(bs, [r["bytes_touched"] / 2**20 for r in rs], marker="o", color=line.get_color(), label=f"{f} measured")
-        ax_b.plot(bs, [r["analytic_bytes"] / 2**20 for r in rs], ls="--", color=line.get_color(),
-                  label=f"{f} analytic")
+        style = get_family(f).style
+        ax_t.plot(bs, [r["latency_ms"] for r in rs], marker=style.marker, color=style.color, label=f)
+        ax_b.plot(bs, [r["bytes_touched"] / 2**20 for r in rs], marker=style.marker, color=style.color,
+                  label=f"{f} measured")
+        ax_b.plot(bs, [r["analytic_bytes"] / 2**20 for r in rs], ls="--", color=style.color, label=f"{f} analytic")
     ratios = {r["batch_size"]: r["moe_ultramem_latency_ratio"] for r in rows if r["family"] == "moe"}
     for b, ratio in ratios.items():
         ax_t.annotate(f"{ratio:.1f}x", (b, next(r["latency_ms"] for r in rows if r["batch_size"] == b
@@ -330,6 +458,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 COLUMNS = [("batch_size", "batch"), ("family", "family"), ("kv_len_used", "kv_len"), ("latency_ms", "ms"),
            ("latency_ms_iqr", "(iqr)"), ("bytes_touched", "bytes"), ("analytic_bytes", "analytic bytes"),
            ("moe_ultramem_latency_ratio", "MoE/UM latency"), ("moe_ultramem_bytes_ratio", "MoE/UM bytes")]
+COLUMNS += [(f"moe_{f}_latency_ratio", f"MoE/{SHORT.get(f, f)} latency") for f in MEMORY_FAMILIES if f != "ultramem"]
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -362,10 +491,11 @@ def run(args: argparse.Namespace) -> int:
                 "sparsity": args.sparsity, "size": args.size, "dtype": "float32", "warmup": args.warmup,
                 "repeats": args.repeats, "clock": args.clock,
                 "timing": f"{args.clock} clock, median and IQR of interleaved repeats of one decode step"}
-    models_info = {f: {"config": c.to_dict(), "params": count_params(c).to_dict(), "label": model_label(c)}
-                   for f, c in configs.items()}
+    match = parameter_match(configs)
+    models_info = {f: {"config": c.to_dict(), "params": count_params(c).to_dict(), "label": model_label(c),
+                       "match": match[f]} for f, c in configs.items()}
     payload = {**header(NAME, device, settings), "models": models_info, "rows": rows, **result,
-               "warnings": [w for w in busy if w][:1]}
+               "warnings": [w for w in busy if w][:1] + match_warnings(match)}
     json_path = write_json(payload, args.out / f"{NAME}.json")
     if not args.no_plot:
         plot(rows, args.out / f"{NAME}.png", f"decode step, kv_len {args.kv_len} (capped at {args.kv_budget_gb:g} "
@@ -374,11 +504,14 @@ def run(args: argparse.Namespace) -> int:
         print(json_path.read_text(), end="")
         return 0
     for f, info in models_info.items():
-        print(f"{f:9s} {info['label']}")
+        m = info["match"]
+        print(f"{f:11s} {info['label']} (active / total vs UltraMem: {m['active_vs_ultramem']:.3f} / "
+              f"{m['total_vs_ultramem']:.3f})")
     print(format_table(rows, COLUMNS))
     t = result["target"]
-    print(f"crossover (UltraMem faster from batch): {result['crossover_batch']}; >= {TARGET_RATIO:g}x from batch: "
-          f"{result['ratio_2x_from_batch']}")
+    for f, fs in result["memory_families"].items():
+        print(f"crossover ({get_family(f).title} faster than MoE from batch): {fs['crossover_batch']}; "
+              f">= {TARGET_RATIO:g}x from batch: {fs['ratio_2x_from_batch']}")
     print(f"target: {t['name']}: {({True: 'met', False: 'NOT met', None: 'no batch size judged'})[t['met']]}")
     for w in payload["warnings"]:
         print(f"warning: {w}")

@@ -27,6 +27,18 @@ Cases, at d = 256 and 1024 tokens (--batch x --seq):
                                  top-32 each: the same 64 rows x 128 floats per token, 2x the value parameters
   lucidrains/product-key-memory  PKM(dim=256, heads=4, num_keys=256, topk=32): 256^2 values of width 256
   ours pkm                       PKMLayer, 256^2 values of width 256, 4 heads x top-32, key_dim 128, softmax
+  ours memory_plus               Memory+ (Meta; ultramem/memory/memory_plus.py) at the matched row's memory size:
+                                 16384 rows x 256 (num_keys 128, value_dim = d), 4,194,304 value parameters, 1 head x
+                                 top-32 (32 rows x 256 = the same 8192 floats per token), key_dim 256 (two halves of
+                                 128: the matched row's key width per side), SiLU-gated output, no q/k norm (Meta's
+                                 released code), its own table. What it cannot share: IVE (16384 slots, not 65536),
+                                 cores and the query conv; Meta's default is 4 heads, kept at 1 x 32 here so both
+                                 rows run the same top-32 over 128 keys per side and over 32^2 candidates
+  ours ultramem_v2               UltraMemV2 (ultramem/memory/ultramem_v2.py) at the same memory size: one layer over
+                                 its UltraMemV2Table of 16384 rows (num_keys 128) x (192 values + 64 pre-values: the
+                                 paper's D_p:D_v = 1:3), 4,194,304 table parameters, 1 head x top-32 (32 rows x 256 =
+                                 the same 8192 floats per token), key_dim 128, Tucker rank 2, 2 cores, per-rank
+                                 queries, the released code's init. It cannot share IVE (16384 slots) or the conv
   ours moe / dense_ffn           MoEFFN 16 experts top-2 of hidden 1024 (total params = the 65k-row value table),
                                  and the dense MLP 256 -> 1024 -> 256
   ours gather_pool               the retrieval kernel alone on the 65k-row pattern: 1024 tokens x 64 rows of a
@@ -38,6 +50,9 @@ Cases, at d = 256 and 1024 tokens (--batch x --seq):
                                  value projection), with random operands of its shapes
   floor/topk <layer>             that layer's two top-m calls alone (stage 1 over the n' keys of each side, stage 2
                                  over the m^2 candidates), on random scores; no backward (indices only)
+Memory+ and UltraMemV2 have no public peer here (lucidrains' ultra-mem and product-key-memory implement neither), so
+their rows have no "x peer" ratio (the JSON's `notes` say so); their infer/bound is against bound/embedding_bag
+ultramem, the same 32 rows x 256 floats of a 16384-row table per token.
 Targets (issue 6): ours ultramem >= 8x faster forward+backward than lucidrains/ultra-mem, and ours ultramem
 inference within 3x of its bound's inference. Both ratios are in the table and in the JSON's `targets`, next to
 the inference floor (bound + matmuls + top-k, each timed alone): what this exact algorithm cannot go below here.
@@ -69,14 +84,17 @@ from benchmarks.common import (
     time_round_robin,
     write_json,
 )
-from ultramem.config import MemoryConfig, MoEConfig
+from ultramem.config import MemoryConfig, MemoryPlusConfig, MoEConfig, UltraMemV2Config
 from ultramem.kernels.retrieval import gather_pool, triton_available
+from ultramem.memory.memory_plus import MemoryPlusLayer
 from ultramem.memory.pkm import PKMLayer
 from ultramem.memory.ultramem import UltraMemLayer
+from ultramem.memory.ultramem_v2 import UltraMemV2Layer, UltraMemV2Table
 from ultramem.mlp import MLP
 from ultramem.moe import MoEFFN
 
-HELP = "time UltraMem/PKM/MoE/dense layers and the retrieval kernel against lucidrains peers and embedding_bag"
+HELP = ("time UltraMem/PKM/Memory+/UltraMemV2/MoE/dense layers and the retrieval kernel against lucidrains peers and "
+        "embedding_bag")
 NAME = "layers"
 
 D_MODEL = 256
@@ -88,6 +106,11 @@ CORES = 2  # MCS cores (lucidrains' core heads)
 SPEEDUP_TARGET = 8.0
 BOUND_TARGET = 3.0
 MEMORY_LAYERS = ("ultramem", "ultramem_65k_rows", "pkm")
+SHARED_TABLE_LAYERS = ("memory_plus", "ultramem_v2")  # the families with a table shared across blocks (no peer)
+NO_PEER_NOTE = ("ours/memory_plus and ours/ultramem_v2 have no public peer in this benchmark: lucidrains' ultra-mem "
+                "and product-key-memory implement neither Memory+ nor UltraMemV2, so their rows carry no 'x peer' "
+                "ratio; their infer/bound is against bound/embedding_bag/ultramem (the same 32 rows x 256 floats per "
+                "token of a 16384-row table)")
 MODES = ("fwd", "fwd_bwd", "inference")
 
 
@@ -176,11 +199,34 @@ def our_memory_config(layer: str):
     return cfg
 
 
+def memory_plus_config() -> MemoryPlusConfig:
+    """Memory+ at the matched row's memory size (module docstring): 128^2 rows of d, 1 head x top-32."""
+    cfg = MemoryPlusConfig(layers="0", num_keys=128, key_dim=2 * KEY_DIM, heads=1, top_m=TOP_M, value_dim=D_MODEL,
+                           qk_norm=False, swilu=True)
+    cfg.validate()
+    return cfg
+
+
+def ultramem_v2_config() -> UltraMemV2Config:
+    """UltraMemV2 at the matched row's memory size: 128^2 rows of 192 values + 64 pre-values, 1 head x top-32."""
+    cfg = UltraMemV2Config(num_keys=128, key_dim=KEY_DIM, value_dim=3 * D_MODEL // 4, pre_value_dim=D_MODEL // 4,
+                           heads=1, top_m=TOP_M, tucker_rank=2, num_cores=CORES, query_per_rank=True,
+                           share_ratio=0.0, init="official")
+    cfg.validate(num_layers=1)
+    return cfg
+
+
 def memory_size(cfg) -> dict[str, int]:  # noqa: ANN001
-    """What "the same memory size" compares: addressable slots, value parameters, floats read per token."""
-    return {"slots": cfg.value_expansion * cfg.num_values, "value_params": cfg.num_values * cfg.value_dim,
-            "rows_read_per_token": cfg.heads * cfg.top_m,
-            "floats_read_per_token": cfg.heads * cfg.top_m * cfg.value_dim}
+    """What "the same memory size" compares: addressable slots, value parameters, floats read per token (for
+    UltraMemV2 its values and pre-values together: both are read at the selected rows)."""
+    if isinstance(cfg, MemoryPlusConfig):
+        rows, width, slots = cfg.num_values, cfg.value_dim or D_MODEL, cfg.num_values
+    elif isinstance(cfg, UltraMemV2Config):
+        rows, width, slots = cfg.table_rows(1), cfg.value_dim + cfg.pre_value_dim, cfg.keys_per_side(1) ** 2
+    else:
+        rows, width, slots = cfg.num_values, cfg.value_dim, cfg.value_expansion * cfg.num_values
+    return {"slots": slots, "value_params": rows * width, "rows_read_per_token": cfg.heads * cfg.top_m,
+            "floats_read_per_token": cfg.heads * cfg.top_m * width}
 
 
 def lucidrains_memory_size(module: nn.Module) -> dict[str, int]:
@@ -214,6 +260,28 @@ def ours_memory(layer: str, batch: int, seq: int, device: torch.device) -> Case:
     module = Layer(D_MODEL, cfg, 1).to(device)
     return module_case("ours", layer, module, ultramem_input(batch, seq, device),
                        {"d_model": D_MODEL, **dataclasses.asdict(cfg), **memory_size(cfg)})
+
+
+def matched_to_ultramem(cfg) -> dict[str, Any]:  # noqa: ANN001
+    """Which memory-size figures of a shared-table family's row equal those of `ours/ultramem`, and which cannot."""
+    ours, ref = memory_size(cfg), memory_size(our_memory_config("ultramem"))
+    return {"matched_to": "ours/ultramem", "matched": [k for k in ours if ours[k] == ref[k]],
+            "not_matched": {k: [ours[k], ref[k]] for k in ours if ours[k] != ref[k]}, "peer": None}
+
+
+def ours_memory_plus(batch: int, seq: int, device: torch.device) -> Case:
+    cfg = memory_plus_config()
+    module = MemoryPlusLayer(D_MODEL, cfg).to(device)  # a private table: one layer
+    return module_case("ours", "memory_plus", module, ultramem_input(batch, seq, device),
+                       {"d_model": D_MODEL, **dataclasses.asdict(cfg), **memory_size(cfg), **matched_to_ultramem(cfg)})
+
+
+def ours_ultramem_v2(batch: int, seq: int, device: torch.device) -> Case:
+    cfg = ultramem_v2_config()
+    table = UltraMemV2Table(D_MODEL, cfg, num_layers=1)  # one layer: its window is the whole table
+    module = UltraMemV2Layer(D_MODEL, cfg, 0, 1, 0.02, table).to(device)
+    return module_case("ours", "ultramem_v2", module, ultramem_input(batch, seq, device),
+                       {"d_model": D_MODEL, **dataclasses.asdict(cfg), **memory_size(cfg), **matched_to_ultramem(cfg)})
 
 
 def ours_moe(batch: int, seq: int, device: torch.device) -> Case:
@@ -329,7 +397,9 @@ def builders(batch: int, seq: int, device: torch.device) -> list[tuple[str, Call
         ("lucidrains/product-key-memory/pkm", lambda: lucidrains_pkm(batch, seq, device)),
     ]
     out += [(f"ours/{layer}", lambda layer=layer: ours_memory(layer, batch, seq, device)) for layer in MEMORY_LAYERS]
-    out += [("ours/moe", lambda: ours_moe(batch, seq, device)),
+    out += [("ours/memory_plus", lambda: ours_memory_plus(batch, seq, device)),
+            ("ours/ultramem_v2", lambda: ours_ultramem_v2(batch, seq, device)),
+            ("ours/moe", lambda: ours_moe(batch, seq, device)),
             ("ours/dense_ffn", lambda: ours_dense(batch, seq, device)),
             ("ours/gather_pool", lambda: ours_gather_pool(T, device, backend="auto"))]
     # on CUDA with Triton: the PyTorch path next to the Triton kernel it is the reference of
@@ -363,7 +433,7 @@ def build_cases(batch: int, seq: int, device: torch.device,
 PEER_OF = {"ultramem": "lucidrains/ultra-mem/ultramem", "ultramem_65k_rows": "lucidrains/ultra-mem/ultramem",
            "pkm": "lucidrains/product-key-memory/pkm"}
 BOUND_OF = {"ultramem": "ultramem", "ultramem_65k_rows": "ultramem_65k_rows", "gather_pool": "ultramem_65k_rows",
-            "gather_pool[torch]": "ultramem_65k_rows"}
+            "gather_pool[torch]": "ultramem_65k_rows", "memory_plus": "ultramem", "ultramem_v2": "ultramem"}
 
 
 def selected(labels: list[str], only: list[str]) -> list[str]:
@@ -425,7 +495,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         r["inference_vs_bound"] = r["inference_ms"] / bound["inference_ms"]
         r["fwd_bwd_vs_bound"] = r["fwd_bwd_ms"] / bound["fwd_bwd_ms"]
         parts = [by.get(f"floor/{part}/{target}") for part in ("matmuls", "topk")]
-        if r["layer"].startswith("ultramem") and all(parts):
+        if target == r["layer"] and all(parts):  # the floors time that layer's own shapes
             floor = bound["inference_ms"] + sum(p["inference_ms"] for p in parts)
             r["inference_floor_ms"] = floor
             r["inference_floor_vs_bound"] = floor / bound["inference_ms"]
@@ -485,14 +555,15 @@ def run(args: argparse.Namespace) -> int:
     rows = measure(cases, device, args.warmup, args.repeats, args.clock)
     busy.append(load_warning(0))
     profiles = {c.label: profile_case(c, device) for c in cases
-                if args.profile and c.impl == "ours" and c.layer in MEMORY_LAYERS}
+                if args.profile and c.impl == "ours" and c.layer in MEMORY_LAYERS + SHARED_TABLE_LAYERS}
     warnings = [w for w in busy if w][:1] + spread_warnings(rows, MODES)
     settings = {"batch": args.batch, "seq": args.seq, "tokens": args.batch * args.seq, "d_model": D_MODEL,
                 "warmup": args.warmup, "repeats": args.repeats, "clock": args.clock,
                 "timing": f"{args.clock} clock, median and IQR of interleaved repeats; fwd in train mode, inference "
                           "in eval mode under torch.no_grad"}
+    notes = [NO_PEER_NOTE] if any(c.layer in SHARED_TABLE_LAYERS for c in cases if c.impl == "ours") else []
     payload = {**header(NAME, device, settings), "rows": rows, "targets": targets(rows), "skipped": skipped,
-               "warnings": warnings, "profiles": profiles}
+               "warnings": warnings, "profiles": profiles, "notes": notes}
     json_path = write_json(payload, args.out / f"{NAME}.json")
     if not args.no_plot:
         labels = [f"{r['impl']}/{r['layer']}" for r in rows]
@@ -512,6 +583,8 @@ def run(args: argparse.Namespace) -> int:
         for mode, ops in prof.items():
             print(f"\nprofile {label} {mode} (self ms per call):")
             print(format_table(ops, [("op", "op"), ("self_ms", "self ms"), ("calls", "calls"), ("share", "share")]))
+    for note in notes:
+        print(f"note: {note}")
     for s in skipped:
         print(f"skipped {s['label']}: {s['reason']}")
     for w in warnings:

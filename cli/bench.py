@@ -16,7 +16,7 @@ HELP = "run a benchmark and write its JSON and plot to benchmarks/results/"
 # name -> (module, one-line help); a new benchmark is one line here.
 BENCHMARKS = {
     "layers": ("benchmarks.bench_layers", "layer fwd / fwd+bwd / inference time and memory vs lucidrains peers"),
-    "inference": ("benchmarks.bench_inference", "decode latency and bytes read vs batch: Dense / MoE / UltraMem"),
+    "inference": ("benchmarks.bench_inference", "decode latency and bytes read vs batch: every family (dense, MoE, UltraMem, UltraMemV2, Memory+)"),
     "throughput": ("benchmarks.bench_throughput", "training tokens/s (and MFU on GPU) per family, tiny presets"),
     "trainer": ("benchmarks.bench_trainer", "trainer overhead vs a bare PyTorch loop, same model/data/steps (<= 10%)"),
     "scheduler": ("benchmarks.bench_scheduler", "sweep planning time and makespan of 12 short runs vs the ideal"),

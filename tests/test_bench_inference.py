@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from analysis.collect import read_inference_benchmark
 from benchmarks.bench_inference import (
+    MEMORY_FAMILIES,
     SIZES,
+    analytic_values,
     is_sparse,
     kv_len_for,
     model_configs,
@@ -19,10 +23,14 @@ from benchmarks.bench_inference import (
 )
 from cli import bench
 from ultramem import build_model
+from ultramem.accounting import decode_bytes
+from ultramem.memory.memory_plus import MemoryPlusLayer
+from ultramem.memory.ultramem_v2 import UltraMemV2Layer
 from ultramem.model import KVCache
 from ultramem.moe import MoEFFN
 
 TINY = SIZES["tiny"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def numel_counts(model: torch.nn.Module) -> tuple[int, int]:
@@ -35,6 +43,12 @@ def numel_counts(model: torch.nn.Module) -> tuple[int, int]:
         active -= sum(b.ffn.w_in.numel() + b.ffn.w_out.numel() for b in model.blocks) * (E - k) // E
     for mem in model.memories:
         active -= mem.values.numel() - mem.cfg.heads * mem.cfg.top_m * mem.cfg.value_dim
+    inner = [b.ffn.memory for b in model.blocks if getattr(b.ffn, "memory", None) is not None]
+    if inner:  # one shared table (Memory+, UltraMemV2): a token reads H*m rows of it in every memory layer
+        table = model.shared
+        width = sum(p.shape[1] for p in table.parameters(recurse=False))
+        active -= sum(p.numel() for p in table.parameters(recurse=False))
+        active += sum(mem.cfg.heads * mem.cfg.top_m * width for mem in inner)
     return total, active
 
 
@@ -45,6 +59,8 @@ def test_families_have_equal_activated_and_sparse_models_equal_total_params(spar
     (t_dense, a_dense), (t_moe, a_moe), (t_um, a_um) = counts["dense"], counts["moe"], counts["ultramem"]
     assert a_dense == pytest.approx(a_um, rel=0.05) and a_moe == pytest.approx(a_um, rel=0.05)
     assert t_moe == pytest.approx(t_um, rel=0.05)
+    for f in ("memory_plus", "ultramem_v2"):
+        assert counts[f][1] == pytest.approx(a_um, rel=0.05) and counts[f][0] == pytest.approx(t_um, rel=0.05)
     assert t_um == pytest.approx(sparsity * a_um, rel=0.1)
     assert t_dense == a_dense
 
@@ -118,6 +134,43 @@ def test_ultramem_bytes_touched_equals_the_selected_rows(B, monkeypatch):
     assert not any(is_sparse(n) for n, _ in model.named_parameters() if not n.endswith(".values"))
 
 
+@pytest.mark.parametrize("family, layer", [("memory_plus", MemoryPlusLayer), ("ultramem_v2", UltraMemV2Layer)])
+@pytest.mark.parametrize("B", [1, 6])
+def test_shared_table_bytes_touched_equals_the_selected_rows(family, layer, B, monkeypatch):
+    """Rows recorded from each memory layer's lookup (the physical rows it reads) decide the bytes; the table every
+    layer shares is read once per step (the union of their rows), at all its row widths (V2: values + pre-values).
+    Against ultramem.accounting: the same dense bytes exactly, the table bytes within 5% (uniform routing)."""
+    cfg = model_configs(TINY, 12.0, seq_len=16)[family]
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    selected: list[torch.Tensor] = []
+    lookup = layer.lookup
+
+    def spy(self, x):
+        out = lookup(self, x)
+        selected.append(out[0])
+        return out
+
+    monkeypatch.setattr(layer, "lookup", spy)
+    idx, cache = decode_inputs(model, B, kv=4)
+    got = touched(model, idx, cache, kv_len=4)
+    layers = [b.ffn.memory for b in model.blocks if getattr(b.ffn, "memory", None) is not None]
+    assert len(selected) == len(layers) >= 1
+    union = int(torch.unique(torch.cat([r.flatten() for r in selected])).numel())
+    assert got["value_rows_touched"] == [int(torch.unique(r).numel()) for r in selected]
+    assert got["table_rows_touched"] == [union]
+    table = {id(p) for p in model.shared.parameters()}
+    width = sum(p.shape[1] for p in model.shared.parameters())
+    dense = sum(p.numel() for p in model.parameters() if id(p) not in table)  # wte = the tied head, read once
+    kv = 2 * cfg.n_layers * B * 4 * cfg.d_model
+    assert got["value_bytes"] == 4 * union * width
+    assert got["bytes_touched"] == 4 * (dense + union * width + kv)
+    analytic = decode_bytes(cfg, B, 4, bytes_per_param=4)
+    value_params, rows = analytic_values(cfg, B)
+    assert got["bytes_touched"] - got["value_bytes"] == pytest.approx(analytic.total - 4 * value_params)
+    assert got["value_bytes"] == pytest.approx(4 * value_params, rel=0.05) and union == pytest.approx(rows, rel=0.05)
+
+
 def test_summary_crossover_and_target():
     def rows(ratios):
         return [{"batch_size": b, "family": "moe", "moe_ultramem_latency_ratio": r} for b, r in ratios.items()]
@@ -142,15 +195,43 @@ def test_bench_inference_end_to_end(tmp_path, capsys):
     assert rc == 0
     data = json.loads((tmp_path / "inference.json").read_text())
     assert json.loads(capsys.readouterr().out) == data and (tmp_path / "inference.png").stat().st_size > 0
-    assert {(r["batch_size"], r["family"]) for r in data["rows"]} == {(b, f) for b in (1, 3)
-                                                                      for f in ("dense", "moe", "ultramem")}
+    families = ("dense", "moe", "ultramem", "memory_plus", "ultramem_v2")
+    assert MEMORY_FAMILIES == ("ultramem", "memory_plus", "ultramem_v2")
+    assert {(r["batch_size"], r["family"]) for r in data["rows"]} == {(b, f) for b in (1, 3) for f in families}
+    old = {"batch_size", "family", "model", "kv_len_used", "latency_ms", "latency_ms_iqr", "samples_ms", "param_bytes",
+           "kv_bytes", "bytes_touched", "experts_touched", "value_rows_touched", "analytic_bytes",
+           "analytic_param_bytes", "analytic_experts_touched", "analytic_value_rows_touched",
+           "moe_ultramem_latency_ratio", "moe_ultramem_bytes_ratio", "moe_ultramem_analytic_bytes_ratio"}
     for r in data["rows"]:
+        assert old <= set(r)  # the fields of earlier files, unchanged
         assert r["latency_ms"] > 0 and len(r["samples_ms"]) == 2 and r["kv_len_used"] == 8
         assert r["bytes_touched"] == r["param_bytes"] + r["kv_bytes"] > 0 and r["analytic_bytes"] > 0
-        moe = next(x for x in data["rows"] if x["batch_size"] == r["batch_size"] and x["family"] == "moe")
-        um = next(x for x in data["rows"] if x["batch_size"] == r["batch_size"] and x["family"] == "ultramem")
-        assert r["moe_ultramem_latency_ratio"] == pytest.approx(moe["latency_ms"] / um["latency_ms"])
+        at = {x["family"]: x for x in data["rows"] if x["batch_size"] == r["batch_size"]}
+        for f in MEMORY_FAMILIES:  # moe_ultramem_latency_ratio as before, and one ratio per memory family
+            assert r[f"moe_{f}_latency_ratio"] == pytest.approx(at["moe"]["latency_ms"] / at[f]["latency_ms"])
+            assert r[f"moe_{f}_bytes_ratio"] == pytest.approx(at["moe"]["bytes_touched"] / at[f]["bytes_touched"])
+        if r["family"] in MEMORY_FAMILIES:  # bytes from the routing next to the accounting's
+            assert r["bytes_touched"] == pytest.approx(r["analytic_bytes"], rel=0.05)
+            assert r["value_bytes"] == pytest.approx(r["analytic_value_bytes"], rel=0.05)
+            dense = r["analytic_bytes"] - r["analytic_value_bytes"]
+            assert r["bytes_touched"] - r["value_bytes"] == pytest.approx(dense)  # only the routing differs
+            assert sum(r["table_rows_touched"]) == pytest.approx(r["analytic_table_rows_touched"], rel=0.05)
+        if r["family"] in ("memory_plus", "ultramem_v2"):  # one table, read once per step by all its layers
+            assert len(r["table_rows_touched"]) == 1
+            assert max(r["value_rows_touched"]) <= r["table_rows_touched"][0] <= sum(r["value_rows_touched"])
     dense_b1 = next(r for r in data["rows"] if r["batch_size"] == 1 and r["family"] == "dense")
     assert dense_b1["bytes_touched"] == dense_b1["analytic_bytes"]  # no routing: the two counts must agree exactly
     assert set(data["moe_ultramem_latency_ratio"]) == {"1", "3"} and data["target"]["met"] is None
+    assert data["crossover_batch"] == data["memory_families"]["ultramem"]["crossover_batch"]
+    for f in MEMORY_FAMILIES:
+        assert set(data["memory_families"][f]["moe_latency_ratio"]) == {"1", "3"}
     assert data["settings"]["kv_len"] == 8 and data["models"]["moe"]["params"]["total"] > 0
+    for f in families:  # the matched parameter counts are reported (and within 3%: no warning)
+        m = data["models"][f]["match"]
+        assert m["active_vs_ultramem"] == pytest.approx(1, abs=0.03)
+        assert f == "dense" or m["total_vs_ultramem"] == pytest.approx(1, abs=0.03)
+    assert not any("from UltraMem's" in w for w in data["warnings"])
+    # the report's reader takes the new file as it takes the committed (three-family) ones
+    assert set(read_inference_benchmark(tmp_path / "inference.json")["family"]) == set(families)
+    for committed in sorted(REPO.glob("docs/results/*/inference.json")):
+        assert {"dense", "moe", "ultramem"} <= set(read_inference_benchmark(committed)["family"])
