@@ -392,3 +392,12 @@ def test_resource_nproc_becomes_the_runs_parallel_nproc(tmp_path):
                                                                          "parallel.nproc: {value: 4}"))
     with pytest.raises(ConfigError, match="resources give nproc=2 but the run config sets parallel.nproc=4"):
         plan_sweep(path)
+
+
+def test_official_227m_sweep_is_the_authors_iso_parameter_comparison():
+    plan = plan_sweep(Path(__file__).resolve().parents[1] / "sweeps" / "official_227m.yaml")
+    assert {r.preset for r in plan.runs} == {"ultramem-227m-official", "memory_plus-227m", "ultramem_v2-227m",
+                                             "moe-227m-64e-top8"}
+    totals = [r.total_params for r in plan.runs]
+    assert max(totals) / min(totals) < 1.01  # iso-parameter: 1.23-1.24B each
+    assert all(r.tokens == 768 * 4096 * 158946 for r in plan.runs)  # 500B tokens
