@@ -9,6 +9,10 @@ previous checkpoint as the newest complete one.
 Sharded runs (experiments/distributed.py) write `step_XXXXXXXX.dcp/` folders instead (torch.distributed.checkpoint,
 one file per rank); `newest` and `prune` consider both kinds.
 
+Branch points: a WSD trunk with cooldown branches (`train.branches`) keeps the checkpoint of each branch step in
+`RUN_DIR/branch_points/` (a hard link, or a copy where links are not supported, of the saved file or folder, with
+its checksums), where `newest` and `prune` never look: a branch run starts from it (experiments/trainer.py).
+
 Checksums: a file checkpoint has a sidecar `step_XXXXXXXX.pt.sha256`, a DCP folder a `checksums.sha256` inside it
 (both in `sha256sum` format), so a damaged checkpoint (truncated, a flipped bit: torch.load reads those silently)
 is recognised before it is used; `verify` raises CorruptCheckpoint and `move_aside` renames it to
@@ -122,6 +126,44 @@ def prune(run_dir: RunDir, keep: int) -> None:
             for p in (path, checksum_path(path)):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
+
+
+def keep_branch_point(run_dir: RunDir, step: int) -> Path | None:
+    """Keep the checkpoint of `step` (in checkpoints/) in branch_points/ unless it is there already; return the
+    kept path, None when checkpoints/ has no such checkpoint. The kept path appears complete or not at all."""
+    kept = run_dir.branch_point(step)
+    if kept is not None:
+        return kept
+    src = next((p for p in (run_dir.checkpoint_path(step), sharded_path(run_dir, step)) if p.exists()), None)
+    if src is None:
+        return None
+    run_dir.branch_dir.mkdir(parents=True, exist_ok=True)
+    dst = run_dir.branch_dir / src.name
+    tmp = run_dir.branch_dir / f".{src.name}.tmp"
+    if src.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, copy_function=_link_or_copy)
+    else:
+        if checksum_path(src).exists():  # the checksum first: the checkpoint's name appears last
+            _replace_with_link(checksum_path(src), checksum_path(dst))
+        _replace_with_link(src, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _replace_with_link(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.link")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    _link_or_copy(src, tmp)
+    os.replace(tmp, dst)
 
 
 # ---- checksums and damaged checkpoints ---------------------------------------------------------------------------

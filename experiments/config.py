@@ -93,6 +93,11 @@ class TrainConfig(Strict):
     schedule: Literal["cosine", "wsd", "linear"] = "cosine"
     cooldown: float = Field(0.2, gt=0.0, le=1.0)  # wsd: fraction of all steps spent cooling down
     cooldown_shape: Literal["linear", "1-sqrt"] = "linear"  # wsd: linear, or 1 - sqrt (Hagele et al. 2024)
+    # wsd trunk: budgets (tokens '2e5' or 'KxN') at which cooldown branches end; the trunk keeps a checkpoint where
+    # each branch's cooldown starts, and a sweep adds one run per budget (docs/sweeps.md "Cooldown branches")
+    branches: list[float | str] = Field(default_factory=list)
+    branch_of: str | None = None  # a branch: the run id of its trunk (a sibling run folder); set by the planner
+    lr_mult_steps: int | None = Field(None, ge=1)  # steps the group LR multipliers' progress runs over; None: steps
     weight_decay: float = Field(0.1, ge=0.0)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
@@ -121,6 +126,14 @@ class TrainConfig(Strict):
     def _tokens_positive(cls, v: float | str) -> float | str:
         if isinstance(v, float) and not v > 0:
             raise ValueError("must be a number of tokens > 0 ('5e6') or 'KxN' (e.g. '20xN')")
+        return v
+
+    @field_validator("branches")
+    @classmethod
+    def _branches_positive(cls, v: list[float | str]) -> list[float | str]:
+        for b in v:
+            if isinstance(b, float) and not b > 0:
+                raise ValueError(f"budget {b!r}: must be a number of tokens > 0 ('2e5') or 'KxN' (e.g. '10xN')")
         return v
 
     @field_validator("batch_size")
@@ -305,10 +318,12 @@ def canonical_json(data: Any) -> str:
 
 # Fields that never change what a run computes, and so are left out of its id.
 _NOT_IN_ID = ("name", "sweep", "wandb", "parallel")  # the layout changes how a run is computed, not what
-_TRAIN_NOT_IN_ID = ("log_every", "ckpt_every", "keep_checkpoints", "device", "compile", "threads")
+_TRAIN_NOT_IN_ID = ("log_every", "ckpt_every", "keep_checkpoints", "device", "compile", "threads",
+                    "branches")  # a trunk's branch list changes which checkpoints it keeps, not what it computes
 # Fields added after the first run ids were issued enter the id only when set away from their default, so that
 # every earlier run keeps its id (and a finished sweep is still skipped).
-_TRAIN_ID_SINCE_V1 = {"schedule": "cosine", "cooldown": 0.2, "cooldown_shape": "linear"}
+_TRAIN_ID_SINCE_V1 = {"schedule": "cosine", "cooldown": 0.2, "cooldown_shape": "linear", "branch_of": None,
+                      "lr_mult_steps": None}
 
 
 def run_id(resolved: dict[str, Any]) -> str:
@@ -321,3 +336,38 @@ def run_id(resolved: dict[str, Any]) -> str:
     digest = hashlib.sha256(canonical_json(content).encode()).hexdigest()[:10]
     family = resolved.get("model", {}).get("family", "run")
     return f"{family}-{digest}"
+
+
+# ---- WSD cooldown branches ---------------------------------------------------------------------------------------
+
+
+def wsd_cooldown_start(steps: int, warmup: int, cooldown: float) -> int:
+    """The first cooldown step (0-based) of a WSD schedule of `steps` steps: the last `cooldown` fraction of the
+    steps (at least one) cools down, never before warmup ends. experiments.trainer.lr_at uses it."""
+    return max(int(warmup), int(steps) - max(1, round(cooldown * int(steps))))
+
+
+def branch_points(train: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """(tokens, steps, branch step) of each cooldown branch of a resolved trunk's `train` block, in budget order.
+
+    A branch of budget D runs steps_b = D / (batch_size * seq_len) steps with the trunk's WSD schedule computed for
+    its own length; its cooldown starts at `wsd_cooldown_start(steps_b)`, the branch step, where it leaves the
+    trunk (whose LR is still the constant peak there). The trunk keeps its checkpoint of that step."""
+    per_step = int(train["batch_size"]) * int(train["seq_len"])
+    out = []
+    for tokens in train.get("branches") or []:
+        steps = int(tokens) // per_step
+        out.append((steps * per_step, steps, wsd_cooldown_start(steps, int(train["warmup"]), train["cooldown"])))
+    return out
+
+
+def branch_config(trunk: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """The resolved config of the trunk's cooldown branch to `tokens` (a budget from `branch_points`): the trunk's
+    config with that budget, no branches of its own, `branch_of` = the trunk's run id, and the group LR multipliers
+    kept on the trunk's clock (`lr_mult_steps`), so the branch is the trunk's run cooled down at its branch step."""
+    t = trunk["train"]
+    steps = int(tokens) // (int(t["batch_size"]) * int(t["seq_len"]))
+    out = json.loads(json.dumps(trunk))
+    out["train"].update(tokens=int(tokens), steps=steps, branches=[], branch_of=run_id(trunk),
+                        lr_mult_steps=t.get("lr_mult_steps") or int(t["steps"]))
+    return out

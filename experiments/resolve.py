@@ -8,7 +8,8 @@ Resolution is fast (no torch, no data loading), so a sweep plans 1,000 runs in a
   - train.micro_batch_size: sequences per forward/backward on one process (default: no accumulation);
   - train.steps and train.tokens: both set, tokens = steps * batch_size * seq_len (the budget in tokens or
     'KxN' multiples of the active parameters is rounded to whole optimizer steps);
-  - train.warmup: a number of steps.
+  - train.warmup: a number of steps;
+  - train.branches (a WSD trunk's cooldown branches): each budget in tokens, rounded to whole steps, ascending.
 Resolving a resolved config returns it unchanged.
 """
 
@@ -17,7 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 from experiments import hparams
-from experiments.config import RunConfig, parse_token_budget, resolve_model, run_config_from_dict
+from experiments.config import (
+    RunConfig,
+    parse_token_budget,
+    resolve_model,
+    run_config_from_dict,
+    wsd_cooldown_start,
+)
 from experiments.data.tokenizers import tokenizer_vocab_size
 from ultramem.accounting import count_params
 from ultramem.config import ConfigError, ModelConfig
@@ -67,6 +74,8 @@ def _resolve_train(cfg: RunConfig, model: ModelConfig, active: int, source: str)
         raise ConfigError(f"{source}: train.steps ({t.steps}) must be >= 1")
     steps = t.steps if t.steps is not None else hparams.num_steps(budget, batch, seq_len)
     lr = hparams.learning_rate(active) if t.lr == "auto" else t.lr
+    warmup = hparams.warmup_steps(t.warmup, steps)
+    branches = _resolve_branches(t, active, steps, batch, seq_len, warmup, source)
     return {
         **t.model_dump(mode="json"),
         "tokens": steps * batch * seq_len,
@@ -75,5 +84,39 @@ def _resolve_train(cfg: RunConfig, model: ModelConfig, active: int, source: str)
         "micro_batch_size": micro,
         "seq_len": seq_len,
         "lr": float(lr),
-        "warmup": hparams.warmup_steps(t.warmup, steps),
+        "warmup": warmup,
+        "branches": branches,
     }
+
+
+def _resolve_branches(t: Any, active: int, steps: int, batch: int, seq_len: int, warmup: int,
+                      source: str) -> list[int]:
+    """A WSD trunk's branch budgets in tokens (whole steps), ascending; each must leave the trunk in its stable
+    phase: its branch step (where its own cooldown starts) at or before the trunk's cooldown start."""
+    if t.branch_of is not None and t.schedule != "wsd":
+        raise ConfigError(f"{source}: train.branch_of is set (a cooldown branch) but train.schedule is "
+                          f"{t.schedule!r}; a branch is a WSD run")
+    if not t.branches:
+        return []
+    where = f"{source}: train.branches"
+    if t.schedule != "wsd":
+        raise ConfigError(f"{where}: cooldown branches need train.schedule: wsd (got {t.schedule!r}): a branch "
+                          "leaves the trunk's constant-LR phase")
+    if t.branch_of is not None:
+        raise ConfigError(f"{where}: a branch (train.branch_of is set) cannot have branches of its own")
+    trunk_start = wsd_cooldown_start(steps, warmup, t.cooldown)
+    out: dict[int, Any] = {}
+    for budget in t.branches:
+        n = hparams.num_steps(parse_token_budget(budget, active, where), batch, seq_len)
+        start = wsd_cooldown_start(n, warmup, t.cooldown)
+        if n >= steps or start > trunk_start:
+            raise ConfigError(f"{where}: budget {budget!r} ({n} steps of {batch} x {seq_len} tokens) is not below "
+                              f"the trunk's own budget ({steps} steps, stable until step {trunk_start}); a branch "
+                              "must end before the trunk's cooldown starts")
+        if start < 1:
+            raise ConfigError(f"{where}: budget {budget!r} ({n} steps) is so short that its cooldown starts at "
+                              "step 0; train it as a run of its own")
+        if n in out:
+            raise ConfigError(f"{where}: budgets {out[n]!r} and {budget!r} round to the same {n} steps; drop one")
+        out[n] = budget
+    return [n * batch * seq_len for n in sorted(out)]

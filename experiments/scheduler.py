@@ -10,6 +10,11 @@ subprocess, up to 1 + retries times. The scheduler never imports the trainer, so
 ordinary failed attempt. The training process is tied to its launcher (PR_SET_PDEATHSIG): when a node's Ray worker
 dies, its training process dies with it and releases the run for the retry on another node.
 
+Cooldown branches (a WSD trunk's `train.branches`, docs/sweeps.md) depend on their trunk: a branch job is handed to
+the backend only once the trunk has kept its checkpoint of the branch step (`branch_points/`), or once the trunk
+has ended (done: the branch then trains from step 0, the same run at full cost; failed or diverged: the branch
+fails, naming its trunk). A branch never waits inside a slot, so no number of slots can starve its trunk.
+
 Backends implement `nodes()` (for the pre-flight check), `run(jobs, ...)` and `close()`:
   - ray: one plain `@ray.remote` task per run with the run's CPU/GPU/memory request; Ray's `max_retries` re-runs
     a task whose worker or node died (docs/sweeps.md explains why plain tasks rather than Tune);
@@ -30,7 +35,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,12 +67,18 @@ class Job:
     memory_gb: float | None = None
     nproc: int = 1
     flops: float = 0.0  # planned training FLOPs: the cost used to start the longest runs first
+    trunk_id: str | None = None  # a cooldown branch: its trunk's run id (a sibling folder) ...
+    branch_step: int = 0  # ... and the trunk step it starts from
 
     @classmethod
     def from_planned(cls, run: PlannedRun, runs_dir: Path) -> Job:
         r = run.resources
         return cls(run.run_id, str((runs_dir / run.run_id).absolute()), r.cpus, r.gpus, r.memory_gb, r.nproc or 1,
-                   run.flops)
+                   run.trained_flops, run.branch_of, run.branch_step)
+
+    @property
+    def trunk_dir(self) -> Path | None:
+        return None if self.trunk_id is None else Path(self.run_dir).parent / self.trunk_id
 
     def describe(self) -> str:
         mem = "" if self.memory_gb is None else f", memory_gb={self.memory_gb:g}"
@@ -110,6 +120,48 @@ class Backend(Protocol):
             report: Callable[[Outcome], None]) -> list[Outcome]: ...
 
     def close(self) -> None: ...
+
+
+# ---- cooldown branches: start a branch once its trunk checkpoint exists -------------------------------------------
+
+
+class Dependencies:
+    """Which jobs may start now: every job but a branch whose trunk has neither kept the branch's checkpoint nor
+    ended. A backend asks `check` for each waiting job and tells `ended` each outcome."""
+
+    def __init__(self, jobs: list[Job]):
+        self.ours = {j.run_id for j in jobs}
+        self.outcomes: dict[str, Outcome] = {}
+
+    def ended(self, outcome: Outcome) -> None:
+        self.outcomes[outcome.run_id] = outcome
+
+    def check(self, job: Job) -> str | None:
+        """'run', 'wait', or why the branch cannot run (its trunk failed or diverged before the branch step)."""
+        if job.trunk_id is None or RunDir(job.trunk_dir).branch_point(job.branch_step) is not None:
+            return "run"
+        trunk = job.trunk_id
+        if trunk in self.outcomes:
+            state, error = self.outcomes[trunk].state, self.outcomes[trunk].error
+        elif trunk in self.ours:
+            return "wait"  # queued or training in this sweep run
+        else:  # finished before this sweep run, or trained by someone else
+            now = run_state(RunDir(job.trunk_dir))
+            if now.state in ("running", "claimed"):
+                return "wait"
+            state, error = now.state, now.status.error if now.status else None
+        if state == "done":  # finished without keeping that checkpoint (say the budget was added later): from step 0
+            return "run"
+        first = f": {error.splitlines()[0]}" if error else ""
+        return (f"its trunk {trunk} ended {state} before keeping its checkpoint of step {job.branch_step}{first}; "
+                f"see {job.trunk_dir}/status.json and run the sweep again")
+
+    def fail(self, job: Job, why: str, node: str) -> Outcome:
+        rd = RunDir(job.run_dir)
+        with rd.claim() as free:
+            if free and rd.read_status().state not in TERMINAL:
+                rd.update_status(state="failed", error=f"cooldown branch not started: {why}")
+        return Outcome(job.run_id, "failed", 0, node, 0.0, f"cooldown branch not started: {why}")
 
 
 # ---- one run: claim, launch, retry -------------------------------------------------------------------------------
@@ -340,25 +392,41 @@ class RayBackend:
             report: Callable[[Outcome], None]) -> list[Outcome]:
         ray = self.ray
         task = ray.remote(train_run)
-        pending, inflight, outcomes = deque(jobs), {}, []
+        pending, inflight, outcomes = list(jobs), {}, []
+        deps = Dependencies(jobs)
         limit = max_concurrent or len(jobs) or 1
+
+        def ended(outcome: Outcome) -> None:
+            deps.ended(outcome)
+            outcomes.append(outcome)
+            report(outcome)
+
         try:
             while pending or inflight:
-                while pending and len(inflight) < limit:
-                    job = pending.popleft()
+                for job in list(pending):  # in order (longest first), skipping branches still waiting
+                    if len(inflight) >= limit:
+                        break
+                    gate = deps.check(job)
+                    if gate == "wait":
+                        continue
+                    pending.remove(job)
+                    if gate != "run":
+                        ended(deps.fail(job, gate, "-"))
+                        continue
                     opts: dict[str, Any] = {"num_cpus": job.cpus, "num_gpus": job.gpus, "max_retries": retries,
                                             "retry_exceptions": False, "name": f"train:{job.run_id}"}
                     if job.memory_gb is not None:
                         opts["memory"] = int(job.memory_gb * 2**30)
                     inflight[task.options(**opts).remote(job, retries)] = job
+                if not inflight:  # only branches waiting for a trunk another scheduler trains
+                    time.sleep(WAIT_POLL_S)
+                    continue
                 # With a timeout: a wait without one blocks in Ray's C++ and Ctrl-C would not reach us until a
                 # run finished.
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=WAIT_POLL_S)
                 for ref in ready:
                     job = inflight.pop(ref)
-                    outcome = self._result(ref, job)
-                    outcomes.append(outcome)
-                    report(outcome)
+                    ended(self._result(ref, job))
         except BaseException:
             for ref in inflight:
                 with contextlib.suppress(Exception):
@@ -459,11 +527,19 @@ class LocalBackend:
         limit = max_concurrent or len(jobs) or 1
         pending, done, outcomes = list(jobs), queue.Queue(), []
         running: dict[str, tuple[Job, list[str]]] = {}
+        deps = Dependencies(jobs)
         try:
             while pending or running:
                 for job in list(pending):
                     if len(running) >= limit:
                         break
+                    gate = deps.check(job)
+                    if gate == "wait":
+                        continue
+                    if gate != "run":
+                        pending.remove(job)
+                        done.put(deps.fail(job, gate, self.node.name))
+                        continue
                     gpus = pool.take(job)
                     if gpus is None:
                         continue
@@ -475,8 +551,10 @@ class LocalBackend:
                     outcome = done.get(timeout=WAIT_POLL_S)  # (a timeout keeps Ctrl-C prompt here too)
                 except queue.Empty:
                     continue
-                job, gpus = running.pop(outcome.run_id)
-                pool.give(job, gpus)
+                if outcome.run_id in running:  # (a branch failed before it started holds nothing)
+                    job, gpus = running.pop(outcome.run_id)
+                    pool.give(job, gpus)
+                deps.ended(outcome)
                 outcomes.append(outcome)
                 report(outcome)
         except BaseException:

@@ -13,6 +13,9 @@
 - validation on the held-out split every `eval_every` steps and at the end; throughput and MFU at every log line;
 - checkpoints (atomic) every `ckpt_every` steps and at the end; a re-run resumes from the newest one and reaches
   the same final state as an uninterrupted run (same data order, same RNG);
+- WSD cooldown branches: a trunk (`train.branches`) also saves and keeps (`branch_points/`) its checkpoint at each
+  branch step; a branch run (`train.branch_of`) with no checkpoint of its own starts from its trunk's kept
+  checkpoint of its branch step (a sibling run folder), so it is the trunk's run cooled down there;
 - a non-finite loss or gradient norm ends the run as `diverged` without overwriting the last good checkpoint.
 
 Data order does not depend on the number of processes: step k consumes the same global batch of windows for any
@@ -40,9 +43,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from experiments import checkpoint
-from experiments.config import RunConfig, TrainConfig, run_id
+from experiments.config import RunConfig, TrainConfig, branch_points, run_id, wsd_cooldown_start
 from experiments.data import TokenLoader, knowledge_probe, prepare_data
-from experiments.distributed import Parallel, restore_rng, setup_process_group, split_by_mesh
+from experiments.distributed import Parallel, load_sharded, restore_rng, setup_process_group, split_by_mesh
 from experiments.resolve import model_config, resolve_run_config
 from experiments.throughput import ThroughputMeter
 from experiments.tracking import WandbMirror
@@ -80,7 +83,7 @@ def lr_at(step: int, t: TrainConfig) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     if t.schedule == "wsd":
-        start = max(warmup, steps - max(1, round(t.cooldown * steps)))  # first cooldown step
+        start = wsd_cooldown_start(steps, warmup, t.cooldown)  # first cooldown step
         if step < start:
             return peak
         p = min(1.0, (step - start + 1) / max(1, steps - start))  # reaches 1 at the last step
@@ -107,9 +110,10 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> tuple[torch.optim
 
 def set_lr(opt: torch.optim.Optimizer, mult_fns: list[Any], step: int, t: TrainConfig) -> float:
     """Set every group's LR for `step`: schedule(step) * the group's multiplier at progress step/steps, or the
-    group's "fixed_lr" when it has one (Memory+'s value table: a constant LR, no warmup, no decay)."""
+    group's "fixed_lr" when it has one (Memory+'s value table: a constant LR, no warmup, no decay). The progress
+    runs over `t.lr_mult_steps` when set (a cooldown branch keeps its trunk's clock), else over `t.steps`."""
     base = lr_at(step, t)
-    progress = step / int(t.steps)
+    progress = step / int(t.lr_mult_steps or t.steps)
     for group, fn in zip(opt.param_groups, mult_fns, strict=True):
         fixed = group.get("fixed_lr")
         group["lr"] = float(fixed) if fixed is not None else base * (fn(progress) if fn is not None else 1.0)
@@ -351,15 +355,29 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env, par: Parallel) -> dict[str, Any]:
     last_val: float | None = None
     last_mean: dict[str, float] | None = None
     state = par.load_latest(rd, raw, opt)
+    from_trunk = state is None and t.branch_of is not None
+    if from_trunk:
+        state = _load_branch_point(cfg, rd, raw, opt, par, env)
     if state is not None:
         start = _restore(state, loader, window, env, cfg.seed)
         last_mean, last_val = state["last_mean"], state["last_val"]
-        if env.main:
+        if env.main and from_trunk:  # the branch's curve starts with the trunk's up to the branch step
+            trunk = RunDir(rd.path.parent / t.branch_of)
+            rd.truncate_metrics_after(0)
+            for row in trunk.metrics():
+                if row.get("step", 0) <= start:
+                    rd.append_metrics(row)
+        elif env.main:
             rd.truncate_metrics_after(start)
     elif env.main:
         rd.truncate_metrics_after(0)
     if env.main:
         rd.update_status(step=start, tokens=start * tokens_per_step, resumed_from=start)
+    keep = {s for _, _, s in branch_points(t.model_dump(mode="json"))}  # a trunk's branch steps
+    if env.main:
+        for s in sorted(keep):
+            if s <= start:  # saved before a kill that came before they were kept
+                checkpoint.keep_branch_point(rd, s)
 
     compiled = torch.compile(raw) if t.compile else raw
     model = par.wrap(compiled)
@@ -403,12 +421,14 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env, par: Parallel) -> dict[str, Any]:
                 if env.main:
                     rd.append_metrics(row)
                     wandb.log(row.to_dict(), done_steps)
-            if done_steps % t.ckpt_every == 0 or is_last:
+            if done_steps % t.ckpt_every == 0 or is_last or done_steps in keep:
                 with meter.paused():
                     window.sync(env.world_size)
                     _check_finite(window, rd, env, wandb)
                     _save(rd, done_steps, raw, opt, loader, window, t, env, par,
                           {"last_mean": last_mean, "last_val": last_val})
+                    if done_steps in keep and env.main:
+                        checkpoint.keep_branch_point(rd, done_steps)
                 if env.main:
                     rd.update_status(step=done_steps, tokens=done_steps * tokens_per_step)
                     status_at = time.monotonic()
@@ -441,6 +461,36 @@ def _prepare_data_once(prepare_data: Any, cfg: RunConfig, env: Env) -> Any:
     if not env.main:
         prepared = prepare_data(cfg.data)
     return prepared
+
+
+def _load_branch_point(cfg: RunConfig, rd: RunDir, raw: torch.nn.Module, opt: torch.optim.Optimizer,
+                       par: Parallel, env: Env) -> dict[str, Any] | None:
+    """A branch with no checkpoint of its own: load its trunk's kept checkpoint of the branch step into model and
+    optimizer and return its other entries; None (with a note) when the trunk has none, and the branch then trains
+    from step 0, which reaches the same state at the branch step at the full cost."""
+    t = cfg.train
+    trunk = RunDir(rd.path.parent / str(t.branch_of))
+    step = wsd_cooldown_start(t.steps, int(t.warmup), t.cooldown)
+    path = trunk.branch_point(step)
+    if path is None:
+        if env.main:
+            why = f"its state: {run_state(trunk).state}" if trunk.path.exists() else "no such folder"
+            print(f"note: cooldown branch of {t.branch_of}: {trunk.path} has no kept checkpoint of step {step} "
+                  f"({why}); training the branch from step 0 (the same run, at the full cost)",
+                  file=sys.stderr, flush=True)
+        return None
+    sharded = path.suffix == checkpoint.SHARDED_SUFFIX
+    if not sharded and par.layout.sharded:
+        raise ConfigError(f"{path} is a single-file checkpoint; train the branch with its trunk's layout (parallel "
+                          "block) or let it start from step 0 by training it in a folder of its own")
+    verified = checkpoint.verify(path)  # CorruptCheckpoint names the file; the trunk's copy is left as it is
+    state = load_sharded(path, raw, opt, verified) if sharded else par._load_file(path, raw, opt, verified)
+    if int(state["step"]) != step:
+        raise RuntimeError(f"{path}: holds step {state['step']}, expected {step}")
+    if env.main:
+        print(f"cooldown branch of {t.branch_of}: starting from {path} (step {step} of {t.steps})",
+              file=sys.stderr, flush=True)
+    return state
 
 
 def _restore(state: dict[str, Any], loader: Any, window: Window, env: Env, seed: int) -> int:

@@ -7,6 +7,7 @@ Layout of `<runs_dir>/<run_id>/` (docs/run_folder.md):
   metrics.jsonl    TrainRow / EvalRow, one JSON object per line
   final.json       Final
   checkpoints/     step_XXXXXXXX.pt (or .dcp/ when sharded); the newest is the resume point
+  branch_points/   a WSD trunk's checkpoints where its cooldown branches start (same names; never pruned)
   lock             flock held by the process training this run
   claim            flock held by the scheduler task that launches (and retries) the training process
   train.log        stdout/stderr of every attempt launched by a scheduler
@@ -176,6 +177,17 @@ class RunDir:
 
     def checkpoint_path(self, step: int) -> Path:
         return self.ckpt_dir / f"step_{step:08d}.pt"
+
+    @property
+    def branch_dir(self) -> Path:
+        return self.path / "branch_points"
+
+    def branch_point(self, step: int) -> Path | None:
+        """The kept checkpoint (file or sharded folder) of `step` where a cooldown branch starts, once complete."""
+        for path in (self.branch_dir / f"step_{step:08d}.pt", self.branch_dir / f"step_{step:08d}.dcp"):
+            if path.exists():
+                return path
+        return None
 
     # ---- locks
     def lock(self, blocking: bool = False) -> contextlib.AbstractContextManager[bool]:

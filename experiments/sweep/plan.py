@@ -13,7 +13,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from experiments import pricing
-from experiments.config import canonical_json, format_validation_error, run_config_from_dict, run_id
+from experiments.config import (
+    branch_config,
+    branch_points,
+    canonical_json,
+    format_validation_error,
+    run_config_from_dict,
+    run_id,
+)
 from experiments.resolve import resolve_run_config
 from experiments.sweep.grid import Point, describe, expand, matches
 from experiments.sweep.schema import Resources, SweepFile, load_sweep, runs_dir
@@ -40,13 +47,29 @@ class PlannedRun:
     resources: Resources
     strategy: str = "single"  # ParallelLayout.describe(): 'mp-dim8+fsdp', 'ddp', ...
     memory_per_gpu_gb: float | None = None  # ultramem.accounting.train_memory, for runs with GPUs
+    branch_of: str | None = None  # a cooldown branch: its trunk's run id
+    branch_step: int = 0  # a branch: the trunk step it starts from (the first step of its cooldown)
 
     @property
     def flops(self) -> float:
+        """Training FLOPs of the run as a data point (a branch: as if trained on its own from step 0)."""
         return self.flops_per_token * self.tokens
 
+    @property
+    def steps(self) -> int:
+        return int(self.config["train"]["steps"])
+
+    @property
+    def trained_flops(self) -> float:
+        """FLOPs this run trains itself: a branch only its cooldown, the rest is its trunk's."""
+        return self.flops * (self.steps - self.branch_step) / self.steps
+
+    @property
+    def tokens_per_param(self) -> float:
+        return self.tokens / self.active_params if self.active_params else float("nan")
+
     def gpu_hours(self, gpu: str, mfu: float) -> float:
-        return pricing.gpu_hours(self.flops, gpu, mfu)
+        return pricing.gpu_hours(self.trained_flops, gpu, mfu)
 
     def fits(self) -> bool:
         """False when the estimated memory per GPU (runs with GPUs) exceeds the usable part of its GPUs."""
@@ -58,7 +81,8 @@ class PlannedRun:
             "run_id": self.run_id, "name": self.name, "family": self.family, "preset": self.preset,
             "total_params": self.total_params, "active_params": self.active_params,
             "non_embedding_params": self.non_embedding_params, "tokens": self.tokens,
-            "flops_per_token": self.flops_per_token, "flops": self.flops,
+            "flops_per_token": self.flops_per_token, "flops": self.flops, "trained_flops": self.trained_flops,
+            "tokens_per_param": self.tokens_per_param, "branch_of": self.branch_of, "branch_step": self.branch_step,
         }
         for column, gpu, mfu in pricing.price_columns():
             out[column] = self.gpu_hours(gpu, mfu)
@@ -77,10 +101,18 @@ class Plan:
     runs: list[PlannedRun] = field(default_factory=list)
 
     def totals(self) -> dict[str, Any]:
+        """Sums over the runs; `flops` and the GPU-hours count what is trained (a branch: its cooldown only).
+        With cooldown branches: `branches` and their `trunks`, `independent_flops` (every run trained from step 0)
+        and `saved_flops` = independent_flops - flops."""
         out: dict[str, Any] = {"runs": len(self.runs), "tokens": sum(r.tokens for r in self.runs),
-                               "flops": sum(r.flops for r in self.runs)}
+                               "flops": sum(r.trained_flops for r in self.runs)}
         for column, gpu, mfu in pricing.price_columns():
             out[column] = sum(r.gpu_hours(gpu, mfu) for r in self.runs)
+        branches = [r for r in self.runs if r.branch_of]
+        out["branches"] = len(branches)
+        out["trunks"] = len({r.branch_of for r in branches})
+        out["independent_flops"] = sum(r.flops for r in self.runs)
+        out["saved_flops"] = out["independent_flops"] - out["flops"]
         return out
 
 
@@ -105,6 +137,9 @@ def plan_sweep(path: str | Path) -> Plan:
                               "differ do not change what is trained (see experiments.config.run_id); drop one")
         seen[run.run_id] = run
         plan.runs.append(run)
+        for branch in planner.branches(run, f"{path} (run {point.index}: {describe(point.values)}, a branch)"):
+            seen[branch.run_id] = branch
+            plan.runs.append(branch)
     if too_big:
         raise ConfigError(f"{path}: {len(too_big)} run(s) do not fit their GPUs (estimated peak per GPU from "
                           "ultramem.accounting.train_memory, at most "
@@ -147,6 +182,23 @@ class _Planner:
             strategy=layout.describe(),
             memory_per_gpu_gb=pricing.memory_gb(cfg, data, resources.nproc) if resources.gpus >= 1 else None,
         )
+
+    def branches(self, trunk: PlannedRun, where: str) -> list[PlannedRun]:
+        """The cooldown branches of a WSD trunk (`train.branches`), each a run of its own right after it."""
+        out = []
+        for tokens, _steps, step in branch_points(trunk.config["train"]):
+            data = branch_config(trunk.config, tokens)
+            data["name"] = f"{trunk.name}@{tokens / trunk.active_params:.3g}xN" if trunk.name else None
+            resolved = self.resolve(data, where)  # validates it, and resolving a resolved config is the identity
+            resolved["name"] = data["name"]
+            out.append(PlannedRun(
+                index=trunk.index, run_id=run_id(resolved), name=resolved["name"] or "",
+                values={**trunk.values, "train.tokens": tokens}, config=resolved, family=trunk.family,
+                preset=trunk.preset, total_params=trunk.total_params, active_params=trunk.active_params,
+                non_embedding_params=trunk.non_embedding_params, tokens=int(resolved["train"]["tokens"]),
+                flops_per_token=trunk.flops_per_token, resources=trunk.resources, strategy=trunk.strategy,
+                memory_per_gpu_gb=trunk.memory_per_gpu_gb, branch_of=trunk.run_id, branch_step=step))
+        return out
 
     def resolve(self, config: dict[str, Any], where: str) -> dict[str, Any]:
         cfg = run_config_from_dict(config, where)

@@ -7,12 +7,13 @@ from experiments.textfmt import format_table, hours, human
 
 
 def plan_table(plan: Plan) -> str:
+    branched = any(r.branch_of for r in plan.runs)
     headers = ["run_id", "family", "preset", "total", "active", "tokens", "FLOPs",
                "A100 h@30%", "A100 h@50%", "H100 h@30%", "H100 h@50%", "cpus", "gpus", "mem GB", "nproc",
                "strategy", "GB/GPU", "name"]
     rows = [[
-        r.run_id, r.family, r.preset or "-", human(r.total_params), human(r.active_params), human(r.tokens),
-        human(r.flops), hours(r.gpu_hours("a100", 0.3)), hours(r.gpu_hours("a100", 0.5)),
+        ("  " if r.branch_of else "") + r.run_id, r.family, r.preset or "-", human(r.total_params),
+        human(r.active_params), human(r.tokens), human(r.trained_flops), hours(r.gpu_hours("a100", 0.3)), hours(r.gpu_hours("a100", 0.5)),
         hours(r.gpu_hours("h100", 0.3)), hours(r.gpu_hours("h100", 0.5)), f"{r.resources.cpus:g}",
         f"{r.resources.gpus:g}", "-" if r.resources.memory_gb is None else f"{r.resources.memory_gb:g}",
         str(r.resources.nproc), r.strategy, "-" if r.memory_per_gpu_gb is None else f"{r.memory_per_gpu_gb:.1f}",
@@ -22,4 +23,17 @@ def plan_table(plan: Plan) -> str:
     rows.append(["TOTAL", f"{t['runs']} runs", "", "", "", human(t["tokens"]), human(t["flops"]),
                  hours(t["gpu_hours_a100_mfu30"]), hours(t["gpu_hours_a100_mfu50"]),
                  hours(t["gpu_hours_h100_mfu30"]), hours(t["gpu_hours_h100_mfu50"]), "", "", "", "", "", "", ""])
-    return f"sweep {plan.sweep.name} -> {plan.runs_dir}\n" + format_table(headers, rows)
+    if branched:  # which run each branch leaves, where, and its tokens per parameter
+        headers[6:6] = ["D/N", "branch of", "from step"]
+        for r, row in zip(plan.runs, rows, strict=False):
+            row[6:6] = [f"{r.tokens_per_param:.3g}", r.branch_of or "-",
+                        f"{r.branch_step}/{r.steps}" if r.branch_of else "-"]
+        rows[-1][6:6] = ["", "", ""]
+    text = f"sweep {plan.sweep.name} -> {plan.runs_dir}\n" + format_table(headers, rows)
+    if branched:
+        saved = t["saved_flops"] / t["independent_flops"] if t["independent_flops"] else 0.0
+        text += (f"\ncooldown branches: {t['branches']} branch(es) of {t['trunks']} trunk(s) (indented; FLOPs: what "
+                 f"each run trains itself, a branch only its cooldown). As independent runs the sweep would train "
+                 f"{human(t['independent_flops'])} FLOPs; with branches {human(t['flops'])}: "
+                 f"{human(t['saved_flops'])} saved ({saved:.0%}).")
+    return text
