@@ -39,7 +39,7 @@ demo: setup
 plots: setup
 	$(UM) plots $(SWEEP)
 
-# The committed study (docs/results/): three sweeps, ~2 h on 2 cores, then each report into docs/results/<sweep>/.
+# The committed study (docs/results/): three sweeps, ~3 h on 2 cores, then each report into docs/results/<sweep>/.
 # study_knowledge has one seed that trained late (docs/results/README.md), so its laws are fitted robustly.
 STUDY := study_shakespeare study_knowledge study_memory
 PLOTS_study_knowledge := --solver huber
