@@ -12,11 +12,16 @@ under `torchrun --standalone --nproc_per_node=K` (DDP). Exit codes: 0 done, 1 fa
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from ultramem.config import ConfigError
 
 HELP = "train one run (auto-resumes from its newest checkpoint)"
 
@@ -36,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace) -> tuple[Any, str]:
     """The RunConfig the arguments describe and the name errors should cite."""
     from experiments.config import load_yaml, parse_set, run_config_from_dict
-    from ultramem.config import ConfigError, deep_merge
+    from ultramem.config import deep_merge
 
     if args.config is None and args.preset is None:
         raise ConfigError("ultramem train: give a CONFIG.yaml or --preset NAME (with --data and --steps)")
@@ -57,12 +62,6 @@ def build_config(args: argparse.Namespace) -> tuple[Any, str]:
 def make_run_folder(path: Path, label: str) -> None:
     """Create the run folder and prove it writable, or raise a one-line ConfigError naming it and the reason (an
     --out under a regular file, in /proc, at /dev/null, on a read-only disk) instead of a traceback later."""
-    import errno
-    import os
-    import tempfile
-
-    from ultramem.config import ConfigError
-
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
