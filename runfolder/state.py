@@ -14,6 +14,7 @@ locks and the writer's process:
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 from dataclasses import dataclass
@@ -59,11 +60,24 @@ def run_state(rd: RunDir) -> RunState:
 
 
 def is_claimed(rd: RunDir) -> bool:
-    """Whether some scheduler holds the run's claim right now."""
-    if not rd.claim_path.exists():
+    """Whether some scheduler holds the run's claim right now.
+
+    A read-only probe: a shared, non-blocking flock on the claim file, released at once. It conflicts with the
+    scheduler's exclusive claim and with nothing else, writes nothing into the file and needs no write access, so
+    `sweep status` and `analysis.collect` can look at run folders on read-only storage."""
+    try:
+        fd = os.open(rd.claim_path, os.O_RDONLY)
+    except OSError:  # no claim file: never claimed (an unreadable one cannot be probed: treat it alike)
         return False
-    with rd.claim() as free:
-        return not free
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def writer_alive(status: Status) -> bool:

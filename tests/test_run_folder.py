@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from analysis.collect import collect_runs
-from runfolder import SCHEMA, Final, RecordError, RunDir, Status, TrainRow, run_state
+from runfolder import SCHEMA, Final, RecordError, RunDir, Status, TrainRow, is_claimed, run_state
 from runfolder.atomic import atomic_write_text
 
 FINAL = dict(run_id="dense-abc", name="d", sweep="s", family="dense", preset="dense-t1", seed=0, train_loss=2.5,
@@ -175,3 +175,12 @@ def test_atomic_writes_get_the_mode_a_plain_open_would_give(tmp_path):
     with open(tmp_path / "b.json", "w") as f:
         f.write("{}")
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777
+
+
+def test_probing_the_claim_writes_nothing_into_the_claim_file(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.path.mkdir()
+    rd.claim_path.write_text("node-7 4242\n")  # another scheduler claimed it once and let go: its record stays
+    before = rd.claim_path.read_bytes()
+    assert not is_claimed(rd)
+    assert rd.claim_path.read_bytes() == before  # a probe must not rewrite another process's claim record
