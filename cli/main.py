@@ -19,6 +19,7 @@ COMMANDS = {
     "train": "cli.train",
     "sweep": "cli.sweep",
     "fit": "cli.fit",
+    "seeds": "cli.seeds",
     "plots": "cli.plots",
     "bench": "cli.bench",
 }

@@ -54,6 +54,7 @@ from ultramem import build_model
 from ultramem.accounting import count_params, flops_per_token
 from ultramem.config import ConfigError, ModelConfig
 from ultramem.families import block_summary
+from ultramem.memory.usage import RowUsage
 
 STATUS_EVERY_S = 10.0  # status.json progress between checkpoints: often enough for `sweep status`, no fsync storm
 
@@ -259,24 +260,27 @@ def train_step(model: torch.nn.Module, raw: torch.nn.Module, opt: torch.optim.Op
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, val_loader: Any, t: TrainConfig, env: Env) -> float:
-    """Mean cross-entropy (nats/token) over the first `eval_batches` fixed batches of the held-out split.
+def evaluate(model: torch.nn.Module, val_loader: Any, t: TrainConfig, env: Env) -> tuple[float, dict[str, float]]:
+    """Mean cross-entropy (nats/token) over the first `eval_batches` fixed batches of the held-out split, and the
+    memory layers' row usage on those batches (ultramem.memory.usage; {} without memory layers, and for
+    multi-process or compiled runs, where tables may be sharded and hooks would be traced).
 
     The val loader serves the same batches on every call, sharded by rank like the training batches."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=env.device)
     count = 0
-    for x, y in val_loader.eval_batches(t.eval_batches):
-        for xb, yb in zip(x.split(t.micro_batch_size), y.split(t.micro_batch_size), strict=True):
-            with env.autocast():
-                total += model(xb.to(env.device), yb.to(env.device)).loss.float()
-            count += 1
+    with RowUsage(model, enabled=env.world_size == 1 and not t.compile) as usage:
+        for x, y in val_loader.eval_batches(t.eval_batches):
+            for xb, yb in zip(x.split(t.micro_batch_size), y.split(t.micro_batch_size), strict=True):
+                with env.autocast():
+                    total += model(xb.to(env.device), yb.to(env.device)).loss.float()
+                count += 1
     model.train(was_training)
     if env.world_size > 1:
         dist.all_reduce(total)
         count *= env.world_size
-    return total.item() / count
+    return total.item() / count, usage.stats()
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
@@ -415,9 +419,9 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env, par: Parallel) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{row.loss:.3f}", refresh=False)
             if done_steps % t.eval_every == 0 or is_last:
                 with meter.paused():
-                    last_val = evaluate(compiled, val_loader, t, env)
+                    last_val, usage = evaluate(compiled, val_loader, t, env)
                 row = EvalRow(done_steps, done_steps * tokens_per_step, done_steps * tokens_per_step * fpt,
-                              last_val, time.time())
+                              last_val, time.time(), memory=usage or None)
                 if env.main:
                     rd.append_metrics(row)
                     wandb.log(row.to_dict(), done_steps)

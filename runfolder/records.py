@@ -148,6 +148,13 @@ class EvalRow(_Record):
     val_loss: float
     time: float = 0.0
     kind: str = "eval"
+    memory: dict[str, float] | None = None  # memory layers' row usage on the eval batches (ultramem.memory.usage)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if out["memory"] is None:
+            del out["memory"]
+        return out
 
 
 @dataclass

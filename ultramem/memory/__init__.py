@@ -10,6 +10,7 @@ Modules:
   memory_plus  the Memory+ layer and its shared value table (Meta, arXiv 2412.09764)
   ultramem_v2  the UltraMemV2 layer and its global value / pre-value table (ByteDance, arXiv 2508.18756)
   ffn_memory   a block's FFN slot holding an MLP, a memory layer or both (memory_plus, ultramem_v2)
+  usage        which value rows the layers read: fraction of the table touched, row-usage entropy (a diagnostic)
 
 This package's __init__ imports nothing, so `ultramem.config` can use `placement` without importing torch.
 """

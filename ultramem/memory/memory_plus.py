@@ -102,6 +102,10 @@ class MemoryPlusLayer(nn.Module):
         BT = q.shape[0]
         return rows.reshape(BT, H * m), w.reshape(BT, H * m)
 
+    def value_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d] -> rows of the shared table read [BT, H*m] (memory/usage.py)."""
+        return self.lookup(x)[0]
+
     def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x [B, T, d] -> (y [B, T, d], {}). Tokens are independent, so T = 1 decodes; `state` is unused."""
         B, T, d = x.shape

@@ -68,6 +68,10 @@ class PKMLayer(nn.Module):
     def selected_scores(self, x: torch.Tensor) -> torch.Tensor:
         return self.lookup(x)[1]
 
+    def value_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d] -> rows read [BT, H*m] (memory/usage.py)."""
+        return self.lookup(x)[0]
+
     def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         B, T, d = x.shape
         rows, weights = self.lookup(x, state)

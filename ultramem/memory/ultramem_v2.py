@@ -323,6 +323,10 @@ class UltraMemV2Layer(nn.Module):
         slot = self.shuffle[virtual].long()
         return ring_rows(slot, self.layer_index, self.cfg, self.num_layers), scores, balance
 
+    def value_rows(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, T, d] -> rows of the global table read [BT, H*m] (memory/usage.py)."""
+        return self.lookup(h.reshape(-1, h.shape[-1]))[0]
+
     def forward(self, h: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """h [B, T, d] -> (y [B, T, d], aux). Token-wise: decoding needs no state (`state` is accepted, unused)."""
         B, T, d = h.shape
