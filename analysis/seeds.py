@@ -10,7 +10,8 @@ median. Two curve statistics from each run's held-out evaluations say *when* a r
     val@S   the val loss at evaluation step S (the early steps show the plateau)
 
 and the memory layers' row usage of the last evaluation (`ultramem.memory.usage`: fraction of value rows read,
-entropy of the reads), min over the layers. Comparisons between points (`compare_points`): Welch's t-test on the
+entropy of the reads), min over the layers, and Spearman's rho between final loss and rows used over a point's
+seeds (negative: the seeds that read fewer rows end higher). Comparisons between points (`compare_points`): Welch's t-test on the
 means and the Brown-Forsythe test (Levene's test about the median) on the spreads, each with its p-value: with
 8 seeds a spread ratio below ~2 is not resolved, and the table says so through the p-values, not by omission.
 """
@@ -124,8 +125,17 @@ def seed_table(runs: pd.DataFrame) -> pd.DataFrame:
             "outlier_seeds": " ".join(str(int(s)) for s in g["seed"][outliers(x)]),
             "t_half": g["t_half"].mean(), "t_half_max": g["t_half"].max(),
             "rows_used": g["rows_used"].mean(), "row_entropy": g["row_entropy"].mean(),
+            **_usage_correlation(x, g["rows_used"].to_numpy(float)),
         })
     return pd.DataFrame(out)
+
+
+def _usage_correlation(loss: np.ndarray, rows_used: np.ndarray) -> dict[str, float]:
+    """Spearman's rho between final loss and rows used over the seeds, with its p-value (NaN without memory)."""
+    if len(loss) < 4 or np.isnan(rows_used).any() or np.ptp(rows_used) == 0:
+        return {"rho_rows_used": math.nan, "p_rho": math.nan}
+    res = stats.spearmanr(loss, rows_used)
+    return {"rho_rows_used": float(res.statistic), "p_rho": float(res.pvalue)}
 
 
 def compare_points(runs: pd.DataFrame, pairs: list[tuple[str, str, str]]) -> pd.DataFrame:
@@ -259,7 +269,8 @@ def write_report(roots: list[str | Path], out_dir: str | Path) -> Path:
                       "point": "point", "seeds": "seeds", "mean": "mean", "sd": "sd", "sd_lo": "sd 95% lo",
                       "sd_hi": "sd 95% hi", "min": "min", "median": "median", "max": "max", "range": "range",
                       "outlier_seeds": "late seeds", "t_half": "t_half", "t_half_max": "t_half max",
-                      "rows_used": "rows used", "row_entropy": "row entropy"}),
+                      "rows_used": "rows used", "row_entropy": "row entropy",
+                      "rho_rows_used": "rho(loss, rows used)", "p_rho": "p"}),
                   "", f"![final loss per seed](figures/spread.png)  ![curves](figures/curves_{corpus}.png)", ""]
     if len(comp):
         lines += ["## Comparisons", "",
