@@ -23,19 +23,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path  # lazy: keeps `ultramem --help` fast
 
-    from analysis.seeds import seed_runs, seed_table
+    from analysis.seeds import seed_runs, seed_table, write_report
     from ultramem.config import ConfigError
 
     for r in args.runs:
         if not Path(r).is_dir():
             raise ConfigError(f"{r}: runs folder not found (give a sweep's output_dir, e.g. runs/seeds-tiny)")
-    if args.out:
-        from analysis.seeds import write_report
-        print(f"wrote {write_report(args.runs, args.out)}")
-        return 0
     try:
+        if args.out:
+            print(f"wrote {write_report(args.runs, args.out)}")
+            return 0
         table = seed_table(seed_runs(args.runs))
-    except ValueError as err:
+    except ValueError as err:  # no finished runs below the folders
         raise ConfigError(str(err)) from None
     cols = ["corpus", "point", "seeds", "mean", "sd", "min", "median", "max", "outlier_seeds", "t_half", "rows_used"]
     print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -128,3 +128,6 @@ def test_the_seeds_command_writes_the_report(seed_study, tmp_path, capsys):
     assert len(pd.read_csv(out / "seeds.csv")) == 32
     assert (out / "figures" / "spread.png").exists() and (out / "figures" / "curves_embedded.png").exists()
     assert main(["seeds", str(tmp_path / "nowhere")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["seeds", str(tmp_path / "empty"), "--out", str(tmp_path / "r2")]) == 2
+    assert "no finished runs" in capsys.readouterr().err
