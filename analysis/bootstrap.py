@@ -100,12 +100,18 @@ def estimate(value: float, draws: np.ndarray | None, level: float = 0.95, resamp
     return Estimate(float(value), float(lo), float(hi), float(np.std(d, ddof=1)), int(d.size), total)
 
 
-def resample_counts(n_rows: int, groups: np.ndarray | None, n_boot: int, seed: int) -> np.ndarray:
+def resample_counts(n_rows: int, groups: np.ndarray | None, n_boot: int, seed: int,
+                    strata: np.ndarray | None = None) -> np.ndarray:
     """How often each row is drawn in each resample: rows (groups=None) or whole groups with replacement. [B, n]
 
     A resample as a count vector lets a batched solver refit every resample at once (counts act as row weights,
     which is the same as duplicating the drawn rows).
+    strata: a label per row (each group inside one stratum); groups are then drawn within each stratum, as many as
+    it holds, so every stratum keeps its size (the IsoFLOP bootstrap resamples the points of each FLOP budget).
     """
+    if strata is not None:
+        return _stratified_counts(np.asarray(strata), np.arange(n_rows) if groups is None else np.asarray(groups),
+                                  n_boot, seed)
     rng = np.random.default_rng(seed)
     if groups is None:
         draws = rng.integers(0, n_rows, (n_boot, n_rows))
@@ -115,6 +121,45 @@ def resample_counts(n_rows: int, groups: np.ndarray | None, n_boot: int, seed: i
     draws = rng.integers(0, n_groups, (n_boot, n_groups))
     group_counts = np.stack([np.bincount(d, minlength=n_groups) for d in draws])  # [B, G]
     return group_counts[:, inverse].astype(float)
+
+
+def _stratified_counts(strata: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    _, g = np.unique(groups, return_inverse=True)
+    counts = np.zeros((n_boot, len(groups)))
+    for stratum in np.unique(strata):
+        rows = np.flatnonzero(strata == stratum)
+        members = np.unique(g[rows])  # the groups of this stratum
+        draws = rng.integers(0, len(members), (n_boot, len(members)))
+        per_group = np.stack([np.bincount(d, minlength=len(members)) for d in draws])  # [B, groups here]
+        counts[:, rows] = per_group[:, np.searchsorted(members, g[rows])]
+    return counts
+
+
+def not_identified(e: Estimate | None, *, max_width: float | None = None, max_ratio: float | None = None,
+                   bounds: tuple[float, float] | None = None) -> str:
+    """Why `e` is not identified by the data ("" when it is): no estimate or interval, an unreliable interval, an
+    interval wider than `max_width` (absolute) or spanning more than `max_ratio` (hi/lo, for positive ratios), or a
+    point estimate at or beyond one of `bounds` (a fit at the edge of its parameter space). A report prints "not
+    identified" with the reason instead of the number."""
+    if e is None or not math.isfinite(e.value):
+        return "no finite estimate"
+    if bounds is not None and not bounds[0] < e.value < bounds[1]:
+        return f"the fit sits at a bound ({e.value:.3g}, outside ({bounds[0]:g}, {bounds[1]:g}))"
+    if not e.has_ci:
+        return "no bootstrap interval"
+    if e.unreliable:
+        return f"unreliable interval: {e.unreliable}"
+    if max_width is not None and e.hi - e.lo > max_width:
+        return f"interval [{e.lo:.3g}, {e.hi:.3g}] wider than {max_width:g}"
+    if max_ratio is not None and not (e.lo > 0 and e.hi / e.lo <= max_ratio):
+        return f"interval [{e.lo:.3g}, {e.hi:.3g}] spans more than {max_ratio:g}x"
+    return ""
+
+
+def fmt_identified(e: Estimate | None, why: str, digits: int = 3) -> str:
+    """`e` with its interval, or "not identified (why)" in its place."""
+    return f"not identified ({why})" if why or e is None else e.fmt(digits)
 
 
 @dataclass

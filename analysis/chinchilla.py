@@ -17,7 +17,7 @@ N_opt = G·(C/6)^a, D_opt = (C/6)^b / G.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,7 +183,8 @@ def chinchilla_columns(df: pd.DataFrame, *, n_col: str, d_col: str | None, flops
 def fit_chinchilla_ci(n: object, d: object, loss: object, *, groups: Sequence | np.ndarray | None = None,
                       n_boot: int = 200, seed: int = 0, level: float = 0.95, estimator: str = "huber",
                       delta: float = 1e-3, refine_top: int = 32, budgets: Sequence[float] = (),
-                      targets: Sequence[tuple[float, float]] = (), source: str = "<table>") -> LawFit:
+                      targets: Sequence[tuple[float, float]] = (), source: str = "<table>",
+                      extra: dict[str, Callable[[ChinchillaLaw], float]] | None = None) -> LawFit:
     """Point fit plus a bootstrap over runs, with CIs for the parameters and the identified quantities.
 
     Raw A and B are poorly identified (on Epoch's data SE(B) ≈ 1,300 on 2,085); the compute-optimal share
@@ -200,6 +201,7 @@ def fit_chinchilla_ci(n: object, d: object, loss: object, *, groups: Sequence | 
         quantities[f"D_opt(C={c:.3g})"] = lambda p, c=c: float(p.compute_optimal(c)[1])
     for tn, td in targets:
         quantities[f"L(N={tn:.3g}, D={td:.3g})"] = lambda p, tn=tn, td=td: float(p(tn, td))
+    quantities.update(extra or {})
 
     def refit(counts: np.ndarray) -> list[ChinchillaLaw | None]:
         starts = np.repeat(fit.law.theta()[None], len(counts), axis=0)
@@ -219,3 +221,56 @@ def _enough_pairs(n: np.ndarray, d: np.ndarray, counts: np.ndarray) -> np.ndarra
     present = np.zeros((len(counts), inverse.max() + 1))
     np.add.at(present.T, inverse.ravel(), (counts > 0).T)
     return (present > 0).sum(axis=1) >= 5
+
+
+# ---- the frontier under the project's FLOPs: C = F(N)·D with F from ultramem.accounting, not 6N -----------------
+
+FRONTIER_SPAN = 8.0  # the frontier's N is searched over the fitted sizes widened by e^8 (~3,000x) on each side
+FRONTIER_GRID = 801
+
+
+def frontier(law: ChinchillaLaw, flops_per_token: Callable[[np.ndarray], np.ndarray], c: np.ndarray | float,
+             n_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N_opt, D_opt, L_opt) at training compute C = F(N)·D: the minimum of L(N, C/F(N)) over N, searched on a
+    ln N grid around `n_range` (the fitted sizes) and refined by the parabola through the grid minimum and its
+    neighbours. With F(N) = 6N this is `ChinchillaLaw.compute_optimal`'s closed form; the project's F(N) (attention
+    and head included) is not proportional to N, so it is found numerically. A minimum at the grid's edge gives nan.
+    """
+    c = np.atleast_1d(np.asarray(c, dtype=float))
+    ln = np.linspace(math.log(n_range[0]) - FRONTIER_SPAN, math.log(n_range[1]) + FRONTIER_SPAN, FRONTIER_GRID)
+    n = np.exp(ln)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        loss = law(n[None, :], c[:, None] / flops_per_token(n)[None, :])  # [C, grid]
+    i = np.nanargmin(np.where(np.isfinite(loss), loss, np.inf), axis=1)
+    inner = (i > 0) & (i < len(ln) - 1)
+    j = np.clip(i, 1, len(ln) - 2)
+    rows = np.arange(len(c))
+    y0, y1, y2 = loss[rows, j - 1], loss[rows, j], loss[rows, j + 1]
+    h = ln[1] - ln[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shift = np.where(y0 - 2 * y1 + y2 > 0, 0.5 * h * (y0 - y2) / (y0 - 2 * y1 + y2), 0.0)
+    n_opt = np.where(inner, np.exp(ln[j] + shift), np.nan)
+    d_opt = c / flops_per_token(n_opt)
+    with np.errstate(invalid="ignore"):
+        return n_opt, d_opt, law(n_opt, d_opt)
+
+
+def frontier_curve(law: ChinchillaLaw, flops_per_token: Callable[[np.ndarray], np.ndarray],
+                   n_range: tuple[float, float], c_range: tuple[float, float],
+                   points: int = 301) -> tuple[np.ndarray, np.ndarray]:
+    """(ln C, L_opt(C)) on a ln C grid over `c_range` widened by 10^3 each side, where the frontier is found."""
+    lc = np.linspace(math.log(c_range[0]) - 3 * math.log(10), math.log(c_range[1]) + 3 * math.log(10), points)
+    l_opt = frontier(law, flops_per_token, np.exp(lc), n_range)[2]
+    ok = np.isfinite(l_opt)
+    return lc[ok], l_opt[ok]
+
+
+def compute_for_loss(curve: tuple[np.ndarray, np.ndarray], loss: np.ndarray | float) -> np.ndarray:
+    """The compute C on a frontier (`frontier_curve`) at which L_opt(C) = loss, by interpolation in ln C; nan where
+    the curve does not reach that loss (at or below E, or beyond its C range) or is not a falling curve."""
+    lc, l_opt = curve
+    target = np.atleast_1d(np.asarray(loss, dtype=float))
+    if len(l_opt) < 2 or np.any(np.diff(l_opt) >= 0):
+        return np.full(target.shape, np.nan)
+    inside = (target <= l_opt[0]) & (target >= l_opt[-1])
+    return np.where(inside, np.exp(np.interp(target, l_opt[::-1], lc[::-1])), np.nan)

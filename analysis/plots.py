@@ -17,7 +17,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from analysis.chinchilla import frontier
 from analysis.compare import AXES, DENSITY_X, DensityLaw, FamilyFit, MemoryLaw, Multiplier, families
+from analysis.isoflop import STUDY_K_NEAREST, IsoflopStudy, parabola
 from ultramem.families import PlotStyle, family_names, get_family
 
 STYLE = {
@@ -226,34 +228,95 @@ def plot_density(runs: pd.DataFrame, laws: list[DensityLaw], y: str = "val_loss"
     return fig
 
 
-def plot_isoflop(points: pd.DataFrame, optima: pd.DataFrame, frontier: dict | None, parabolas: dict) -> Figure:
-    """Left: loss vs N at each FLOP budget with its parabola in ln N; right: N*(C) and its power law."""
-    fig, (ax, bx) = _figure(ncols=2, width=5.0)
+def plot_isoflop_families(study: IsoflopStudy) -> Figure:
+    """One panel per family: mean loss vs N at each FLOP budget (seeds averaged), the parabola in ln N of each valid
+    budget, and its vertex (N*, L*)."""
+    fams = list(study.families.values())
+    fig, axes = _figure(ncols=len(fams), width=4.2)
     cmap = matplotlib.colormaps["viridis"]
-    budgets = sorted(points["flops"].unique())
-    for i, c in enumerate(budgets):
-        col = cmap(i / max(1, len(budgets) - 1))
-        g = points[points["flops"] == c].sort_values("n")
-        ax.scatter(g["n"], g["loss"], color=col, s=14, label=f"C = {c:.2g}")
-        if c in parabolas:
-            xs = np.geomspace(g["n"].min(), g["n"].max(), 100)
-            ax.plot(xs, np.polyval(parabolas[c], np.log(xs)), color=col, linewidth=1)
-    ok = optima[optima["valid"]]
-    ax.scatter(ok["n_star"], ok["loss_star"], marker="*", color="black", s=50, zorder=4, label="N* (vertex)")
-    _log(ax, "x")
-    ax.set_xlabel("parameters N")
-    ax.set_ylabel(LOSS_LABEL)
-    ax.set_title("IsoFLOP profiles (Approach 2)")
-    ax.legend(loc="upper right", ncols=2)
-    bx.scatter(ok["flops"], ok["n_star"], color="black", zorder=3, label="N* per budget")
-    if frontier is not None:
-        xs = _curve_x(ok["flops"].min(), ok["flops"].max())
-        bx.plot(xs, frontier["n"](xs), color="#3b6ea8", label=frontier["n"].formula("C", "N*"))
-    _log(bx)
+    for ax, fam in zip(axes, fams, strict=True):
+        pts = fam.points
+        budgets = sorted(pts["budget"].unique())
+        valid = set() if fam.optima is None else set(fam.optima.loc[fam.optima["valid"], "flops"])
+        for i, c in enumerate(budgets):
+            col = cmap(i / max(1, len(budgets) - 1))
+            g = pts[pts["budget"] == c].groupby("n")["loss"].mean()
+            ax.plot(g.index, g.to_numpy(), "o", color=col, markersize=4, label=f"C = {c:.2g}")
+            if c in valid:
+                coef = parabola(pts, c, flops_col="budget", n_col="n", loss_col="loss", k_nearest=STUDY_K_NEAREST)
+                xs = np.geomspace(g.index.min(), g.index.max(), 100)
+                ax.plot(xs, np.polyval(coef, np.log(xs)), color=col, linewidth=1)
+        if fam.optima is not None:
+            ok = fam.optima[fam.optima["valid"]]
+            ax.scatter(ok["n_star"], ok["loss_star"], marker="*", color="black", s=50, zorder=4, label="N* (vertex)")
+        else:
+            _note(ax, f"no IsoFLOP frontier: {fam.why2}")
+        _log(ax, "x")
+        ax.set_xlabel("activated parameters N")
+        ax.set_ylabel(LOSS_LABEL)
+        ax.set_title(f"{family_label(fam.family)}: IsoFLOP profiles")
+        ax.legend(loc="upper right", ncols=2, fontsize=6)
+    return fig
+
+
+def plot_frontier(study: IsoflopStudy) -> Figure:
+    """Left: compute-optimal N*(C) per family, IsoFLOP vertices (markers), their power law (solid) and the L(N, D)
+    fit's frontier (dashed). Right: the loss on each family's L(N, D) frontier, with the IsoFLOP minima."""
+    fig, (ax, bx) = _figure(ncols=2, width=5.0)
+    drawn = False
+    for fam in study.families.values():
+        col, mk = color(fam.family), marker(fam.family)
+        cs = _curve_x(*fam.c_range) if fam.c_range[1] > fam.c_range[0] else np.array(fam.c_range)
+        if fam.optima is not None:
+            ok = fam.optima[fam.optima["valid"]]
+            ax.scatter(ok["flops"], ok["n_star"], color=col, marker=mk, zorder=3)
+            bx.scatter(ok["flops"], ok["loss_star"], color=col, marker=mk, zorder=3)
+            drawn = True
+        if fam.frontier is not None:
+            ax.plot(cs, fam.frontier["n"](cs), color=col,
+                    label=f"{family_label(fam.family)} IsoFLOP: {fam.frontier['n'].formula('C', 'N*')}")
+        if fam.lnd is not None:
+            n, _, loss = frontier(fam.lnd.law, fam.flops_per_token, cs, fam.n_range)
+            ax.plot(cs, n, color=col, linestyle="--", label=f"{family_label(fam.family)} L(N, D) frontier")
+            bx.plot(cs, loss, color=col, linestyle="--", label=f"{family_label(fam.family)} L*(C) from L(N, D)")
+            drawn = True
+    if not drawn:
+        _note(ax, "no IsoFLOP vertices and no L(N, D) fit")
+    _log(ax)
+    _log(bx, "x")
+    ax.set_xlabel(AXES["flops"])
+    ax.set_ylabel("compute-optimal activated parameters N*")
+    ax.set_title("Compute-optimal N*(C)")
     bx.set_xlabel(AXES["flops"])
-    bx.set_ylabel("compute-optimal parameters N*")
-    bx.set_title("Compute-optimal frontier")
-    bx.legend(loc="upper left")
+    bx.set_ylabel(LOSS_LABEL)
+    bx.set_title("Loss on the frontier")
+    for a in (ax, bx):
+        if a.get_legend_handles_labels()[0]:
+            a.legend(loc="best", fontsize=6)
+    return fig
+
+
+def plot_lnd_slices(study: IsoflopStudy) -> Figure:
+    """One panel per family: loss vs tokens D at each size N (markers: runs), and the fitted L(N, D) along D."""
+    fams = list(study.families.values())
+    fig, axes = _figure(ncols=len(fams), width=4.2)
+    cmap = matplotlib.colormaps["plasma"]
+    for ax, fam in zip(axes, fams, strict=True):
+        sizes = sorted(fam.points["n"].unique())
+        for i, n in enumerate(sizes):
+            col = cmap(0.85 * i / max(1, len(sizes) - 1))
+            g = fam.points[fam.points["n"] == n]
+            ax.plot(g["d"], g["loss"], "o", color=col, markersize=3.5, label=f"N = {n:.3g}")
+            if fam.lnd is not None and g["d"].nunique() > 0:
+                ds = np.geomspace(g["d"].min(), g["d"].max(), 50) if g["d"].nunique() > 1 else g["d"].to_numpy()
+                ax.plot(ds, fam.lnd.law(n, ds), color=col, linewidth=1)
+        if fam.lnd is None:
+            _note(ax, f"no L(N, D) fit: {fam.why3}")
+        _log(ax, "x")
+        ax.set_xlabel("training tokens D")
+        ax.set_ylabel(LOSS_LABEL)
+        ax.set_title(f"{family_label(fam.family)}: L(N, D) at each N")
+        ax.legend(loc="upper right", fontsize=6, ncols=2)
     return fig
 
 

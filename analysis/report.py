@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
-from analysis.bootstrap import Estimate, LawFit
+from analysis.bootstrap import Estimate, LawFit, fmt_identified
 from analysis.checks import FitError
 from analysis.collect import Collected, load_collected, read_inference_benchmark, save_collected
 from analysis.compare import (
@@ -43,7 +43,7 @@ from analysis.compare import (
     memory_laws,
     scale_estimate,
 )
-from analysis.isoflop import fit_frontier, isoflop_optima, parabola
+from analysis.isoflop import IsoflopStudy, approach2_why, isoflop_study, lnd_why
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BENCH = REPO / "benchmarks" / "results" / "inference.json"
@@ -59,33 +59,13 @@ class Analysis:
     gap: tuple[float, Estimate] | None  # UltraMem − MoE loss at equal compute
     memory: list[MemoryLaw]
     knowledge: pd.DataFrame
-    isoflop: dict[str, Any] | None
+    isoflop: IsoflopStudy | None  # families with a D axis: L(N, D), IsoFLOP parabolas, frontier multipliers
     bench: pd.DataFrame | None
     level: float = 0.95
     solver: str = "lsq"  # how the family laws were fitted (analysis/fit.py SOLVERS)
     claims: list[dict[str, str]] = field(default_factory=list)
     density: list[DensityLaw] = field(default_factory=list)  # loss vs values per token at fixed total params
     density_comparison: pd.DataFrame | None = None  # 4× density vs 4× sparse parameters, per family
-
-
-def _isoflop(runs: pd.DataFrame) -> dict[str, Any] | None:
-    """Dense runs grouped into FLOP budgets (2 significant figures) with >= 3 sizes each, if there are 3 such."""
-    df = runs[(runs["family"] == "dense") & np.isfinite(runs["flops"]) & np.isfinite(runs["val_loss"])]
-    if df.empty:
-        return None
-    pts = pd.DataFrame({"flops": [float(f"{c:.2g}") for c in df["flops"]], "n": df["active_params"].to_numpy(),
-                        "loss": df["val_loss"].to_numpy()})
-    sizes = pts.groupby("flops")["n"].nunique()
-    pts = pts[pts["flops"].isin(sizes[sizes >= 3].index)]
-    if pts["flops"].nunique() < 3:
-        return None
-    optima = isoflop_optima(pts)
-    try:
-        frontier = fit_frontier(optima)
-    except FitError:
-        frontier = None
-    return {"points": pts, "optima": optima, "frontier": frontier,
-            "parabolas": {c: parabola(pts, c) for c in optima.loc[optima["valid"], "flops"]}}
 
 
 def analyse(collected: Collected, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
@@ -100,7 +80,7 @@ def analyse(collected: Collected, *, n_boot: int = 1000, seed: int = 0, level: f
                               seed=seed)
     a = Analysis(collected, scaling, exponent_differences(scaling["flops"], level=level), mult,
                  loss_gap(scaling["flops"], "ultramem", "moe", level=level), memory_laws(runs, **kw),
-                 knowledge_table(runs), _isoflop(runs), bench, level, solver)
+                 knowledge_table(runs), isoflop_study(runs, **kw), bench, level, solver)
     a.claims = claims(a)
     a.density = density_laws(runs, **kw)
     if a.density:
@@ -176,8 +156,9 @@ def figures(a: Analysis) -> dict[str, Any]:
     if a.density:  # some memory family has runs at >= 2 densities at one total parameter count
         figs["loss_vs_values_per_token"] = plots.plot_density(runs, a.density)
     if a.isoflop is not None:
-        i = a.isoflop
-        figs["isoflop"] = plots.plot_isoflop(i["points"], i["optima"], i["frontier"], i["parabolas"])
+        figs["isoflop_profiles"] = plots.plot_isoflop_families(a.isoflop)
+        figs["compute_optimal_frontier"] = plots.plot_frontier(a.isoflop)
+        figs["lnd_slices"] = plots.plot_lnd_slices(a.isoflop)
     figs["training_curves"] = plots.plot_curves(a.collected.curves, runs)
     if not a.knowledge.empty:
         figs["knowledge"] = plots.plot_knowledge(a.knowledge)
@@ -326,13 +307,7 @@ def report_blocks(a: Analysis, title: str, figure_names: list[str]) -> list[tupl
     if a.density:
         b += density_blocks(a, figure_names)
     if a.isoflop is not None:
-        b.append(("h", 2, "IsoFLOP profiles and the compute-optimal frontier (dense)"))
-        opt = a.isoflop["optima"]
-        b.append(_table(opt))
-        if a.isoflop["frontier"] is not None:
-            b.append(("p", f"Frontier: {a.isoflop['frontier']['n'].formula('C', 'N*')}, "
-                           f"{a.isoflop['frontier']['d'].formula('C', 'D*')}."))
-        b.append(("img", "figures/isoflop.png", "IsoFLOP parabolas and N*(C)"))
+        b += isoflop_blocks(a.isoflop)
     b.append(("h", 2, "Knowledge capacity"))
     if a.knowledge.empty:
         b.append(("p", "No knowledge probe in these runs (it runs on the embedded corpus only)."))
@@ -383,6 +358,96 @@ def density_blocks(a: Analysis, figure_names: list[str]) -> list[tuple]:
     return b
 
 
+def isoflop_blocks(st: IsoflopStudy) -> list[tuple]:
+    """The IsoFLOP study: L(N, D) per family (Approach 3), IsoFLOP parabolas (Approach 2), their cross-check and the
+    effective compute multiplier on the frontier. A number the runs do not identify is printed as "not identified"
+    with the reason, never as a result."""
+    pct = f"{st.level:.0%}"
+    b: list[tuple] = [("h", 2, "IsoFLOP study: L(N, D) per family and the compute-optimal frontier")]
+    b.append(("p", "Compute C is the project's training FLOPs (the `flops` column: ultramem.accounting's FLOPs per "
+                   "token, attention and head included, times the tokens D), not 6ND; runs within 10% of each other "
+                   "in C share a budget. The runs of one (family, N, D) point are its seeds: every bootstrap "
+                   f"resamples these seed clusters whole ({pct} percentile intervals), within each budget for the "
+                   "IsoFLOP parabolas. Cooldown branches of one WSD trunk share its data order, so their points are "
+                   "not independent of the trunk's; the intervals do not model that. A number whose interval is "
+                   "unreliable, too wide, or whose fit sits at a bound is printed as \"not identified\"."))
+    b.append(("h", 3, "Approach 3: L(N, D) = E + A/N^α + B/D^β per family"))
+    rows = []
+    for fam in st.families.values():
+        row: dict[str, Any] = {"family": fam.family, "runs": len(fam.points),
+                               "(N, D) points": fam.points["cluster"].nunique()}
+        if fam.lnd is None:
+            row.update({"law": f"not identified ({fam.why3})"})
+        else:
+            row["law"] = fam.lnd.law.formula()
+            for name, label in (("E", "E"), ("alpha", "α"), ("beta", "β"), ("a", "a = β/(α+β)"),
+                                ("b", "b = α/(α+β)")):
+                row[label] = fmt_identified(fam.lnd.estimates[name], lnd_why(fam, name))
+        rows.append(row)
+    b.append(_table(pd.DataFrame(rows).fillna("—")))
+    b.append(("p", "Training FLOPs per token F(N) = k·N^p fitted per family to its runs: "
+                   + "; ".join(f"{f.family} {f.flops_law.formula('N', 'F')}" for f in st.families.values()) + "."))
+    b.append(("h", 3, "Approach 2: IsoFLOP parabolas"))
+    for fam in st.families.values():
+        if fam.optima is None:
+            b.append(("p", f"{fam.family}: no IsoFLOP frontier: {fam.why2}."))
+            continue
+        opt = fam.optima.rename(columns={"flops": "budget C", "n_star": "N*", "d_star": "D*", "loss_star": "L*",
+                                         "n_points": "runs", "n_sizes": "sizes"})
+        b.append(("p", f"{fam.family}:"))
+        b.append(_table(opt))
+        if fam.frontier is not None:
+            b.append(("p", f"{fam.family} frontier: {fam.frontier['n'].formula('C', 'N*')}, "
+                           f"{fam.frontier['d'].formula('C', 'D*')}; a = "
+                           f"{fmt_identified(fam.approach2.get('a'), approach2_why(fam, 'a'))}, b = "
+                           f"{fmt_identified(fam.approach2.get('b'), approach2_why(fam, 'b'))}."))
+        else:
+            b.append(("p", f"{fam.family}: no frontier: {fam.why2}."))
+    b.append(("img", "figures/isoflop_profiles.png", "IsoFLOP profiles per family: loss vs N at each budget, "
+                                                     "parabolas in ln N and their vertices"))
+    b.append(("h", 3, "Approach 2 vs Approach 3"))
+    b.append(("p", "The exponents of N*(C) and D*(C) from the IsoFLOP vertices beside those of the L(N, D) fit's "
+                   "frontier over the same budgets (the minimum of L(N, C/F(N)) over N, found numerically since F "
+                   "is not proportional to N; with F = 6N they are a = β/(α+β) and b = α/(α+β))."))
+    b.append(_table(st.comparison))
+    b.append(("img", "figures/compute_optimal_frontier.png", "Compute-optimal N*(C) (IsoFLOP vertices and both "
+                                                             "fits) and the loss on each family's frontier"))
+    b.append(("h", 3, "Effective compute multiplier on the frontier"))
+    b.append(("p", "M(C) = C_dense(L*_f(C)) / C: the compute dense needs on its L(N, D) frontier to reach the loss "
+                   "family f reaches at compute C on its own frontier, at each of f's budgets; the interval pairs "
+                   "the two families' bootstrap refits."))
+    m = st.multipliers
+    if m.empty:
+        b.append(("p", "Not available: needs dense and another family with a D axis."))
+    else:
+        out = pd.DataFrame({"family": m["family"], "budget C": m["budget C"], "L* (family)": m["L* (family)"],
+                            "M": [r.status if r.status != "identified" else
+                                  Estimate(r.M, r.lo, r.hi).fmt(3) for r in m.itertuples()]})
+        b.append(_table(out))
+    b.append(("img", "figures/lnd_slices.png", "L(N, D) slices per family: loss vs tokens at each size, with the "
+                                               "fitted law"))
+    return b
+
+
+def isoflop_json(st: IsoflopStudy) -> dict[str, Any]:
+    records = lambda df: json.loads(df.to_json(orient="records"))
+    fams = {}
+    for fam in st.families.values():
+        lnd = None
+        if fam.lnd is not None:
+            lnd = {**fam.lnd.to_dict(), "formula": fam.lnd.law.formula(), "params": fam.lnd.law.params(),
+                   "not_identified": {k: lnd_why(fam, k) for k in fam.lnd.estimates if lnd_why(fam, k)}}
+        fams[fam.family] = {
+            "runs": len(fam.points), "points": int(fam.points["cluster"].nunique()),
+            "flops_per_token": fam.flops_law.params(), "lnd": lnd, "lnd_reason": fam.why3,
+            "optima": records(fam.optima) if fam.optima is not None else [],
+            "frontier": {k: v.params() for k, v in fam.frontier.items()} if fam.frontier else None,
+            "approach2": {k: v.to_dict(full=True) for k, v in fam.approach2.items()},
+            "approach2_reason": fam.why2,
+            "approach2_not_identified": {k: approach2_why(fam, k) for k in ("a", "b") if approach2_why(fam, k)}}
+    return {"families": fams, "comparison": records(st.comparison), "multipliers": records(st.multipliers)}
+
+
 def fits_json(a: Analysis) -> dict[str, Any]:
     def law(fit: LawFit | None) -> dict[str, Any] | None:
         if fit is None:
@@ -395,6 +460,8 @@ def fits_json(a: Analysis) -> dict[str, Any]:
                "log_linear": law(m.log_linear), "power": law(m.power)} for m in a.memory]
     records = lambda df: json.loads(df.to_json(orient="records"))
     extra = {}
+    if a.isoflop is not None:  # only with a D axis, so that the fits.json of other sweeps keep their bytes
+        extra["isoflop"] = isoflop_json(a.isoflop)
     if a.density:  # only when there is a density axis, so that the fits.json of other sweeps keep their bytes
         extra["density"] = {
             "laws": [{"family": d.family, "total_params": d.total_params, "backbone": d.backbone, "n_runs": d.n_runs,

@@ -20,6 +20,18 @@ capped at LR_MAX = 3e-3, since tiny CPU models sit up to three decades below the
 cosine, dense-t1 (115k params) and dense-tiny (357k) both reached their lowest loss at 3e-3 among 1e-3, 3e-3,
 6e-3, 1e-2 and 3e-2 (2.35 vs 2.61 at 1e-3 and 2.64 at 1e-2 for dense-t1). The OLMo ladder's own rule
 (0.0047 * (N/108e6)**(-1/3)) is 7x the paper's LR at 151M, so the paper's numbers win for this suite.
+
+The IsoFLOP rule (`isoflop_hparams`; a sweep with `method: isoflop` and `isoflop.hparams: isoflop` opts in, and
+every value lands in each run's config.yaml) keeps the batch and LR above and adds what Porian et al. 2024
+("Resolving discrepancies in compute-optimal scaling", §3.3-3.5) found to matter at small scale:
+  - one batch size for all the budgets a size serves (a WSD trunk and its cooldown branches share it), capped so
+    the *shortest* of them still gets MIN_STEPS steps;
+  - warmup that scales with N and stays much shorter than D: WARMUP_TOKENS_PER_PARAM x N tokens (Porian: warmup
+    tokens = N, which keeps the compute-optimal D at >= 5x the warmup), at most WARMUP_MAX_SHARE of the shortest
+    run's steps, at least one step;
+  - AdamW beta2 = BETA2_SMALL_BATCH (0.99) below BETA2_BATCH_TOKENS tokens per step (Porian: beta2 = 0.95 is
+    suboptimal at 128 sequences of 2048 tokens and below; 0.99 and 0.999 were better), else the paper's 0.95.
+None of these constants is tuned on this suite's tiny models; they are the published rule, stated once here.
 """
 
 from __future__ import annotations
@@ -80,3 +92,34 @@ def warmup_steps(warmup: float, steps: int) -> int:
     if warmup > 0:
         n = max(n, min(MIN_WARMUP_STEPS, math.ceil(SHORT_RUN_WARMUP_FRACTION * steps)))
     return min(n, steps)
+
+
+# ---- the IsoFLOP rule (Porian et al. 2024), opted into by `isoflop.hparams: isoflop` in a sweep ----------------
+
+WARMUP_TOKENS_PER_PARAM = 1.0  # Porian et al.: warmup tokens = N
+WARMUP_MAX_SHARE = 0.1  # never more than this share of the shortest run's steps
+BETA2_SMALL_BATCH = 0.99
+BETA2_LARGE_BATCH = 0.95  # the paper's Table 4 (TrainConfig's default)
+BETA2_BATCH_TOKENS = 128 * 2048  # Porian et al.: beta2 0.95 hurts at <= 128 sequences of 2048 tokens
+
+
+def isoflop_warmup_steps(active_params: int, tokens_per_step: int, shortest_steps: int) -> int:
+    """WARMUP_TOKENS_PER_PARAM x N tokens in steps, capped at WARMUP_MAX_SHARE of the shortest run, at least 1."""
+    steps = math.ceil(WARMUP_TOKENS_PER_PARAM * active_params / tokens_per_step)
+    return max(1, min(steps, math.floor(WARMUP_MAX_SHARE * shortest_steps)))
+
+
+def beta2(tokens_per_step: int) -> float:
+    """AdamW beta2 for a batch of `tokens_per_step` tokens: raised at small batch (Porian et al. 2024)."""
+    return BETA2_SMALL_BATCH if tokens_per_step < BETA2_BATCH_TOKENS else BETA2_LARGE_BATCH
+
+
+def isoflop_hparams(active_params: int, seq_len: int, shortest_tokens: int, multiple: int = 1) -> dict[str, float]:
+    """The train fields the IsoFLOP rule sets for a model of `active_params` whose shortest run (the smallest
+    budget it serves: a cooldown branch, or the run itself) is `shortest_tokens` long: batch_size (sequences),
+    lr, warmup (steps) and beta2. One set of values serves a WSD trunk and all its branches."""
+    batch = batch_size(active_params, seq_len, shortest_tokens, multiple)
+    shortest = num_steps(shortest_tokens, batch, seq_len)
+    return {"batch_size": batch, "lr": learning_rate(active_params),
+            "warmup": isoflop_warmup_steps(active_params, batch * seq_len, shortest),
+            "beta2": beta2(batch * seq_len)}

@@ -159,3 +159,19 @@ def test_errors_name_the_column_and_the_file(tmp_path):
         chinchilla_columns(df, n_col="N", d_col="D", flops_col=None, loss_col="loss", source=str(path))
     with pytest.raises(NotEnoughPointsError, match="not enough points"):
         fit_chinchilla([1e7, 2e7, 3e7], [1e9, 1e9, 1e9], [3.0, 2.9, 2.8])
+
+
+def test_numerical_frontier_under_flops_per_token_matches_the_closed_form():
+    """analysis.chinchilla.frontier with F(N) = k·N equals compute_optimal's closed form at C·6/k, and
+    compute_for_loss inverts it (the effective-compute multiplier's building blocks)."""
+    from analysis.chinchilla import compute_for_loss, frontier, frontier_curve
+
+    k = 7.5
+    c = np.geomspace(1e18, 1e22, 5)
+    n, d, loss = frontier(HOFFMANN_2022, lambda x: k * np.asarray(x), c, (1e7, 1e10))
+    n0, d0, l0 = HOFFMANN_2022.compute_optimal(c * 6 / k)
+    assert np.allclose(n, n0, rtol=1e-4) and np.allclose(d, d0, rtol=1e-4) and np.allclose(loss, l0, rtol=1e-9)
+    curve = frontier_curve(HOFFMANN_2022, lambda x: k * np.asarray(x), (1e7, 1e10), (1e18, 1e22))
+    want = HOFFMANN_2022.compute_for_loss(l0) * k / 6
+    assert np.allclose(compute_for_loss(curve, l0), want, rtol=1e-3)
+    assert np.isnan(compute_for_loss(curve, HOFFMANN_2022.E - 0.01)).all()  # below the floor: never reached

@@ -32,8 +32,15 @@ class Point:
 
 
 def expand(sweep: SweepFile, base: dict[str, Any], source: str = "<sweep>") -> list[Point]:
-    """Grid (or zipped list) x conditional blocks x seeds -> run-config mappings, in a stable order."""
-    points = _grid(sweep.parameters, sweep.method)
+    """Grid (or zipped list) x conditional blocks x seeds -> run-config mappings, in a stable order.
+
+    method isoflop: the ladder's presets are a grid axis (one point per size; experiments/sweep/plan.py gives each
+    its budgets)."""
+    if sweep.isoflop is not None:
+        ladder = {"model.preset": ParamSpec(values=list(sweep.isoflop.ladder))}
+        points = _grid({**ladder, **sweep.parameters}, "grid")
+    else:
+        points = _grid(sweep.parameters, sweep.method)
     for block in sweep.conditional:
         grown: list[dict[str, Any]] = []
         for p in points:

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from experiments import pricing
+from experiments import hparams, pricing
 from experiments.config import (
     branch_config,
     branch_points,
@@ -23,6 +23,7 @@ from experiments.config import (
 )
 from experiments.resolve import resolve_run_config
 from experiments.sweep.grid import Point, describe, expand, matches
+from experiments.sweep.isoflop import IsoflopSpec, Layout, Size, layout
 from experiments.sweep.schema import Resources, SweepFile, load_sweep, runs_dir
 from ultramem.accounting import count_params, flops_per_token
 from ultramem.config import ConfigError, ModelConfig, deep_merge
@@ -99,6 +100,11 @@ class Plan:
     sweep: SweepFile
     runs_dir: Path
     runs: list[PlannedRun] = field(default_factory=list)
+    isoflop: Layout | None = None  # method isoflop: the (size, budget) grid and its warnings
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.isoflop.warnings) if self.isoflop is not None else []
 
     def totals(self) -> dict[str, Any]:
         """Sums over the runs; `flops` and the GPU-hours count what is trained (a branch: its cooldown only).
@@ -113,6 +119,9 @@ class Plan:
         out["trunks"] = len({r.branch_of for r in branches})
         out["independent_flops"] = sum(r.flops for r in self.runs)
         out["saved_flops"] = out["independent_flops"] - out["flops"]
+        if self.isoflop is not None:  # only for isoflop sweeps, so that other plans keep their JSON
+            out["isoflop"] = {"budgets": self.isoflop.budgets, "warnings": self.warnings,
+                              "unused": [s.preset for s in self.isoflop.unused]}
         return out
 
 
@@ -124,7 +133,11 @@ def plan_sweep(path: str | Path) -> Plan:
     planner = _Planner(sweep, base)
     seen: dict[str, PlannedRun] = {}
     too_big: list[str] = []
-    for point in expand(sweep, base, str(path)):
+    points = expand(sweep, base, str(path))
+    budgets: dict[int, list[float]] = {}  # isoflop: point index -> the budgets of its run and its branches
+    if sweep.isoflop is not None:
+        points, budgets, plan.isoflop = _isoflop_points(points, sweep.isoflop, planner, str(path))
+    for point in points:
         run = planner.plan(point, f"{path} (run {point.index}: {describe(point.values)})")
         if not run.fits():
             too_big.append(pricing.does_not_fit(
@@ -137,7 +150,10 @@ def plan_sweep(path: str | Path) -> Plan:
                               "differ do not change what is trained (see experiments.config.run_id); drop one")
         seen[run.run_id] = run
         plan.runs.append(run)
-        for branch in planner.branches(run, f"{path} (run {point.index}: {describe(point.values)}, a branch)"):
+        branches = planner.branches(run, f"{path} (run {point.index}: {describe(point.values)}, a branch)")
+        for branch, budget in zip(branches, budgets.get(point.index, []), strict=False):
+            branch.values["isoflop.budget"] = budget
+        for branch in branches:
             seen[branch.run_id] = branch
             plan.runs.append(branch)
     if too_big:
@@ -145,6 +161,60 @@ def plan_sweep(path: str | Path) -> Plan:
                           "ultramem.accounting.train_memory, at most "
                           f"{pricing.USABLE_GPU_MEMORY:.0%} of resources.gpu_memory_gb):\n  " + "\n  ".join(too_big))
     return plan
+
+
+_SET_BY_ISOFLOP = ("tokens", "steps", "branches", "branch_of")
+_ISOFLOP_RULE = ("batch_size", "lr", "warmup", "beta2")  # what isoflop.hparams: isoflop sets, unless given
+
+
+def _isoflop_points(points: list[Point], spec: IsoflopSpec, planner: _Planner,
+                    path: str) -> tuple[list[Point], dict[int, list[float]], Layout]:
+    """One point per size of the ladder (and seed) -> its runs: a WSD trunk at the largest budget it serves with
+    the others as cooldown branches (`branches: true`), or one run per budget. Returns the points, each point's
+    budgets (its branches' first, ascending, then its own) and the layout with its warnings."""
+    sizes: dict[str, Size] = {}
+    for p in points:
+        where = f"{path} (run {p.index}: {describe(p.values)})"
+        train = p.config.get("train") or {}
+        for key in _SET_BY_ISOFLOP:
+            if key in train:
+                raise ConfigError(f"{where}: train.{key} is set by the isoflop method (isoflop.budgets and the "
+                                  "ladder give every run its tokens and branches); remove it")
+        if spec.branches and train.get("schedule", "wsd") != "wsd":
+            raise ConfigError(f"{where}: train.schedule is {train['schedule']!r} but isoflop.branches is true "
+                              "(cooldown branches of one WSD trunk per size); remove train.schedule or set "
+                              "isoflop.branches: false")
+        if p.preset not in sizes:
+            data = planner.resolve(p.config, where)
+            params, fpt = planner.count(data["model"], data["train"]["seq_len"])
+            sizes[p.preset] = Size(str(p.preset), data["model"]["family"], _count(params, "active"), fpt)
+    grid = layout(spec, list(sizes.values()))
+    out: list[Point] = []
+    budgets: dict[int, list[float]] = {}
+    for p in points:
+        cells = grid.served(str(p.preset))
+        runs = [cells] if spec.branches and cells else [[c] for c in cells]
+        for group in runs:
+            own = group[-1]
+            train = {"tokens": own.tokens}
+            if spec.branches:
+                train.update(schedule="wsd", branches=[c.tokens for c in group[:-1]])
+            if spec.hparams == "isoflop":
+                seq_len = planner.resolve(p.config, path)["train"]["seq_len"]
+                nproc = int((p.config.get("parallel") or {}).get("nproc", 1))
+                rule = hparams.isoflop_hparams(own.size.n, seq_len, group[0].tokens, nproc)
+                given = p.config.get("train") or {}
+                train.update({k: v for k, v in rule.items() if given.get(k, "auto") == "auto"})
+            config = deep_merge(p.config, {"train": train})
+            if len(runs) > 1:
+                config["name"] = f"{config.get('name') or p.preset}@C={own.budget:.3g}"
+            index = len(out)
+            out.append(Point(index, {**p.values, "isoflop.budget": own.budget}, config, p.preset))
+            budgets[index] = [c.budget for c in group[:-1]]
+    if not out:
+        raise ConfigError(f"{path}: isoflop: no size of the ladder serves any budget within tokens_per_param "
+                          f"{list(spec.tokens_per_param)}:\n  " + "\n  ".join(grid.warnings))
+    return out, budgets, grid
 
 
 def _model_fields(model: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from experiments.config import RunConfig, Strict, WandbConfig, format_validation_error, load_yaml
 from experiments.pricing import GPU_MEMORY_GB
+from experiments.sweep.isoflop import IsoflopSpec
 from ultramem.config import BLOCKS, ConfigError, ModelConfig, expand_dotted
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -86,10 +87,11 @@ class ResourceSpec(Strict):
 class SweepFile(Strict):
     name: str
     description: str | None = None
-    method: Literal["grid", "list"] = "grid"
+    method: Literal["grid", "list", "isoflop"] = "grid"
     base: dict[str, Any] | str = Field(default_factory=dict)
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    parameters: dict[str, ParamSpec]
+    parameters: dict[str, ParamSpec] = Field(default_factory=dict)  # isoflop: optional (the ladder is the grid)
+    isoflop: IsoflopSpec | None = None  # method isoflop: budgets and the size ladder (experiments/sweep/isoflop.py)
     conditional: list[Conditional] = Field(default_factory=list)
     seeds: list[int] | None = Field(None, min_length=1)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
@@ -100,8 +102,17 @@ class SweepFile(Strict):
     def _check(self) -> SweepFile:
         if not _NAME.match(self.name):
             raise ValueError(f"name {self.name!r}: use letters, digits, '-', '_' and '.' (it names the output dir)")
-        if not self.parameters:
+        if (self.method == "isoflop") != (self.isoflop is not None):
+            raise ValueError("method: isoflop and the isoflop: block (budgets, ladder) go together; give both or "
+                             "neither")
+        if not self.parameters and self.method != "isoflop":
             raise ValueError("parameters: empty grid; give at least one key with 'values: [...]' or 'value: x'")
+        if self.isoflop is not None:
+            swept = [*self.parameters, *(k for c in self.conditional for k in c.parameters)]
+            for key in swept:
+                if key.split(".")[0] == "model":
+                    raise ValueError(f"parameters {key}: the isoflop method takes its models from isoflop.ladder; "
+                                     "list presets there (a changed model is a sweep-local preset under presets:)")
         if self.seeds is not None and "seed" in self.parameters:
             raise ValueError("seeds: given twice (top-level 'seeds' and parameters.seed); keep one")
         return self

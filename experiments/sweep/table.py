@@ -29,6 +29,12 @@ def plan_table(plan: Plan) -> str:
             row[6:6] = [f"{r.tokens_per_param:.3g}", r.branch_of or "-",
                         f"{r.branch_step}/{r.steps}" if r.branch_of else "-"]
         rows[-1][6:6] = ["", "", ""]
+    if plan.isoflop is not None:  # the FLOP budget each run is a point of
+        at = headers.index("tokens") + 1
+        headers.insert(at, "budget C")
+        for r, row in zip(plan.runs, rows, strict=False):
+            row.insert(at, human(r.values["isoflop.budget"]))
+        rows[-1].insert(at, "")
     text = f"sweep {plan.sweep.name} -> {plan.runs_dir}\n" + format_table(headers, rows)
     if branched:
         saved = t["saved_flops"] / t["independent_flops"] if t["independent_flops"] else 0.0
@@ -36,4 +42,27 @@ def plan_table(plan: Plan) -> str:
                  f"each run trains itself, a branch only its cooldown). As independent runs the sweep would train "
                  f"{human(t['independent_flops'])} FLOPs; with branches {human(t['flops'])}: "
                  f"{human(t['saved_flops'])} saved ({saved:.0%}).")
+    if plan.isoflop is not None:
+        text += "\n\n" + isoflop_table(plan)
+    return text
+
+
+def isoflop_table(plan: Plan) -> str:
+    """The IsoFLOP grid: per family and budget, the sizes laid there, their D and tokens/param; then warnings."""
+    grid = plan.isoflop
+    assert grid is not None
+    rows = []
+    for fam in grid.families():
+        for c in grid.budgets:
+            cells = grid.at(fam, c)
+            rows.append([fam, human(c), str(len(cells)), ", ".join(human(x.size.n) for x in cells) or "-",
+                         ", ".join(human(x.tokens) for x in cells) or "-",
+                         ", ".join(f"{x.tokens_per_param:.3g}" for x in cells) or "-"])
+    text = ("IsoFLOP grid (C = ultramem.accounting.flops_per_token x D, the project's FLOPs, not 6ND; each size is "
+            + ("one WSD trunk at its largest budget, its smaller budgets cooldown branches" if plan.sweep.isoflop
+               and plan.sweep.isoflop.branches else "one run per budget")
+            + f"; hparams: {plan.sweep.isoflop.hparams if plan.sweep.isoflop else '-'}):\n")
+    text += format_table(["family", "budget C", "sizes", "N (active)", "D (tokens)", "D/N"], rows)
+    if grid.warnings:
+        text += f"\n{len(grid.warnings)} warning(s):\n" + "\n".join(f"  - {w}" for w in grid.warnings)
     return text

@@ -1,0 +1,150 @@
+"""The `isoflop` sweep method: FLOP budgets x a size ladder -> the (N, D) grid of an IsoFLOP study, as WSD trunks
+with cooldown branches (docs/sweeps.md "IsoFLOP grids").
+
+For each FLOP budget C and each size of the ladder (a preset: N active parameters, F training FLOPs per token from
+`ultramem.accounting.flops_per_token`, the project's own count, not 6N), the run of that budget trains
+D = C / F tokens, D/N tokens per parameter. A size serves the budgets whose D/N lies in `tokens_per_param`
+(default 3-100, around Chinchilla's ~20 so that each budget's loss-vs-N curve has its minimum inside the grid).
+With `branches: true` (default) each size is one WSD trunk trained to the largest D it serves, and every smaller
+budget is a cooldown branch of it; with `branches: false` each (size, budget) is an independent run.
+
+`layout` is the pure part (numbers in, grid and warnings out); experiments/sweep/plan.py turns it into runs.
+A budget is warned about when fewer than `min_sizes` sizes serve it, or when its sizes do not bracket its expected
+optimum: none at or below `optimum / 2` tokens per parameter or none at or above `2 x optimum` (the parabola in
+ln N needs sizes on both sides of its vertex; analysis/isoflop.py rejects a vertex outside the sampled sizes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from experiments.config import Strict
+
+MIN_BUDGET_RATIO = 1.25  # consecutive budgets at least this far apart (a branch must end inside its trunk's stable
+#                          phase, and the analysis tells budgets apart by their FLOPs)
+BRACKET = 2.0  # a budget brackets its optimum with sizes at <= optimum/BRACKET and >= optimum*BRACKET tokens/param
+
+
+class IsoflopSpec(Strict):
+    """The `isoflop:` block of a sweep file with `method: isoflop`."""
+
+    budgets: list[float] = Field(min_length=2)  # training FLOPs C (flops_per_token x tokens), ascending
+    ladder: list[str] = Field(min_length=1)  # model presets (registered or sweep-local), any families
+    tokens_per_param: tuple[float, float] = (3.0, 100.0)  # the D/N window each budget's sizes are taken from
+    min_sizes: int = Field(5, ge=3)  # sizes per budget below which the planner warns
+    optimum: float = Field(20.0, gt=0)  # tokens per parameter where the optimum is expected (bracketing check)
+    branches: bool = True  # one WSD trunk per size, the other budgets as its cooldown branches
+    hparams: Literal["ladder", "isoflop"] = "ladder"  # ladder: experiments.hparams as for any run; isoflop: the
+    #                                                   IsoFLOP rule (experiments.hparams.isoflop_hparams)
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, b: list[float]) -> list[float]:
+        if any(c <= 0 for c in b):
+            raise ValueError(f"every budget must be a number of FLOPs > 0 (e.g. 1.0e+13), got {b}")
+        for lo, hi in zip(b, b[1:], strict=False):
+            if hi < MIN_BUDGET_RATIO * lo:
+                raise ValueError(f"budgets {lo:g} and {hi:g}: list them ascending, each at least "
+                                 f"{MIN_BUDGET_RATIO}x the one before")
+        return b
+
+    @field_validator("tokens_per_param")
+    @classmethod
+    def _window(cls, w: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < w[0] < w[1]:
+            raise ValueError(f"give [low, high] with 0 < low < high, got {list(w)}")
+        return w
+
+    @field_validator("ladder")
+    @classmethod
+    def _ladder(cls, ladder: list[str]) -> list[str]:
+        if len(set(ladder)) != len(ladder):
+            raise ValueError("a preset is listed twice; list each once")
+        return ladder
+
+
+@dataclass(frozen=True)
+class Size:
+    """One rung of the ladder: a preset, its family, active parameters N and training FLOPs per token F."""
+
+    preset: str
+    family: str
+    n: int
+    flops_per_token: float
+
+
+@dataclass
+class Cell:
+    """One (size, budget) point of the grid."""
+
+    size: Size
+    budget: float
+    tokens: int  # D = C / F, rounded to a token (the resolver then rounds it to whole steps)
+
+    @property
+    def tokens_per_param(self) -> float:
+        return self.tokens / self.size.n
+
+
+@dataclass
+class Layout:
+    """The grid: which budgets each size serves (`cells`), budgets no size serves, and warnings."""
+
+    budgets: list[float]
+    cells: list[Cell] = field(default_factory=list)
+    unused: list[Size] = field(default_factory=list)  # sizes no budget's window reaches
+    warnings: list[str] = field(default_factory=list)
+
+    def served(self, preset: str) -> list[Cell]:
+        """The cells of one size, ascending in budget (the last is its trunk's)."""
+        return sorted((c for c in self.cells if c.size.preset == preset), key=lambda c: c.budget)
+
+    def at(self, family: str, budget: float) -> list[Cell]:
+        """The cells of one family at one budget, ascending in N."""
+        return sorted((c for c in self.cells if c.size.family == family and c.budget == budget),
+                      key=lambda c: c.size.n)
+
+    def families(self) -> list[str]:
+        return list(dict.fromkeys(c.size.family for c in self.cells))
+
+
+def layout(spec: IsoflopSpec, sizes: list[Size]) -> Layout:
+    """Lay the ladder over the budgets: size s serves budget C when C / (F_s N_s) lies in the tokens/param window."""
+    lo, hi = spec.tokens_per_param
+    out = Layout(budgets=list(spec.budgets))
+    for s in sizes:
+        cells = [Cell(s, c, round(c / s.flops_per_token)) for c in spec.budgets]
+        cells = [c for c in cells if lo <= c.tokens_per_param <= hi]
+        out.cells += cells
+        if not cells:
+            out.unused.append(s)
+    families = list(dict.fromkeys(s.family for s in sizes))
+    for fam in families:
+        good = 0
+        for c in spec.budgets:
+            cells = out.at(fam, c)
+            tpp = [x.tokens_per_param for x in cells]
+            short = len(cells) < spec.min_sizes
+            bracketed = bool(cells) and min(tpp) <= spec.optimum / BRACKET and max(tpp) >= spec.optimum * BRACKET
+            if short or not bracketed:
+                span = f"{min(tpp):.3g}-{max(tpp):.3g}" if cells else "none"
+                why = [f"{len(cells)} size(s) (want >= {spec.min_sizes})"] if short else []
+                if not bracketed:
+                    why.append(f"does not bracket the expected optimum at {spec.optimum:g} tokens/param (want "
+                               f"sizes at <= {spec.optimum / BRACKET:g} and >= {spec.optimum * BRACKET:g})")
+                out.warnings.append(f"{fam} at C = {c:.3g}: tokens/param {span}: {'; '.join(why)}")
+            good += len(cells) >= 3
+        if good < 3:
+            out.warnings.append(f"{fam}: {good} budget(s) with >= 3 sizes; the IsoFLOP frontier N*(C) "
+                                "(Approach 2) needs 3 or more, so only the L(N, D) fit can use these runs")
+    if any(" at C = " in w for w in out.warnings):
+        out.warnings.append(f"fix: add rungs to the ladder between or around the sizes laid there, or widen "
+                            f"isoflop.tokens_per_param (now [{lo:g}, {hi:g}])")
+    for s in out.unused:
+        out.warnings.append(f"{s.preset}: no budget puts it within tokens/param [{lo:g}, {hi:g}] "
+                            f"(C / (F N) = {spec.budgets[0] / (s.flops_per_token * s.n):.3g} to "
+                            f"{spec.budgets[-1] / (s.flops_per_token * s.n):.3g}); not trained")
+    return out
