@@ -8,8 +8,9 @@
     par.save(rd, step, raw, opt, extras, keep);  extras = par.load_latest(rd, raw, opt)
 
 Layouts (docs/parallelism.md): with nothing sharded (`parallel: {nproc: K}`) this is the trainer's DDP path,
-unchanged, with its single-file checkpoints. Otherwise memory parallelism splits UltraMem value tables
-(`memory_parallel: {mode: dim|row, size: P}`), expert parallelism splits MoE experts (`expert_parallel: P`),
+unchanged, with its single-file checkpoints. Otherwise memory parallelism splits the value tables of UltraMem,
+Memory+ and UltraMemV2 (`memory_parallel: {mode: dim|row, size: P}`; a table shared by several layers is split once,
+and its shards are ignored by DDP by their first name, `shared.*`), expert parallelism splits MoE experts (`expert_parallel: P`),
 `fsdp` shards everything else with FSDP2 (DDP replicates it when false), `activation_checkpointing` recomputes
 block activations; and checkpoints are sharded `torch.distributed.checkpoint` folders,
 `checkpoints/step_XXXXXXXX.dcp/`, which load into any layout and any number of processes (one process with no

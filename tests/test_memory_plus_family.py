@@ -153,16 +153,16 @@ def test_value_table_trains_at_the_fixed_lr_without_warmup_or_decay():
 # ---- layouts -------------------------------------------------------------------------------------------------------
 
 
-def test_sharded_layouts_are_refused_plain_data_parallel_is_not():
+def test_fsdp_and_expert_parallelism_are_refused_data_and_memory_parallelism_are_not():
     cfg = get_preset("memory_plus-t1-x6")
     for layout, field in [(ParallelLayout(2, fsdp=True), "parallel.fsdp"),
-                          (ParallelLayout(2, expert_parallel=2), "parallel.expert_parallel"),
-                          (ParallelLayout(2, memory_parallel="dim", memory_parallel_size=2),
-                           "parallel.memory_parallel.mode")]:
+                          (ParallelLayout(2, expert_parallel=2), "parallel.expert_parallel")]:
         with pytest.raises(ConfigError, match=rf"{field}: .*'memory_plus'.*shared by the memory layers"):
             check_layout(cfg, layout)
     check_layout(cfg, ParallelLayout(4))  # DDP
     check_layout(cfg, ParallelLayout(4, activation_checkpointing=True))
+    for mode in ("dim", "row"):  # the shared table split over 2 ranks (tests/test_parallel_memory_shared.py)
+        check_layout(cfg, ParallelLayout(4, memory_parallel=mode, memory_parallel_size=2))
     mem = train_memory(cfg, ParallelLayout(2), 4, 256)
     assert mem.state == 16 * count_params(cfg).total and mem.activations > 0
 

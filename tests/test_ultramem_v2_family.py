@@ -87,14 +87,15 @@ def test_both_tables_take_the_value_lr_multiplier():
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
 
 
-def test_sharded_layouts_are_refused_plain_data_parallel_is_not():
+def test_fsdp_and_row_memory_parallelism_are_refused_data_and_dim_memory_parallelism_are_not():
     cfg = get_preset("ultramem_v2-t1-x6")
-    for layout, field in [(ParallelLayout(2, fsdp=True), "parallel.fsdp"),
-                          (ParallelLayout(2, memory_parallel="row", memory_parallel_size=2),
-                           "parallel.memory_parallel.mode")]:
-        with pytest.raises(ConfigError, match=rf"{field}: .*'ultramem_v2'.*shared by the memory layers"):
-            check_layout(cfg, layout)
+    with pytest.raises(ConfigError, match=r"parallel.fsdp: .*'ultramem_v2'.*shared by the memory layers"):
+        check_layout(cfg, ParallelLayout(2, fsdp=True))
+    with pytest.raises(ConfigError, match=r"parallel.memory_parallel.mode: 'row' is not implemented for UltraMemV2"):
+        check_layout(cfg, ParallelLayout(2, memory_parallel="row", memory_parallel_size=2))
     check_layout(cfg, ParallelLayout(2))
+    # both tables split by columns (tests/test_parallel_memory_shared.py)
+    check_layout(cfg, ParallelLayout(2, memory_parallel="dim", memory_parallel_size=2))
 
 
 @pytest.mark.parametrize("name", [n for n in PRESETS if n.startswith("ultramem_v2-")])

@@ -3,8 +3,10 @@ per GPU of a training process. Pure Python (no torch): sweep planning checks and
 
 `ParallelLayout` mirrors RunConfig.parallel (experiments/config.py); `check_layout` refuses a layout the model
 cannot use, naming the field and the fix; `memory_parallel_bytes` gives the paper's and our communication per
-memory layer; `train_memory` estimates the peak bytes per GPU (docs/parallelism.md). What each family allows
-(expert / memory parallelism) comes from its `Family.parallel` hooks, its sizes from `ultramem.accounting`.
+memory layer, `memory_parallel_traffic` what a whole model's memory layers send per micro-batch (by the names
+`CommStats` records); `train_memory` estimates the peak bytes per GPU (docs/parallelism.md). What each family
+allows (expert / memory parallelism) comes from its `Family.parallel` hooks (the tables memory parallelism splits:
+`memory_tables`), its sizes from `ultramem.accounting`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from ultramem.accounting import count_params, num_memory_layers
 from ultramem.config import MemoryConfig, ModelConfig
 from ultramem.errors import ConfigError
 from ultramem.families import families, get_family
+from ultramem.families.registry import MemoryTables
 
 MEMORY_PARALLEL_MODES = ("none", "dim", "row")
 TRAIN_STATE_BYTES = 16  # per trained parameter: fp32 master weight, fp32 gradient, AdamW exp_avg and exp_avg_sq
@@ -63,11 +66,13 @@ def check_layout(cfg: ModelConfig, layout: ParallelLayout) -> None:
                           "parallel.nproc 1 set fsdp: false, expert_parallel: 1, memory_parallel.mode: none")
     fam = get_family(cfg.family)
     only_dp = fam.parallel.data_parallel_only
-    if only_dp and (layout.fsdp or ep > 1 or mode != "none"):
+    mp_ok = fam.parallel.memory_parallel
+    if only_dp and (layout.fsdp or ep > 1 or (mode != "none" and not mp_ok)):
         name = "fsdp" if layout.fsdp else "expert_parallel" if ep > 1 else "memory_parallel.mode"
-        raise ConfigError(f"parallel.{name}: model.family {cfg.family!r} trains with plain data parallelism only: "
-                          f"{only_dp}; set parallel.fsdp: false, parallel.expert_parallel: 1, "
-                          "parallel.memory_parallel.mode: none (parallel.nproc > 1 runs DDP)")
+        fix = ("parallel.fsdp: false, parallel.expert_parallel: 1" if mp_ok else
+               "parallel.fsdp: false, parallel.expert_parallel: 1, parallel.memory_parallel.mode: none")
+        raise ConfigError(f"parallel.{name}: model.family {cfg.family!r} trains its dense part with plain data "
+                          f"parallelism only: {only_dp}; set {fix} (parallel.nproc > 1 runs DDP)")
     if ep > 1:
         if fam.parallel.expert_module is None:
             names = " or ".join(repr(f.name) for f in families() if f.parallel.expert_module is not None)
@@ -80,58 +85,130 @@ def check_layout(cfg: ModelConfig, layout: ParallelLayout) -> None:
         if P != 1:
             raise ConfigError(f"parallel.memory_parallel.size: {P} with mode 'none'; set mode dim|row or size 1")
         return
-    if not fam.parallel.memory_parallel:
-        titles = " and ".join(f.title for f in families() if f.parallel.memory_parallel)
+    if not mp_ok:
+        titles = [f.title for f in families() if f.parallel.memory_parallel]
+        titles = " and ".join([", ".join(titles[:-1]), titles[-1]] if len(titles) > 1 else titles)
         raise ConfigError(f"parallel.memory_parallel.mode: {mode!r} is implemented for {titles} value tables; "
                           f"model.family is {cfg.family!r}: set mode: none")
     if P < 2 or W % P:
         raise ConfigError(f"parallel.memory_parallel.size: {P} must be >= 2 and divide parallel.nproc ({W})")
-    mem = cfg.memory
+    tables = memory_tables(cfg)
+    if mode not in tables.modes:
+        raise ConfigError(f"parallel.memory_parallel.mode: {mode!r} is not implemented for {fam.title} (its layers "
+                          f"implement {' | '.join(tables.modes)}); set mode: {tables.modes[0]}")
     if mode == "dim":
-        memory_parallel_cores(mem.value_dim, mem.num_cores, P)
-    elif -(-mem.num_values // P) * (P - 1) >= mem.num_values:
+        column_split_cores(tables, P)
+    elif -(-tables.rows // P) * (P - 1) >= tables.rows:
         raise ConfigError(f"parallel.memory_parallel.size: {P} leaves a rank without value rows in mode 'row' "
-                          f"(model.memory.num_keys^2 = {mem.num_values} rows in blocks of "
-                          f"{-(-mem.num_values // P)}); use fewer ranks or mode 'dim'")
+                          f"({tables.block} tables of {tables.rows} rows in blocks of {-(-tables.rows // P)}); "
+                          "use fewer ranks or mode 'dim'")
+    if layout.activation_checkpointing and fam.build_shared is not None:
+        # these families' memory layers sit inside the blocks that activation checkpointing recomputes
+        raise ConfigError(f"parallel.activation_checkpointing: model.family {cfg.family!r} has its memory layers "
+                          "inside the blocks, and recomputing a block under memory parallelism would repeat the "
+                          "layer's communication; set activation_checkpointing: false (or memory_parallel.mode: "
+                          "none)")
 
 
-def memory_parallel_cores(value_dim: int, num_cores: int, size: int) -> int:
+def memory_tables(cfg: ModelConfig) -> MemoryTables | None:
+    """The value tables memory parallelism would split in `cfg`: the family's `memory_tables` hook, else
+    `model.memory`'s per-layer tables (PKM, UltraMem); None without either."""
+    fam = get_family(cfg.family)
+    if fam.parallel.memory_tables is not None:
+        return fam.parallel.memory_tables(cfg)
+    if cfg.memory is None:
+        return None
+    return _tables_of(cfg.memory, num_memory_layers(cfg))
+
+
+def _tables_of(mem: MemoryConfig, layers: int = 1) -> MemoryTables:
+    return MemoryTables(block="model.memory", rows=mem.num_values, value_dim=mem.value_dim,
+                        slots=mem.heads * mem.top_m, layers=layers, num_cores=mem.num_cores,
+                        groups=mem.value_expansion)
+
+
+def memory_parallel_cores(value_dim: int, num_cores: int, size: int, block: str = "model.memory",
+                          value_field: str = "value_dim") -> int:
     """MCS cores whose scores one rank needs under the dimension-wise split: its D_v / P columns must lie inside
     one core's D_v / h columns (P a multiple of h: 1 core) or cover whole cores (h a multiple of P: h / P)."""
     if value_dim % size:
-        raise ConfigError(f"parallel.memory_parallel.size: {size} must divide model.memory.value_dim ({value_dim}) "
+        raise ConfigError(f"parallel.memory_parallel.size: {size} must divide {block}.{value_field} ({value_dim}) "
                           "in mode 'dim' (each rank holds value_dim / size columns); use a divisor or mode 'row'")
     if size % num_cores and num_cores % size:
         raise ConfigError(f"parallel.memory_parallel.size: {size} must be a multiple or a divisor of "
-                          f"model.memory.num_cores ({num_cores}) in mode 'dim', so that each rank's columns "
+                          f"{block}.num_cores ({num_cores}) in mode 'dim', so that each rank's columns "
                           "belong to whole MCS cores")
     return max(1, num_cores // size)
 
 
-def memory_parallel_bytes(mode: str, tokens: int, mem: MemoryConfig, size: int, index_bytes: int = 4,
+def column_split_cores(tables: MemoryTables, size: int) -> int:
+    """`memory_parallel_cores` for every table split by columns (a pre-value table too: size must divide D_p)."""
+    if tables.pre_value_dim % size:
+        raise ConfigError(f"parallel.memory_parallel.size: {size} must divide {tables.block}.pre_value_dim "
+                          f"({tables.pre_value_dim}) in mode 'dim' (each rank holds pre_value_dim / size columns "
+                          "of the pre-value table); use a divisor of it")
+    return memory_parallel_cores(tables.value_dim, tables.num_cores, size, tables.block, tables.value_field)
+
+
+def memory_parallel_bytes(mode: str, tokens: int, mem: MemoryConfig | MemoryTables, size: int, index_bytes: int = 4,
                           float_bytes: int = 2) -> dict[str, dict[str, float]]:
     """Bytes one rank sends per memory layer per forward, {"paper": terms, "ours": terms}, each with a "total".
 
-    tokens = bs, the tokens on this rank; slots K = heads * top_m (the paper's topm); pooled width E * D_v.
+    `mem`: an UltraMem/PKM memory block, or any family's `MemoryTables` (`memory_tables(cfg)`). tokens = bs, the
+    tokens on this rank; slots K = heads * top_m (the paper's topm); pooled width E * D_v.
     paper: Huang et al. §5 (digest §5.5) with 4-byte indices and `float_bytes` (2 = bf16) for scores/values:
       dim  index 4 bs topm (P-1) + score 2 bs topm (P-1) + pooled 2 bs v_dim (P-1)/P  (v_dim = E D_v, pooled)
       row  index 4 bs topm (P-1)/P + values 2 bs topm v_dim (P-1)/P                   (v_dim = D_v, unpooled)
     ours: what ultramem.parallel.memory_parallel sends (the backward sends the same again as gradients); row mode
     assumes rows spread uniformly over the ranks (the IVE shuffle makes them so) and pools before sending back.
+    A table with pre-values (UltraMemV2, dim only; no "paper" entry) also sends each token's pre-value input by
+    column shard, s bs D_p (P-1)/P ("pre_input"), and gets back the P - 1 other shards' partial pre-scores
+    <p slice, P[row] slice>, s bs topm (P-1) ("pre_score"); its "score" terms are then the PEER weights a_k s_kc.
     """
-    T, K, P = tokens, mem.heads * mem.top_m, size
-    E, Dv, C, s, ib = mem.value_expansion, mem.value_dim, mem.num_cores, float_bytes, index_bytes
+    t = _tables_of(mem) if isinstance(mem, MemoryConfig) else mem
+    T, K, P = tokens, t.slots, size
+    E, Dv, C, s, ib = t.groups, t.value_dim, t.num_cores, float_bytes, index_bytes
     if mode == "dim":
         paper = {"index": 4 * T * K * (P - 1), "score": 2 * T * K * (P - 1), "pooled": 2 * T * E * Dv * (P - 1) / P}
-        c = memory_parallel_cores(Dv, C, P)
+        c = column_split_cores(t, P)
         ours = {"index": ib * T * K * (P - 1), "score": s * T * K * c * (P - 1), "pooled": s * T * E * Dv * (P - 1) / P}
+        if t.pre_value_dim:
+            ours.update(pre_input=s * T * t.pre_value_dim * (P - 1) / P, pre_score=s * T * K * (P - 1))
     elif mode == "row":
+        if t.pre_value_dim:
+            raise ValueError("memory_parallel_bytes: mode 'row' is not implemented for tables with pre-values")
         paper = {"index": 4 * T * K * (P - 1) / P, "values": 2 * T * K * Dv * (P - 1) / P}
         ours = {"index": ib * T * K * (P - 1) / P, "score": s * T * K * C * (P - 1) / P,
                 "token_counts": 4 * T * (P - 1), "pooled": s * T * E * Dv * (P - 1)}
     else:
         raise ValueError(f"memory_parallel_bytes: mode {mode!r}; allowed: dim | row")
-    return {name: {**terms, "total": sum(terms.values())} for name, terms in (("paper", paper), ("ours", ours))}
+    out = {"paper": paper, "ours": ours} if not t.pre_value_dim else {"ours": ours}
+    return {name: {**terms, "total": sum(terms.values())} for name, terms in out.items()}
+
+
+GRADIENT_FREE = ("index", "token_counts")  # integer payloads: the backward sends nothing back for them
+
+
+def memory_parallel_traffic(cfg: ModelConfig, mode: str, tokens: int, size: int, index_bytes: int = 4,
+                            float_bytes: int = 2) -> dict[str, float]:
+    """Bytes one rank sends for one micro-batch of `tokens` tokens, forward + backward, over all memory layers,
+    under the names `CommStats` records: each "ours" term of `memory_parallel_bytes` times the layers, its
+    "<name>_grad" twin (the reverse all-to-all of the backward) for every float term, and "meta": every layer
+    first exchanges the ranks' token counts (one int64 all-gather, 8 (P-1) bytes). Row mode assumes rows spread
+    uniformly over the ranks (index and score are then expectations). A micro-batch with tokens padded to the
+    longest rank of a group counts the padded tokens."""
+    t = memory_tables(cfg)
+    if t is None:
+        raise ValueError(f"memory_parallel_traffic: model.family {cfg.family!r} has no value tables")
+    per_layer = memory_parallel_bytes(mode, tokens, t, size, index_bytes, float_bytes)["ours"]
+    out: dict[str, float] = {"meta": 8 * (size - 1) * t.layers}
+    for name, value in per_layer.items():
+        if name == "total":
+            continue
+        out[name] = t.layers * value
+        if name not in GRADIENT_FREE:
+            out[f"{name}_grad"] = t.layers * value
+    return out
 
 
 @dataclass(frozen=True)
@@ -158,7 +235,9 @@ def train_memory(cfg: ModelConfig, layout: ParallelLayout, micro_batch_size: int
     of the replicated gradients). Activations per token and block, in `compute_bytes`-byte elements
     (Korthikanti et al. 2022, Table 2, with fused attention so no T^2 term): attention 11 d, norms 4 d, MLP
     3 d + 4 f (34 d for f = 4 d); an MoE FFN 3 d + k (4 d + 4 h) + 12 E; a memory layer its queries, slot indices
-    and scores (and, under memory parallelism, those of the P ranks it pools for) and two pooled vectors; with
+    and scores (and, under memory parallelism, those of the P ranks it pools for) and two pooled vectors (layers
+    inside the blocks, Memory+ and UltraMemV2: their ffn_activations, plus under dim memory parallelism the other
+    ranks' slots and column slices they pool for); with
     activation checkpointing each block keeps only its input (2 d) and one block is recomputed at a time.
     Logits: 10 V bytes per token (bf16 logits, their fp32 copy for the loss, its gradient).
     """
@@ -205,6 +284,15 @@ def train_memory(cfg: ModelConfig, layout: ParallelLayout, micro_batch_size: int
         slots = K * gathered * (4 + 4 + 4 * mem.num_cores)  # row ids, groups, scores kept for the backward
         mem_layers = M * (compute_bytes * (d + 4 * Hq * mem.key_dim + 2 * mem.value_expansion * mem.value_dim)
                           + slots)
+    elif layout.memory_parallel == "dim" and fam.parallel.memory_tables is not None:
+        # layers inside the blocks (their own activations are in ffn_activations): what dim memory parallelism keeps
+        # of the P - 1 other ranks' tokens for the backward: slot ids, the weights of the rank's cores, partial
+        # pre-scores and the column slices of pre-inputs and pooled vectors
+        t, P = memory_tables(cfg), layout.memory_parallel_size
+        c = column_split_cores(t, P)
+        per_token = 4 * t.slots + compute_bytes * (t.slots * (c + (1 if t.pre_value_dim else 0))
+                                                   + (t.pre_value_dim + t.groups * t.value_dim) / P)
+        mem_layers = t.layers * (P - 1) * per_token
     logits = 10 * V
     activations = tokens * (blocks + mem_layers + logits)
     return TrainMemory(state, buffers, activations, state + buffers + activations)

@@ -11,7 +11,9 @@ and the memory output is added beside it. Every other block keeps its dense MLP.
 The value table is built once by the model (`build_shared`, `Transformer.shared`) and registered by every memory
 layer too, so its gradient sums every layer's; `shared_values: false` gives each layer a private table. It trains at
 the fixed LR `value_lr` (Meta's value_fixed_lr 1e-3: no warmup, no decay). Because one table spans several blocks,
-the family trains with plain data parallelism only (no FSDP, expert or memory parallelism; ultramem.layout).
+FSDP (one unit per block) cannot split it: the dense part trains with plain data parallelism, and
+`parallel.memory_parallel` splits the table(s) over a memory-parallel group, by columns (`dim`, Meta's `Shard(1)`
+parallel memory) or by rows (`row`) (ultramem/parallel/memory_parallel.py; ultramem.layout checks the layout).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ultramem.families.dense import build_mlp, mlp_activations, mlp_params
 from ultramem.families.registry import (
     Family,
     FFNParams,
+    MemoryTables,
     ParallelHooks,
     PlotStyle,
     ValueLR,
@@ -128,6 +131,15 @@ def value_lr(cfg: ModelConfig) -> ValueLR:
     return ValueLR(fixed=cfg.memory_plus.value_lr)
 
 
+def memory_tables(cfg: ModelConfig) -> MemoryTables:
+    """What memory parallelism splits: the value table(s) [num_keys^2, Dv]; each memory layer reads H m rows with
+    one softmax weight each (no cores, no IVE groups)."""
+    mp = cfg.memory_plus
+    field = "value_dim" if mp.value_dim else "value_dim (0: d_model)"
+    return MemoryTables(block="model.memory_plus", rows=mp.num_values, value_dim=value_dim(cfg),
+                        slots=mp.heads * mp.top_m, layers=len(blocks(cfg)), value_field=field)
+
+
 def summary(cfg: ModelConfig, params: dict[str, int]) -> dict[str, Any]:
     """final.json's "memory" record (the keys analysis/collect.py reads, + the variant)."""
     mp = cfg.memory_plus
@@ -152,7 +164,8 @@ FAMILY = register(Family(
     summary=summary,
     summary_block="memory",
     value_lr=value_lr,
-    parallel=ParallelHooks(value_module=_table,
+    parallel=ParallelHooks(value_module=_table, memory_parallel=True, memory_tables=memory_tables,
                            data_parallel_only="its value table is shared by the memory layers of several blocks, "
-                                              "which FSDP units, expert and memory parallelism do not split"),
+                                              "which FSDP's per-block units do not split (memory parallelism does: "
+                                              "parallel.memory_parallel {mode: dim|row})"),
 ))

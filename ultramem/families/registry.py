@@ -62,6 +62,24 @@ class ValueLR:
 
 
 @dataclass(frozen=True)
+class MemoryTables:
+    """The value tables memory parallelism splits, and what one token's reads send (ultramem.layout, pure data).
+
+    Families without a `ParallelHooks.memory_tables` hook get this from `model.memory` (PKM, UltraMem)."""
+
+    block: str  # the config block whose fields messages name ("model.memory_v2")
+    rows: int  # N: rows of each table
+    value_dim: int  # D_v: columns of the value table
+    slots: int  # K: rows one token reads per memory layer (heads x top_m)
+    layers: int  # memory layers reading the tables (each pools once per forward)
+    num_cores: int = 1  # C: cores weighting equal chunks of a value row (MCS / Tucker cores)
+    groups: int = 1  # E: IVE groups a token's pooled vector is split into
+    pre_value_dim: int = 0  # D_p: a pre-value table split like the values (UltraMemV2's PEER scores); 0: none
+    modes: tuple[str, ...] = ("dim", "row")  # the parallel.memory_parallel modes its layers implement
+    value_field: str = "value_dim"  # the field of `block` holding D_v, as messages name it
+
+
+@dataclass(frozen=True)
 class ParallelHooks:
     """What sharding (ultramem.parallel, experiments.distributed) and the optimizer groups (ultramem.optim) need.
 
@@ -76,10 +94,13 @@ class ParallelHooks:
     # Memory layer (or table) type whose `values` table forms the optimizer's "values" group (value-table LR rule).
     value_module: Callable[[], type] | None = None
     value_params: tuple[str, ...] = ("values",)  # that type's parameters in the "values" group
-    memory_parallel: bool = False  # parallel.memory_parallel may split those tables (modes dim | row)
+    memory_parallel: bool = False  # parallel.memory_parallel may split those tables (modes: memory_tables' modes)
+    # (cfg) -> the tables' shapes and reads (ultramem.layout's checks and byte counts); None: from model.memory
+    memory_tables: Callable[[ModelConfig], MemoryTables] | None = None
     unused_parameters: bool = False  # a step may leave parameters without a gradient (DDP find_unused_parameters)
-    # Why the family trains with plain data parallelism only (ultramem.layout refuses parallel.fsdp,
-    # parallel.expert_parallel and parallel.memory_parallel, naming this reason); None: no such restriction.
+    # Why the family's dense part trains with plain data parallelism only: ultramem.layout refuses parallel.fsdp
+    # and parallel.expert_parallel, and parallel.memory_parallel unless `memory_parallel` is set, naming this
+    # reason; None: no such restriction.
     data_parallel_only: str | None = None
 
 
@@ -151,8 +172,11 @@ def register(family: Family) -> Family:
                          "go together")
     if family.parallel.memory_parallel and family.parallel.value_module is None:
         raise ValueError(f"family {family.name!r}: parallel.memory_parallel needs parallel.value_module")
-    if family.parallel.data_parallel_only and (family.parallel.memory_parallel or family.parallel.expert_module):
-        raise ValueError(f"family {family.name!r}: parallel.data_parallel_only excludes memory and expert parallelism")
+    if family.parallel.data_parallel_only and family.parallel.expert_module:
+        raise ValueError(f"family {family.name!r}: parallel.data_parallel_only excludes expert parallelism")
+    if family.parallel.memory_tables is not None and not family.parallel.memory_parallel:
+        raise ValueError(f"family {family.name!r}: parallel.memory_tables describes what memory parallelism splits; "
+                         "set parallel.memory_parallel")
     if family.build_memory is not None and family.model_params is not None:
         raise ValueError(f"family {family.name!r}: model_params counts every FFN-side layer; it replaces "
                          "build_memory's per-layer count, so use one or the other")

@@ -7,8 +7,11 @@ The global table (values [Nall, Dv] and pre_values [Nall, Dp], Nall = num_keys^2
 model (`build_shared`, `Transformer.shared`) and registered by every layer; layer l reads the n^2 rows from
 l x num_keys^2 on, wrapping (n = keys_per_side: share_ratio 0 gives private slices, larger ratios overlapping
 windows). Both tables form the optimizer's "values" group at the value-LR multiplier (value_lr_mult decaying to 1x
-over value_lr_decay of training, as UltraMem v1). The shared table spans every block, so the family trains with
-plain data parallelism only (ultramem.layout).
+over value_lr_decay of training, as UltraMem v1). The shared table spans every block, so FSDP (one unit per block)
+cannot split it: the dense part trains with plain data parallelism, and `parallel.memory_parallel: {mode: dim}`
+splits both tables by columns over a memory-parallel group (the official `vertical_parallel`;
+ultramem/parallel/memory_parallel.py, `ColumnParallelPeerRead`). Mode `row` is not implemented: a row's owner would
+need each token's whole pre-value input to score it (ultramem.layout refuses it).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ultramem.families.dense import build_mlp, mlp_activations, mlp_params
 from ultramem.families.registry import (
     Family,
     FFNParams,
+    MemoryTables,
     ParallelHooks,
     PlotStyle,
     ValueLR,
@@ -130,6 +134,15 @@ def value_lr(cfg: ModelConfig) -> ValueLR:
     return ValueLR(cfg.memory_v2.value_lr_mult, cfg.memory_v2.value_lr_decay)
 
 
+def memory_tables(cfg: ModelConfig) -> MemoryTables:
+    """What memory parallelism splits: both global tables by columns (mode dim only); every layer reads H m rows
+    and weights chunk c of a value row by core c."""
+    v2, L = cfg.memory_v2, cfg.n_layers
+    return MemoryTables(block="model.memory_v2", rows=v2.table_rows(L), value_dim=v2.value_dim,
+                        slots=v2.heads * v2.top_m, layers=L, num_cores=v2.num_cores,
+                        pre_value_dim=v2.pre_value_dim, modes=("dim",))
+
+
 def summary(cfg: ModelConfig, params: dict[str, int]) -> dict[str, Any]:
     """final.json's "memory" record: num_values = rows of the global table."""
     v2, L = cfg.memory_v2, cfg.n_layers
@@ -154,8 +167,9 @@ FAMILY = register(Family(
     summary=summary,
     summary_block="memory",
     value_lr=value_lr,
-    parallel=ParallelHooks(value_module=_table, value_params=("values", "pre_values"),
+    parallel=ParallelHooks(value_module=_table, value_params=("values", "pre_values"), memory_parallel=True,
+                           memory_tables=memory_tables,
                            data_parallel_only="its global value / pre-value table is shared by the memory layers "
-                                              "of every block, which FSDP units, expert and memory parallelism do "
-                                              "not split"),
+                                              "of every block, which FSDP's per-block units do not split (memory "
+                                              "parallelism does: parallel.memory_parallel {mode: dim})"),
 ))

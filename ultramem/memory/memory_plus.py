@@ -75,6 +75,7 @@ class MemoryPlusLayer(nn.Module):
         self.swilu_proj = nn.Linear(d_model, Dv) if cfg.swilu else None  # W1
         self.value_proj = nn.Linear(Dv, d_model)  # W2
         self.dropout = nn.Dropout(cfg.dropout)
+        self.gather_pool = gather_pool  # ultramem.parallel.memory_parallel swaps in the op for a split table
         self.reset_parameters(d_model)
 
     def reset_parameters(self, d_model: int) -> None:
@@ -111,7 +112,7 @@ class MemoryPlusLayer(nn.Module):
         B, T, d = x.shape
         rows, w = self.lookup(x)
         V = self.table.values
-        y = gather_pool(V, rows, w.unsqueeze(-1).to(V.dtype))  # [BT, Dv] = sum w * V[rows], one bag per token
+        y = self.gather_pool(V, rows, w.unsqueeze(-1).to(V.dtype))  # [BT, Dv] = sum w * V[rows], one bag per token
         if self.swilu_proj is not None:
             y = y * F.silu(self.swilu_proj(x.reshape(B * T, d)))  # [BT, Dv]
         y = self.value_proj(y)  # [BT, d]

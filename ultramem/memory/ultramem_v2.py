@@ -187,7 +187,8 @@ def balance_loss(s1: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     n = s1.shape[-1]
     p = s1.float().softmax(-1).mean((0, 2))  # [2, n]
     hits = kept.transpose(0, 1).reshape(2, -1)  # [2, H*BT*m]
-    counts = torch.zeros(2, n, device=s1.device).scatter_add_(1, hits, torch.ones_like(hits, dtype=torch.float32))
+    counts = torch.zeros(2, n, device=s1.device, dtype=torch.float32).scatter_add_(
+        1, hits, torch.ones_like(hits, dtype=torch.float32))
     f = counts / counts.sum(-1, keepdim=True)
     return n * (f * p).sum()
 
@@ -286,6 +287,19 @@ def probe_statistics(d_model: int, cfg: UltraMemV2Config, num_layers: int,
 # ---- the layer ---------------------------------------------------------------------------------------------------
 
 
+def peer_read(values: torch.Tensor, pre_values: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor,
+              p: torch.Tensor, glu_act: bool = False) -> torch.Tensor:
+    """The PEER read (Eq. 15): rows [BT, K], per-core scores [BT, K, C], pre-value input p [BT, Dp] -> pooled
+    [BT, Dv], chunk c = sum_k act(<p, P[row_k]>) s_kc V[row_k, chunk c] (act: GELU with glu_act, else identity).
+    ultramem.parallel.memory_parallel swaps in `ColumnParallelPeerRead` for column-split tables."""
+    pre = F.embedding(rows, pre_values)  # [BT, K, Dp]
+    a = torch.bmm(pre, p.unsqueeze(-1)).squeeze(-1)  # [BT, K]: <p, P[row_k]>
+    if glu_act:
+        a = F.gelu(a)
+    w = a.unsqueeze(-1) * scores  # [BT, K, C]: core c weights chunk c of the value row
+    return gather_pool(values, rows, w.to(values.dtype))  # [BT, Dv], summed over heads and slots
+
+
 class UltraMemV2Layer(nn.Module):
     def __init__(self, d_model: int, cfg: UltraMemV2Config, layer_index: int, num_layers: int, init_std: float,
                  table: UltraMemV2Table):
@@ -306,7 +320,7 @@ class UltraMemV2Layer(nn.Module):
         self.table = table  # shared by every layer: a submodule of each
         self.register_buffer("shuffle", torch.randperm(n * n).to(torch.int32))  # virtual slot -> window slot
         self.dropout = nn.Dropout(cfg.dropout)
-        self.gather_pool = gather_pool
+        self.peer_read = peer_read  # ultramem.parallel.memory_parallel swaps in the op for column-split tables
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -333,13 +347,7 @@ class UltraMemV2Layer(nn.Module):
         x = h.reshape(B * T, d)
         rows, scores, balance = self.lookup(x)  # [BT, K], [BT, K, C], K = H*m
         p = self.pre_values_proj(x)  # [BT, Dp]
-        pre = F.embedding(rows, self.table.pre_values)  # [BT, K, Dp]
-        a = torch.bmm(pre, p.unsqueeze(-1)).squeeze(-1)  # [BT, K]: <p, P[row_k]>
-        if self.cfg.glu_act:
-            a = F.gelu(a)
-        w = a.unsqueeze(-1) * scores  # [BT, K, C]: core c weights chunk c of the value row
-        values = self.table.values
-        pooled = self.gather_pool(values, rows, w.to(values.dtype))  # [BT, Dv], summed over heads and slots
+        pooled = self.peer_read(self.table.values, self.table.pre_values, rows, scores, p, self.cfg.glu_act)  # [BT, Dv]
         y = self.values_proj(pooled)  # [BT, d]
         return self.dropout(y).view(B, T, d), self.aux(balance)
 

@@ -1,6 +1,7 @@
 """Sharding a ultramem Transformer over several processes (torch.distributed; gloo on CPU, NCCL on GPU).
 
-    memory_parallel   UltraMem value tables split by columns (dim, the official code) or rows (row)  paper §5
+    memory_parallel   memory value tables split by columns (dim, the official code) or rows (row)  paper §5;
+                      UltraMem, Memory+ (dim, row) and UltraMemV2 (dim: values and pre-values)
     expert_parallel   MoE experts split over ranks, tokens moved by all-to-all, balance loss over the global batch
     fsdp              FSDP2 fully_shard per block / memory layer / root, bf16 compute with fp32 reductions on CUDA
     comm              differentiable all-to-all and all-gather that count the bytes each rank sends

@@ -1,4 +1,5 @@
-"""Memory parallelism: UltraMem value tables split over a group of P ranks (paper §5; official `memory_parallel.py`).
+"""Memory parallelism: value tables split over a group of P ranks (UltraMem paper §5 and official
+`memory_parallel.py`; Memory+'s "parallel memory"; UltraMemV2's `vertical_parallel`).
 
 A table V [N, D_v] is too big to replicate at paper scale (6 x 3.3G rows x cols for UltraMem-1.6B-x12), and
 pipeline stages cannot hold one whole layer, so each table is split over a memory-parallel group. Every rank keeps
@@ -33,6 +34,24 @@ The value gradients stay sharded: each rank's shard receives the gradient of eve
 other reduction is over the ranks holding the same shard (the "memory data-parallel" group, strided ranks), done by
 `comm.reduce_gradients` after the backward, exactly as the official code all-reduces the values' `main_grad` over that
 group only.
+
+The other families' tables (`Family.parallel.memory_tables`) are split the same way; their layers read them through
+a swappable op (`layer.gather_pool`, `layer.peer_read`):
+  Memory+ (one table shared by every memory layer, or one per layer): the same `DimParallelPool` /
+    `RowParallelPool` with C = E = 1 (the softmax weight is the score); Meta's Shard(1) parallel memory is dim.
+    The SiLU gate and W2 then run locally on the whole pooled row.
+  UltraMemV2 (dim only): values [Nall, Dv] and pre_values [Nall, Dp] split by columns, `ColumnParallelPeerRead`:
+      1. all-gather the slot rows (int32)                                       4 T K (P-1)
+      2. all-to-all the pre-value inputs p [T, Dp] by column shard             s T Dp (P-1)/P
+      3. partial pre-scores <p slice, P[row] slice> for the P T tokens, all-to-all back to each token's rank,
+         which sums the P partials: a_k (then GELU with glu_act, only after the full sum)   s T K (P-1)
+      4. weights w_kc = a_k s_kc: all-to-all to each rank the cores of its columns (as dim step 2)   s T K c (P-1)
+      5. pool the value column slice for the P T tokens, all-to-all back, concatenate (as dim steps 3, 4)
+                                                                                s T Dv (P-1)/P
+    The official code all-gathers the scores and all-reduces the partial pre-scores ([P T, K] on every rank);
+    sending each token's partials to its own rank and only the weights each rank needs sends less (a ring
+    all-reduce alone sends 2 s T K (P-1)) and gives the same sums. `ultramem.layout.memory_parallel_bytes` and
+    `memory_parallel_traffic` count all of it.
 """
 
 from __future__ import annotations
@@ -41,11 +60,12 @@ import math
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from ultramem.errors import ConfigError
-from ultramem.families import value_module_types
+from ultramem.families import families
 from ultramem.kernels.retrieval import gather_pool
 from ultramem.layout import memory_parallel_cores
 from ultramem.parallel.comm import CommStats, all_gather, all_to_all, shard_parameter
@@ -55,25 +75,46 @@ MODES = ("dim", "row")
 
 def shard_value_tables(model: nn.Module, mode: str, mesh: DeviceMesh,
                        stats: CommStats | None = None) -> list[nn.Parameter]:
-    """Split every value table that memory parallelism may split (the UltraMem layers': the families whose
-    `parallel.memory_parallel` is set) over mesh["mp"] and swap in the matching pooling op.
+    """Split every value table that memory parallelism may split (the tables of the families whose
+    `parallel.memory_parallel` is set: UltraMem layers', Memory+ and UltraMemV2 tables) over mesh["mp"], and swap
+    the matching op into every layer that reads one (`gather_pool`, or `peer_read` for UltraMemV2).
 
-    `mesh` is the 2-D (mdp, mp) mesh; every rank must hold the same full tables (same seed) on entry. Returns the
-    new value parameters: `DTensor`s on `mesh`, whose gradients `reduce_gradients` finishes after the backward.
+    `mesh` is the 2-D (mdp, mp) mesh; every rank must hold the same full tables (same seed) on entry. A table
+    shared by several layers is split once. Returns the new value parameters: `DTensor`s on `mesh`, whose
+    gradients `reduce_gradients` finishes after the backward.
     """
     if mode not in MODES:
         raise ConfigError(f"parallel.memory_parallel.mode: {mode!r}; allowed: none | {' | '.join(MODES)}")
     group = mesh.get_group("mp")
-    params, types = [], value_module_types(memory_parallel=True)
-    for layer in model.modules():
-        if not isinstance(layer, types):
+    kinds = [(f.parallel.value_module(), f.parallel.value_params) for f in families() if f.parallel.memory_parallel]
+    params, tables = [], set()
+    for module in model.modules():  # each module once, a shared table included
+        names = next((names for kind, names in kinds if isinstance(module, kind)), None)
+        if names is None:
             continue
-        cfg = layer.cfg
-        N, Dv, C = cfg.num_values, cfg.value_dim, cfg.num_cores
-        pool = DimParallelPool(group, N, Dv, C, stats) if mode == "dim" else RowParallelPool(group, N, stats)
-        layer.values = shard_parameter(layer.values, mesh, 1 if mode == "dim" else 0)
-        layer.gather_pool = pool
-        params.append(layer.values)
+        for name in names:
+            setattr(module, name, shard_parameter(getattr(module, name), mesh, 1 if mode == "dim" else 0))
+            params.append(getattr(module, name))
+        tables.add(id(module))
+    for layer in model.modules():  # the layers reading a split table: the table's own (UltraMem) or `table`
+        table = layer if id(layer) in tables else getattr(layer, "table", None)
+        reads = hasattr(layer, "gather_pool") or hasattr(layer, "peer_read")
+        if table is None or id(table) not in tables or not reads:
+            continue
+        N, Dv = table.values.shape
+        C = getattr(layer.cfg, "num_cores", 1)
+        if hasattr(layer, "peer_read"):  # UltraMemV2: pre-values and values, columns only
+            if mode != "dim":
+                raise ConfigError(f"parallel.memory_parallel.mode: {mode!r} is not implemented for UltraMemV2 "
+                                  "tables; set mode: dim")
+            Dp, P = table.pre_values.shape[1], mesh.size(1)
+            if Dp % P:
+                raise ConfigError(f"parallel.memory_parallel.size: {P} must divide model.memory_v2.pre_value_dim "
+                                  f"({Dp}) in mode 'dim'; use a divisor of it")
+            layer.peer_read = ColumnParallelPeerRead(group, N, Dv, C, stats)
+        else:
+            layer.gather_pool = DimParallelPool(group, N, Dv, C, stats) if mode == "dim" else RowParallelPool(
+                group, N, stats)
     return params
 
 
@@ -90,8 +131,8 @@ def _token_counts(T: int, group: dist.ProcessGroup, device: torch.device, stats:
     return gathered.view(-1).tolist()
 
 
-class DimParallelPool:
-    """`gather_pool` over a table split by columns; same signature and result as the single-process op."""
+class _ColumnSplit:
+    """What the column-split ops share: the group, the padding to the longest rank, and steps 2-4 of dim."""
 
     def __init__(self, group: dist.ProcessGroup, num_values: int, value_dim: int, num_cores: int,
                  stats: CommStats | None = None):
@@ -102,28 +143,69 @@ class DimParallelPool:
         # The MCS cores whose columns rank j holds (core k weights columns [k Dv/h, (k+1) Dv/h)).
         self.cores = [list(range(j * c, (j + 1) * c)) if c > 1 else [j * num_cores // self.P] for j in range(self.P)]
 
-    def __call__(self, values: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor,
-                 groups: torch.Tensor | None = None, num_groups: int = 1, backend: str = "auto") -> torch.Tensor:
-        P, N, E = self.P, self.N, num_groups
-        local = values.to_local()  # [N, Dv / P]
-        T, K = rows.shape
-        out_dtype, comm = torch.promote_types(values.dtype, scores.dtype), _comm_dtype(scores)
-        Tmax = max(_token_counts(T, self.group, rows.device, self.stats))
-        pad = Tmax - T
-        vid = rows.to(torch.int32) if groups is None else (groups.to(torch.int32) * N + rows.to(torch.int32))
-        vids = all_gather(nn.functional.pad(vid, (0, 0, 0, pad)), self.group, self.stats, "index")  # [P, Tmax, K]
-        # to rank j: the scores of the cores that weight its columns; padded tokens score 0 and so pool nothing
-        send = torch.stack([nn.functional.pad(scores[..., idx], (0, 0, 0, 0, 0, pad)) for idx in self.cores])
+    def gather_rows(self, vid: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """vid [T, K] int32 (this rank's slots) -> (the group's slots [P Tmax, K] int32, Tmax); padding rows 0."""
+        T = vid.shape[0]
+        Tmax = max(_token_counts(T, self.group, vid.device, self.stats))
+        vids = all_gather(F.pad(vid, (0, 0, 0, Tmax - T)), self.group, self.stats, "index")  # [P, Tmax, K]
+        return vids.view(self.P * Tmax, -1), Tmax
+
+    def pool(self, local: torch.Tensor, vids: torch.Tensor, weights: torch.Tensor, T: int, E: int, comm: torch.dtype,
+             backend: str) -> torch.Tensor:
+        """local [N, Dv/P] column slice, vids [P Tmax, K] group slots (group * N + row), weights [Tmax, K, C] of
+        this rank's padded tokens (padding weighs 0) -> this rank's pooled rows [T, E Dv] (all column slices)."""
+        P, N, (Tmax, K, _) = self.P, self.N, weights.shape
+        # to rank j: the weights of the cores that weight its columns
+        send = torch.stack([weights[..., idx] for idx in self.cores])  # [P, Tmax, K, c]
         c = send.shape[-1]
         recv = all_to_all(send.to(comm).view(P * Tmax, K * c), [Tmax] * P, [Tmax] * P, self.group, self.stats,
                           "score")  # [P Tmax, K c]: block j = rank j's tokens
-        vids = vids.view(P * Tmax, K)
         pooled = gather_pool(local, vids % N, recv.view(P * Tmax, K, c).to(local.dtype), vids // N, E,
                              backend)  # [P Tmax, E Dv/P]
         back = all_to_all(pooled.to(comm), [Tmax] * P, [Tmax] * P, self.group, self.stats,
                           "pooled")  # [P Tmax, E Dv/P]: block j = column slice j of my tokens
         out = back.view(P, Tmax, E, self.Dv // P)[:, :T].permute(1, 2, 0, 3)  # [T, E, P, Dv/P]
-        return out.reshape(T, E * self.Dv).to(out_dtype)
+        return out.reshape(T, E * self.Dv)
+
+
+class DimParallelPool(_ColumnSplit):
+    """`gather_pool` over a table split by columns; same signature and result as the single-process op."""
+
+    def __call__(self, values: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor,
+                 groups: torch.Tensor | None = None, num_groups: int = 1, backend: str = "auto") -> torch.Tensor:
+        T = rows.shape[0]
+        out_dtype, comm = torch.promote_types(values.dtype, scores.dtype), _comm_dtype(scores)
+        vid = rows.to(torch.int32) if groups is None else (groups.to(torch.int32) * self.N + rows.to(torch.int32))
+        vids, Tmax = self.gather_rows(vid)  # [P Tmax, K]
+        weights = F.pad(scores, (0, 0, 0, 0, 0, Tmax - T))  # [Tmax, K, C]: padded tokens score 0, pool nothing
+        return self.pool(values.to_local(), vids, weights, T, num_groups, comm, backend).to(out_dtype)
+
+
+class ColumnParallelPeerRead(_ColumnSplit):
+    """UltraMemV2's read (`ultramem.memory.ultramem_v2.peer_read`) over values and pre_values split by columns;
+    same signature and result as the single-process op (module docstring: the five steps)."""
+
+    def __call__(self, values: torch.Tensor, pre_values: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor,
+                 p: torch.Tensor, glu_act: bool = False) -> torch.Tensor:
+        """rows [T, K], scores [T, K, C], p [T, Dp] (pre-value input) -> pooled [T, Dv]."""
+        P, (T, K) = self.P, rows.shape
+        pre_local = pre_values.to_local()  # [N, Dp/P]
+        dtype, comm = torch.promote_types(values.dtype, scores.dtype), _comm_dtype(scores)
+        vids, Tmax = self.gather_rows(rows.to(torch.int32))  # [P Tmax, K]
+        p = F.pad(p, (0, 0, 0, Tmax - T))  # [Tmax, Dp]: padded tokens have a zero input, so a = 0
+        Dps = p.shape[1] // P
+        send = p.view(Tmax, P, Dps).transpose(0, 1).reshape(P * Tmax, Dps)  # block j: column slice j
+        p_recv = all_to_all(send.to(comm), [Tmax] * P, [Tmax] * P, self.group, self.stats,
+                            "pre_input")  # [P Tmax, Dp/P]: block j = my columns of rank j's tokens
+        pre = F.embedding(vids, pre_local)  # [P Tmax, K, Dp/P]
+        part = torch.bmm(pre, p_recv.to(pre.dtype).unsqueeze(-1)).squeeze(-1)  # [P Tmax, K] partial <p, P[row]>
+        back = all_to_all(part.to(comm), [Tmax] * P, [Tmax] * P, self.group, self.stats,
+                          "pre_score")  # [P Tmax, K]: block j = rank j's partials for my tokens
+        a = back.view(P, Tmax, K).to(dtype).sum(0)  # [Tmax, K]: the full pre-score
+        if glu_act:
+            a = F.gelu(a)  # after the sum over column shards
+        w = a.unsqueeze(-1) * F.pad(scores, (0, 0, 0, 0, 0, Tmax - T)).to(dtype)  # [Tmax, K, C]
+        return self.pool(values.to_local(), vids, w, T, 1, comm, "auto").to(dtype)
 
 
 class RowParallelPool:
