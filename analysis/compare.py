@@ -65,6 +65,14 @@ def usable(runs: pd.DataFrame, x: str, y: str = "val_loss") -> pd.DataFrame:
 SPARSE_CONFIG = ("memory_slots", "memory_top_m", "moe_experts", "moe_top_k")
 
 
+def seed_clusters(df: pd.DataFrame, x: str) -> np.ndarray:
+    """A label per run, equal for the seeds of one configuration (same x, parameter counts and tokens). Every
+    bootstrap here draws these clusters whole, a configuration with all its seeds, so an interval is not narrowed
+    by counting seeds of one point as independent points, and a configuration's seed spread enters each refit."""
+    cols = [c for c in dict.fromkeys((x, "active_params", "total_params", "tokens")) if c in df]
+    return np.array(["|".join(f"{float(v):.6g}" for v in row) for row in df[cols].itertuples(index=False)])
+
+
 def ladder(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """One family's runs at a single sparsity, and how many were set aside.
 
@@ -116,7 +124,7 @@ def fit_family(runs: pd.DataFrame, family: str, x: str = "flops", y: str = "val_
         out.reason = f"not enough points: {sizes} distinct {x} value(s), need {need}"
         return out
     try:
-        out.fit = fit_power_law_ci(df[x], df[y], groups=df["run_id"], floor=with_floor, n_boot=n_boot, seed=seed,
+        out.fit = fit_power_law_ci(df[x], df[y], groups=seed_clusters(df, x), floor=with_floor, n_boot=n_boot, seed=seed,
                                    level=level, solver=solver, targets=targets, x_name=x, y_name=y,
                                    source=f"family {family}")
     except NotEnoughPointsError as err:
@@ -273,7 +281,7 @@ def memory_laws(runs: pd.DataFrame, x: str = "memory_slots", y: str = "val_loss"
         if sizes < MIN_POINTS_PURE:
             ml.reason = f"not enough points: {sizes} memory size(s), need {MIN_POINTS_PURE}"
             continue
-        kw = dict(groups=g["run_id"], n_boot=n_boot, seed=seed, level=level, x_name=x, y_name=y,
+        kw = dict(groups=seed_clusters(g, x), n_boot=n_boot, seed=seed, level=level, x_name=x, y_name=y,
                   source=f"{family} {backbone}")
         ml.log_linear = fit_log_linear_ci(g[x], g[y], **kw)
         if sizes >= MIN_POINTS_FLOOR:
@@ -362,7 +370,7 @@ def density_laws(runs: pd.DataFrame, y: str = "val_loss", *, n_boot: int = 1000,
         if len(densities) < MIN_POINTS_PURE:
             law.reason = f"not identified: needs >= {MIN_POINTS_PURE} densities (has {len(densities)})"
             continue
-        law.fit = fit_log_linear_ci(g[DENSITY_X], g[y], groups=g["run_id"], n_boot=n_boot, seed=seed, level=level,
+        law.fit = fit_log_linear_ci(g[DENSITY_X], g[y], groups=seed_clusters(g, DENSITY_X), n_boot=n_boot, seed=seed, level=level,
                                     x_name=DENSITY_X, y_name=y, source=f"{fam} N_total {total:.3g}")
     return out
 
@@ -374,7 +382,7 @@ def _sparse_laws(runs: pd.DataFrame, family: str, y: str, **kw) -> list[tuple[st
     out = []
     for (backbone, v), g in df.groupby([df["backbone"].fillna("?"), df[DENSITY_X].astype(float)], sort=True):
         if g["sparse_params"].nunique() >= MIN_POINTS_PURE:
-            fit = fit_log_linear_ci(g["sparse_params"], g[y], groups=g["run_id"], x_name="sparse_params", y_name=y,
+            fit = fit_log_linear_ci(g["sparse_params"], g[y], groups=seed_clusters(g, "sparse_params"), x_name="sparse_params", y_name=y,
                                     source=f"{family} {backbone} v {v:g}", **kw)
             out.append((str(backbone), float(v), fit, len(g)))
     return out
