@@ -123,3 +123,15 @@ def test_a_memory_sweep_in_the_same_directory_stays_out_of_the_family_law(tmp_pa
     assert mixed.set_aside == 4 and mixed.n_runs == 4
     assert mixed.fit.law == alone.fit.law
     assert len(memory_laws(runs, n_boot=0)[0].run_ids) == 5  # the ladder's run joins its backbone's memory law
+
+
+def test_seeds_of_one_configuration_do_not_narrow_the_intervals(ladder):
+    # Ten seeds that land on the same loss are one configuration, not ten points: the bootstrap draws configurations
+    # whole, so the intervals equal those of the single-seed ladder (a run-level bootstrap would shrink them ~3x).
+    runs, _ = ladder
+    one = runs[runs["family"] == "dense"]
+    ten = pd.concat([one.assign(run_id=one["run_id"] + f"-s{s}", seed=s) for s in range(10)], ignore_index=True)
+    a = fit_family(one, "dense", "flops", n_boot=200).fit.estimates["alpha"]
+    b = fit_family(ten, "dense", "flops", n_boot=200).fit.estimates["alpha"]
+    assert b.value == pytest.approx(a.value, rel=1e-6)
+    assert (b.lo, b.hi) == (pytest.approx(a.lo, rel=1e-4), pytest.approx(a.hi, rel=1e-4))
