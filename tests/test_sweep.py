@@ -402,3 +402,20 @@ def test_official_227m_sweep_is_the_authors_iso_parameter_comparison():
     totals = [r.total_params for r in plan.runs]
     assert max(totals) / min(totals) < 1.01  # iso-parameter: 1.23-1.24B each
     assert all(r.tokens == 768 * 4096 * 158946 for r in plan.runs)  # 500B tokens
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_plans(monkeypatch, path):
+    monkeypatch.chdir(REPO)
+    plan = plan_sweep(path)
+    assert plan.runs and len({r.run_id for r in plan.runs}) == len(plan.runs)
+
+
+def test_the_seed_sweeps_have_eight_seeds_per_configuration(monkeypatch):
+    monkeypatch.chdir(REPO)
+    for name, points in (("seeds_tiny.yaml", 16), ("seeds_ablation_tiny.yaml", 4)):
+        runs = plan_sweep(REPO / "sweeps" / name).runs
+        seeds = {}
+        for r in runs:
+            seeds.setdefault(r.name.rsplit("-s", 1)[0], set()).add(r.config["seed"])
+        assert len(seeds) == points and all(s == set(range(8)) for s in seeds.values()), name
