@@ -324,6 +324,7 @@ _TRAIN_NOT_IN_ID = ("log_every", "ckpt_every", "keep_checkpoints", "device", "co
 # every earlier run keeps its id (and a finished sweep is still skipped).
 _TRAIN_ID_SINCE_V1 = {"schedule": "cosine", "cooldown": 0.2, "cooldown_shape": "linear", "branch_of": None,
                       "lr_mult_steps": None}
+_MEMORY_ID_SINCE_V1 = {"balance_loss_weight": 0.0}  # the same rule for fields added to model.memory
 
 
 def run_id(resolved: dict[str, Any]) -> str:
@@ -331,6 +332,11 @@ def run_id(resolved: dict[str, Any]) -> str:
     content = json.loads(canonical_json({k: v for k, v in resolved.items() if k not in _NOT_IN_ID}))
     content["train"] = {k: v for k, v in content.get("train", {}).items() if k not in _TRAIN_NOT_IN_ID
                         and not (k in _TRAIN_ID_SINCE_V1 and v == _TRAIN_ID_SINCE_V1[k])}
+    memory = (content.get("model") or {}).get("memory")
+    if isinstance(memory, dict):
+        for k, default in _MEMORY_ID_SINCE_V1.items():
+            if memory.get(k) == default:
+                memory.pop(k)
     content.get("data", {}).pop("cache_dir", None)
     content.get("data", {}).pop("num_proc", None)
     digest = hashlib.sha256(canonical_json(content).encode()).hexdigest()[:10]

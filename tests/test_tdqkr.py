@@ -181,3 +181,33 @@ def test_tucker_penalty_closed_form_and_weight():
     assert mod.cores.grad is not None and float(mod.cores.grad.abs().sum()) > 0
     off = make(tucker_penalty=0.0)
     assert float(off.aux()["aux_loss"]) == 0.0 and not off.aux()["aux_loss"].requires_grad
+
+
+def test_key_balance_loss_matches_a_plain_loop():
+    # beta > 0 adds UltraMemV2's key-balance loss on the stage-1 scores: per side, n' * sum_j f_j p_j with p_j the
+    # mean softmax probability of key j and f_j its share of the top-m hits, pooled over heads and tokens
+    torch.manual_seed(1)
+    mod = make(balance_loss_weight=0.01)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    mod(x)
+    aux = mod.aux()
+    cfg, n = mod.cfg, mod.n_side
+    q = mod.query(x).detach()  # [BT, Hq, 2, Dk]
+    keys = mod.keys.detach()
+    keys = keys / keys.pow(2).mean(-2, keepdim=True).add(1e-6).sqrt() * mod.key_norm.weight.detach()[:, None]
+    want = 0.0
+    for side, vec in ((0, mod.u), (1, mod.t)):
+        probs, hits = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        rows = 0
+        for i in range(cfg.heads):
+            s = torch.einsum("bd,ndr->bnr", q[:, i // cfg.query_share, side], keys[i, side]) @ vec[i]  # [BT, n']
+            probs += s.softmax(-1).sum(0)
+            for b in range(s.shape[0]):
+                hits[s[b].topk(cfg.top_m).indices] += 1
+            rows += s.shape[0]
+        want += n * float((hits / hits.sum() * probs / rows).sum())
+    assert float(aux["balance_loss"]) == pytest.approx(want, rel=1e-5)
+    assert float(aux["aux_loss"].detach()) == pytest.approx(0.01 * want, rel=1e-5)
+    aux["aux_loss"].backward()  # it trains the queries and keys
+    assert mod.keys.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+    assert "balance_loss" not in make().aux()  # off by default (the v1 paper has no such loss)

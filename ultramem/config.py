@@ -71,6 +71,8 @@ class MemoryConfig:
     value_expansion: int = 4  # E: IVE virtual copies (a perfect square); 1 = no expansion
     tucker_penalty: float = 0.0  # alpha of the Tucker-core penalty alpha/(r-1) sum relu(lambda_i - tau)^2 (paper 1e-3)
     tucker_margin: float = 0.15  # tau of that penalty
+    # UltraMem only: beta of UltraMemV2's key-balance loss on the stage-1 scores (V2 Eq. 18-20; v1 has none: 0)
+    balance_loss_weight: float = 0.0
     init: str = "paper"  # paper: V ~ N(0, E/(2 m H L)) + score calibration; official: released code; xlm: PKM's
     value_lr_mult: float = 4.0  # value-table LR multiplier at step 0 (official code 4; v1 explainers 10)
     value_lr_decay: float = 1.0  # fraction of training over which that multiplier decays linearly to 1
@@ -104,6 +106,8 @@ class MemoryConfig:
         _check(self.tucker_penalty >= 0.0, f"{path}.tucker_penalty", self.tucker_penalty, "a number >= 0")
         _check(self.tucker_penalty == 0.0 or self.tucker_rank >= 2, f"{path}.tucker_penalty", self.tucker_penalty,
                "0 when tucker_rank is 1 (the penalty acts on singular values 2..r)")
+        _check(self.balance_loss_weight >= 0.0, f"{path}.balance_loss_weight", self.balance_loss_weight,
+               "a number >= 0 (0: off, the v1 paper's setting; UltraMemV2 used 1e-3)")
         _check(0.0 <= self.dropout < 1.0, f"{path}.dropout", self.dropout, "a fraction in [0, 1)")
         _check(self.value_lr_mult >= 1.0, f"{path}.value_lr_mult", self.value_lr_mult, "a number >= 1")
         _check(0.0 < self.value_lr_decay <= 1.0, f"{path}.value_lr_decay", self.value_lr_decay, "a fraction in (0, 1]")

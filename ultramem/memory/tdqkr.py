@@ -36,6 +36,9 @@ Departures from the official code, each deliberate:
   - The Tucker-core penalty alpha/(r-1) sum_{i>=2} relu(lambda_i - tau)^2 (paper Eq. 11-12) is applied when
     `tucker_penalty` (alpha) > 0; the official code computes it on sum_c C_c but leaves it commented out, so the
     default is alpha = 0 and the value is still reported (unweighted) for logging.
+  - `balance_loss_weight` (beta, default 0: the v1 paper has no such loss) adds UltraMemV2's key-balance loss
+    (V2 Eq. 18-20, `balance_loss` below) on the stage-1 rank-1 scores: an opt-in against top-m selection
+    concentrating on few rows (docs/results/README.md "Seed distributions" measures what it does).
 """
 
 from __future__ import annotations
@@ -108,6 +111,9 @@ class TDQKR(nn.Module):
             grid = sel[:, 0].transpose(-1, -2) @ (cores.sum(0) @ sel[:, 1])  # [Hq, BT, s, m, m]
             best = grid.flatten(-2).topk(m, dim=-1, sorted=False).indices  # [Hq, BT, s, m] into the m*m grid
             winners = torch.stack([kept[:, 0].gather(3, best // m), kept[:, 1].gather(3, best % m)], 1)
+        if self.cfg.balance_loss_weight > 0:  # V2's key-balance loss on the stage-1 scores, heads as [H = Hq*s]
+            s1 = S[:, :, :, :, 0].permute(0, 3, 1, 2, 4).reshape(H, 2, BT, n)  # [H, 2, BT, n']
+            self._balance = balance_loss(s1, kept.permute(0, 3, 1, 2, 4).reshape(H, 2, BT, m))
         # Only the winners' rows and columns carry gradient: one gather, one S-sized scatter in the backward.
         W = S.gather(5, winners.unsqueeze(4).expand(-1, -1, -1, -1, r, -1))  # [Hq, 2, BT, s, r, m]
         # per-core score of winner k: sum_{i,j} R[i,k] C'_c[i,j] Cc[j,k]
@@ -146,14 +152,16 @@ class TDQKR(nn.Module):
         return F.relu(lam[:, 1:] - self.cfg.tucker_margin).pow(2).mean()
 
     def aux(self) -> dict[str, torch.Tensor]:
-        """{"aux_loss": alpha * penalty (weighted, trains the cores), "tucker_penalty": penalty (for logging)}."""
-        alpha = self.cfg.tucker_penalty
-        if alpha > 0:
+        """{"aux_loss": alpha * penalty + beta * balance (weighted, trains), "tucker_penalty": penalty and, when
+        balance_loss_weight (beta) > 0, "balance_loss": the key-balance loss of the last forward (for logging)}."""
+        alpha, beta = self.cfg.tucker_penalty, self.cfg.balance_loss_weight
+        with torch.set_grad_enabled(alpha > 0 and torch.is_grad_enabled()):
             penalty = self.tucker_penalty()
-            return {"aux_loss": alpha * penalty, "tucker_penalty": penalty.detach()}
-        with torch.no_grad():
-            penalty = self.tucker_penalty()
-        return {"aux_loss": penalty.new_zeros(()), "tucker_penalty": penalty}
+        out = {"aux_loss": alpha * penalty if alpha > 0 else penalty.new_zeros(()), "tucker_penalty": penalty.detach()}
+        if beta > 0:
+            out["aux_loss"] = out["aux_loss"] + beta * self._balance
+            out["balance_loss"] = self._balance.detach()
+        return out
 
 
 def rank1_basis(v: torch.Tensor) -> torch.Tensor:
@@ -194,3 +202,18 @@ def activate(scores: torch.Tensor, kind: str, dim: int) -> torch.Tensor:
     if kind == "relu":
         return F.relu(scores)
     return scores.softmax(dim=dim, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
+
+
+def balance_loss(s1: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Key-balance loss (Eq. 18-20, V2:380-396): sum over sides of n * sum_j f_j p_j, pooled over heads and tokens.
+
+    s1 [H, 2, BT, n] rank-1 scores, kept [H, 2, BT, m] the stage-1 top-m; p_j = mean softmax probability of key j,
+    f_j = its share of the top-m hits (no gradient).
+    """
+    n = s1.shape[-1]
+    p = s1.float().softmax(-1).mean((0, 2))  # [2, n]
+    hits = kept.transpose(0, 1).reshape(2, -1)  # [2, H*BT*m]
+    counts = torch.zeros(2, n, device=s1.device, dtype=torch.float32).scatter_add_(
+        1, hits, torch.ones_like(hits, dtype=torch.float32))
+    f = counts / counts.sum(-1, keepdim=True)
+    return n * (f * p).sum()

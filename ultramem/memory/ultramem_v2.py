@@ -72,7 +72,7 @@ from torch import nn
 from ultramem.errors import ConfigError
 from ultramem.kernels.retrieval import gather_pool
 from ultramem.memory.query import NORM_EPS
-from ultramem.memory.tdqkr import singular_values
+from ultramem.memory.tdqkr import balance_loss, singular_values
 
 if TYPE_CHECKING:  # annotations only: ultramem.config imports the family registry, which builds these layers
     from ultramem.config import UltraMemV2Config
@@ -176,21 +176,6 @@ class V2Retrieval(nn.Module):
             return self.cores.new_zeros(())
         lam = singular_values(self.cores.float().sum(0))  # [H, r] descending
         return F.relu(lam[:, 1:] - self.cfg.tucker_margin).pow(2).mean()
-
-
-def balance_loss(s1: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Key-balance loss (Eq. 18-20, V2:380-396): sum over sides of n * sum_j f_j p_j, pooled over heads and tokens.
-
-    s1 [H, 2, BT, n] rank-1 scores, kept [H, 2, BT, m] the stage-1 top-m; p_j = mean softmax probability of key j,
-    f_j = its share of the top-m hits (no gradient).
-    """
-    n = s1.shape[-1]
-    p = s1.float().softmax(-1).mean((0, 2))  # [2, n]
-    hits = kept.transpose(0, 1).reshape(2, -1)  # [2, H*BT*m]
-    counts = torch.zeros(2, n, device=s1.device, dtype=torch.float32).scatter_add_(
-        1, hits, torch.ones_like(hits, dtype=torch.float32))
-    f = counts / counts.sum(-1, keepdim=True)
-    return n * (f * p).sum()
 
 
 # ---- tables and init ---------------------------------------------------------------------------------------------
