@@ -34,6 +34,7 @@ EARLY_STEPS = (25, 50, 100)
 _SEED = re.compile(r"-s\d+(?=@|$)")  # branches are named <trunk name>@<D/N>xN
 _SOURCE = re.compile(r"-source=.*?(?=-\w+=|$)")  # the data source is the `corpus` column, not part of the point
 _SIZE = re.compile(r"-(t\d+)\b")
+_SETTING = re.compile(r"-(?=[A-Za-z_][\w.]*=)")  # splits 'p-a=1-lr=1e-3' into 'p', 'a=1', 'lr=1e-3'
 
 
 def point_of(name: str | None, run_id: str) -> str:
@@ -198,7 +199,7 @@ def plot_spread(runs: pd.DataFrame):
             jitter = np.linspace(-0.15, 0.15, len(x)) if len(x) > 1 else np.zeros(1)
             ax.scatter(i + jitter, x["val_loss"], s=14, color=color(str(x["family"].iloc[0])), alpha=0.8)
             ax.hlines(x["val_loss"].median(), i - 0.25, i + 0.25, color="black", linewidth=1)
-        ax.set_xticks(range(len(points)), points, rotation=70, ha="right", fontsize=6.5)
+        ax.set_xticks(range(len(points)), short_labels(points), rotation=55, ha="right", fontsize=6.5)
         ax.set_ylabel("final validation loss (nats/byte)")
         ax.set_title(f"{corpus}: one dot per seed, bar = median")
     return fig
@@ -219,11 +220,25 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, corpus: str):
         for _, r in g[g.point == p].iterrows():
             c = curves[(curves.run_id == r["run_id"]) & (curves.kind == "eval")]
             ax.plot(c["step"], c["loss"], color=color(str(r["family"])), linewidth=0.9, alpha=0.8)
-        ax.set_title(p, fontsize=7.5)
+        ax.set_title(short_labels(points)[k], fontsize=7.5)
         ax.set_xlabel("step", fontsize=7)
         ax.set_ylabel("val loss", fontsize=7)
         ax.tick_params(labelsize=6.5)
     return fig
+
+
+def short_labels(points: list[str]) -> list[str]:
+    """Figure labels: of a variant's `key=value` settings, those shared by at least half of its preset's variants
+    (the unchanged ones) are dropped: among 'p-a=1-b=2', 'p-a=9-b=2', 'p-a=1-b=7' they read 'p-ref', 'p-a=9',
+    'p-b=7'. A point without settings keeps its name."""
+    split = {p: _SETTING.split(p) for p in points}  # [base, 'key=value', ...]
+    out = []
+    for p in points:
+        base, settings = split[p][0], split[p][1:]
+        siblings = [split[q][1:] for q in points if split[q][0] == base and len(split[q]) > 1]
+        keep = [x for x in settings if 2 * sum(x in sib for sib in siblings) <= len(siblings)]
+        out.append("-".join([base, *keep]) if keep else base + ("-ref" if settings else ""))
+    return out
 
 
 def _size_key(point: str) -> int:

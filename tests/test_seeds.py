@@ -131,3 +131,10 @@ def test_the_seeds_command_writes_the_report(seed_study, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["seeds", str(tmp_path / "empty"), "--out", str(tmp_path / "r2")]) == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_figure_labels_keep_only_the_changed_setting():
+    from analysis.seeds import short_labels
+
+    assert short_labels(["p-a=1-b=2", "p-a=9-b=2", "p-a=1-b=7", "q-t1"]) == ["p-ref", "p-a=9", "p-b=7", "q-t1"]
+    assert short_labels(["p-lr=1e-3-b=2", "p-lr=3e-3-b=2", "p-lr=3e-3-b=5"]) == ["p-lr=1e-3", "p-ref", "p-b=5"]
