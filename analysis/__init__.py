@@ -10,8 +10,10 @@ build_report("runs/tiny-cpu")                          # what `ultramem plots` r
 
 Modules: checks (input errors), lse (the log-sum-exp law family, robust objectives, batched solver), fit
 (single-variable laws), chinchilla (L(N, D) and its frontier), isoflop (Approach 2), bootstrap (CIs over runs),
-collect (run folders -> tables), compare (families, compute multiplier, memory law, knowledge), synthetic (run
-folders drawn from known laws, for checks), plots, report. matplotlib loads only with plots/report (build_report).
+collect (run folders -> tables), compare (families, compute multiplier, memory law, knowledge), seeds (seed
+distributions per configuration, `ultramem seeds`), schedules (WSD branches vs cosine at equal steps), synthetic
+(run folders drawn from known laws, for checks), plots, report. matplotlib loads only with plots/report
+(build_report) and the seed figures.
 """
 
 from analysis.bootstrap import Estimate, LawFit
