@@ -260,7 +260,8 @@ def report_blocks(a: Analysis, title: str, figure_names: list[str]) -> list[tupl
     b: list[tuple] = [("h", 1, title)]
     fams = ", ".join(f"{f} ({n})" for f, n in runs["family"].value_counts(sort=False).items())
     b.append(("p", f"{len(runs)} finished runs: {fams or 'none'}. Intervals are {pct} percentile intervals from "
-                   "a bootstrap over runs (whole runs are resampled). Losses are validation losses in nats/token. "
+                   "a bootstrap over configurations (a configuration is drawn with all its seeds). Losses are validation "
+                   "losses in nats/token. "
                    f"{SOLVER_TEXT[a.solver]}"))
     if a.collected.skipped:
         b.append(("p", f"Not included (not finished or unreadable): {', '.join(a.collected.skipped)}."))
