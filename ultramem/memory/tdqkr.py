@@ -132,24 +132,13 @@ class TDQKR(nn.Module):
         """Recompute u, t from the SVD of sum_c C_c (official `_online_update_tucker_approx`)."""
         if self.cores.is_meta:
             return
-        U, _, Vh = torch.linalg.svd(self.cores.detach().float().sum(0))  # [H, r, r]
-        u, t = U[..., 0], Vh[..., 0, :]  # [H, r]
-        prev_u, prev_t = self.u.float(), self.t.float()
-        if bool((prev_u == 0).all()):
-            sign = torch.where(u.sum(-1) + t.sum(-1) >= 0, 1.0, -1.0)
-        else:
-            keep = (u - prev_u).abs().sum(-1) + (t - prev_t).abs().sum(-1)
-            flip = (u + prev_u).abs().sum(-1) + (t + prev_t).abs().sum(-1)
-            sign = torch.where(flip < keep, -1.0, 1.0)
-        self.u.copy_(u * sign[:, None])
-        self.t.copy_(t * sign[:, None])
+        u, t = rank1_vectors(self.cores, self.u, self.t)
+        self.u.copy_(u)
+        self.t.copy_(t)
 
     def tucker_penalty(self) -> torch.Tensor:
         """mean over heads of 1/(r-1) sum_{i>=2} relu(lambda_i - tau)^2, lambda = singular values of sum_c C_c."""
-        if self.cfg.tucker_rank == 1:
-            return self.cores.new_zeros(())
-        lam = singular_values(self.cores.float().sum(0))  # [H, r] descending
-        return F.relu(lam[:, 1:] - self.cfg.tucker_margin).pow(2).mean()
+        return tucker_penalty(self.cores, self.cfg.tucker_margin)
 
     def aux(self) -> dict[str, torch.Tensor]:
         """{"aux_loss": alpha * penalty + beta * balance (weighted, trains), "tucker_penalty": penalty and, when
@@ -162,6 +151,33 @@ class TDQKR(nn.Module):
             out["aux_loss"] = out["aux_loss"] + beta * self._balance
             out["balance_loss"] = self._balance.detach()
         return out
+
+
+@torch.no_grad()
+def rank1_vectors(cores: torch.Tensor, prev_u: torch.Tensor, prev_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cores [h, H, r, r] -> leading left / right singular vectors (u, t) [H, r] of sum_c C_c per head, signed:
+    on the first call (prev_u all zero) so that u and t sum to >= 0 (the Perron vectors of U(0, 1) cores), after
+    that as the official code, flipped when -u, -t is closer in L1 to the previous vectors. Shared by TDQKR and
+    UltraMemV2's retrieval."""
+    U, _, Vh = torch.linalg.svd(cores.detach().float().sum(0))  # [H, r, r]
+    u, t = U[..., 0], Vh[..., 0, :]  # [H, r]
+    prev_u, prev_t = prev_u.float(), prev_t.float()
+    if bool((prev_u == 0).all()):
+        sign = torch.where(u.sum(-1) + t.sum(-1) >= 0, 1.0, -1.0)
+    else:
+        keep = (u - prev_u).abs().sum(-1) + (t - prev_t).abs().sum(-1)
+        flip = (u + prev_u).abs().sum(-1) + (t + prev_t).abs().sum(-1)
+        sign = torch.where(flip < keep, -1.0, 1.0)
+    return u * sign[:, None], t * sign[:, None]
+
+
+def tucker_penalty(cores: torch.Tensor, margin: float) -> torch.Tensor:
+    """Mean over heads and i >= 2 of relu(lambda_i - margin)^2, lambda = singular values of sum_c C_c (cores
+    [h, H, r, r]); 0 at rank 1."""
+    if cores.shape[-1] == 1:
+        return cores.new_zeros(())
+    lam = singular_values(cores.float().sum(0))  # [H, r] descending
+    return F.relu(lam[:, 1:] - margin).pow(2).mean()
 
 
 def rank1_basis(v: torch.Tensor) -> torch.Tensor:

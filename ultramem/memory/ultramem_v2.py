@@ -23,7 +23,7 @@ first; with E = 1 it only decides which slots of neighbouring layers' windows co
 Rank-1 cache. u, v are the leading singular vectors of sum_c C_c per head, detached. They are computed at
 construction (sign: sum >= 0, the Perron vectors of the U(0, 1) init cores) and must be refreshed after every
 optimizer step by `on_optimizer_step()`, which keeps the official sign alignment (flip when -u, -v is closer in L1
-to the previous vectors); this mirrors `ultramem.memory.tdqkr.TDQKR.refresh_rank1`.
+to the previous vectors); the same function as `ultramem.memory.tdqkr.TDQKR.refresh_rank1` (`tdqkr.rank1_vectors`).
 
 Initialisation (`cfg.init`):
   official  the released code: values, pre_values ~ N(0, 0.02); query_proj, keys ~ N(0, Dk^-1/2); values_proj
@@ -72,7 +72,7 @@ from torch import nn
 from ultramem.errors import ConfigError
 from ultramem.kernels.retrieval import gather_pool
 from ultramem.memory.query import NORM_EPS
-from ultramem.memory.tdqkr import balance_loss, singular_values
+from ultramem.memory.tdqkr import balance_loss, rank1_vectors, tucker_penalty
 
 if TYPE_CHECKING:  # annotations only: ultramem.config imports the family registry, which builds these layers
     from ultramem.config import UltraMemV2Config
@@ -158,24 +158,13 @@ class V2Retrieval(nn.Module):
         """u, v <- leading singular vectors of sum_c C_c per head, sign-aligned (official `_online_update_...`)."""
         if self.cores.is_meta:
             return
-        U, _, Vh = torch.linalg.svd(self.cores.detach().float().sum(0))  # [H, r, r]
-        u, v = U[..., 0], Vh[..., 0, :]  # [H, r]
-        prev_u, prev_v = self.u.float(), self.v.float()
-        if bool((prev_u == 0).all()):  # first call: the non-negative (Perron) sign for U(0, 1) cores
-            sign = torch.where(u.sum(-1) + v.sum(-1) >= 0, 1.0, -1.0)
-        else:
-            keep = (u - prev_u).abs().sum(-1) + (v - prev_v).abs().sum(-1)
-            flip = (u + prev_u).abs().sum(-1) + (v + prev_v).abs().sum(-1)
-            sign = torch.where(flip < keep, -1.0, 1.0)
-        self.u.copy_(u * sign[:, None])
-        self.v.copy_(v * sign[:, None])
+        u, v = rank1_vectors(self.cores, self.u, self.v)
+        self.u.copy_(u)
+        self.v.copy_(v)
 
     def tucker_penalty(self) -> torch.Tensor:
         """Eq. 17 (mean over heads and i >= 2): relu(lambda_i - tau)^2, lambda = singular values of sum_c C_c."""
-        if self.cfg.tucker_rank == 1:
-            return self.cores.new_zeros(())
-        lam = singular_values(self.cores.float().sum(0))  # [H, r] descending
-        return F.relu(lam[:, 1:] - self.cfg.tucker_margin).pow(2).mean()
+        return tucker_penalty(self.cores, self.cfg.tucker_margin)
 
 
 # ---- tables and init ---------------------------------------------------------------------------------------------
