@@ -321,22 +321,26 @@ _NOT_IN_ID = ("name", "sweep", "wandb", "parallel")  # the layout changes how a 
 _TRAIN_NOT_IN_ID = ("log_every", "ckpt_every", "keep_checkpoints", "device", "compile", "threads",
                     "branches")  # a trunk's branch list changes which checkpoints it keeps, not what it computes
 # Fields added after the first run ids were issued enter the id only when set away from their default, so that
-# every earlier run keeps its id (and a finished sweep is still skipped).
-_TRAIN_ID_SINCE_V1 = {"schedule": "cosine", "cooldown": 0.2, "cooldown_shape": "linear", "branch_of": None,
-                      "lr_mult_steps": None}
-_MEMORY_ID_SINCE_V1 = {"balance_loss_weight": 0.0}  # the same rule for fields added to model.memory
+# every earlier run keeps its id (and a finished sweep is still skipped): block path -> {field: default}.
+_ID_SINCE_V1: dict[tuple[str, ...], dict[str, Any]] = {
+    ("train",): {"schedule": "cosine", "cooldown": 0.2, "cooldown_shape": "linear", "branch_of": None,
+                 "lr_mult_steps": None},
+    ("model", "memory"): {"balance_loss_weight": 0.0},
+}
 
 
 def run_id(resolved: dict[str, Any]) -> str:
     """<family>-<short hash of the resolved config>, stable across key order and bookkeeping-only fields."""
     content = json.loads(canonical_json({k: v for k, v in resolved.items() if k not in _NOT_IN_ID}))
-    content["train"] = {k: v for k, v in content.get("train", {}).items() if k not in _TRAIN_NOT_IN_ID
-                        and not (k in _TRAIN_ID_SINCE_V1 and v == _TRAIN_ID_SINCE_V1[k])}
-    memory = (content.get("model") or {}).get("memory")
-    if isinstance(memory, dict):
-        for k, default in _MEMORY_ID_SINCE_V1.items():
-            if memory.get(k) == default:
-                memory.pop(k)
+    content["train"] = {k: v for k, v in content.get("train", {}).items() if k not in _TRAIN_NOT_IN_ID}
+    for path, defaults in _ID_SINCE_V1.items():
+        block = content
+        for key in path:
+            block = block.get(key) if isinstance(block, dict) else None
+        if isinstance(block, dict):
+            for k, default in defaults.items():
+                if k in block and block[k] == default:
+                    del block[k]
     content.get("data", {}).pop("cache_dir", None)
     content.get("data", {}).pop("num_proc", None)
     digest = hashlib.sha256(canonical_json(content).encode()).hexdigest()[:10]
