@@ -6,7 +6,7 @@ initialisation and data order, so a pair differs only in its learning-rate sched
 (L_wsd - L_cos) / L_cos is then summarised per (preset, steps) over seeds and over all pairs (mean with a
 Student-t 95% interval over the pairs). Hägele et al. (2024) report WSD with a 20% 1-sqrt cooldown matches or
 beats cosine. `branch_vs_trunk` checks the other claim: a branch ends below its trunk's loss at the same step.
-Input: the per-run table of `analysis.seeds.seed_runs` (which carries schedule, branch_of, steps).
+Input: the per-run table (and curves) of `analysis.seeds.read_runs` (which carries schedule, branch_of, steps).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import math
 import numpy as np
 import pandas as pd
 from scipy import stats
-
-from runfolder import RunDir, iter_run_dirs
 
 
 def wsd_vs_cosine(runs: pd.DataFrame) -> pd.DataFrame:
@@ -52,19 +50,14 @@ def summarise(pairs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def branch_vs_trunk(roots: list) -> pd.DataFrame:
-    """One row per finished branch: its final val loss and its trunk's val loss evaluated at the same step."""
-    dirs = {rd.run_id: rd for root in roots for rd in iter_run_dirs(root)}
+def branch_vs_trunk(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """One row per finished branch whose trunk evaluated at the branch's last step: the branch's final val loss and
+    the trunk's val loss at that step (`runs`, `curves` as `analysis.seeds.read_runs` returns them)."""
+    at = {(r.run_id, r.step): r.loss for r in curves.itertuples(index=False)}
     rows = []
-    for rd in dirs.values():
-        train = (rd.read_config() or {}).get("train") or {}
-        final = rd.read_final()
-        trunk: RunDir | None = dirs.get(train.get("branch_of") or "")
-        if final is None or trunk is None:
-            continue
-        at = {r["step"]: r["val_loss"] for r in trunk.metrics() if r.get("kind") == "eval"}
-        if final.steps in at:
-            rows.append({"run_id": rd.run_id, "trunk": trunk.run_id, "step": final.steps,
-                         "branch_loss": final.val_loss, "trunk_loss": at[final.steps],
-                         "below": final.val_loss < at[final.steps]})
+    for b in runs[runs.branch_of.isin(runs.run_id)].itertuples(index=False):
+        trunk_loss = at.get((b.branch_of, b.steps))
+        if trunk_loss is not None:
+            rows.append({"run_id": b.run_id, "trunk": b.branch_of, "step": b.steps, "branch_loss": b.val_loss,
+                         "trunk_loss": trunk_loss, "below": b.val_loss < trunk_loss})
     return pd.DataFrame(rows, columns=["run_id", "trunk", "step", "branch_loss", "trunk_loss", "below"])

@@ -64,7 +64,13 @@ def t_half(steps: np.ndarray, losses: np.ndarray) -> float:
 def seed_runs(roots: list[str | Path]) -> pd.DataFrame:
     """One row per finished run below `roots`: point, family, preset, corpus, seed, val_loss, t_half, val@S for
     S in EARLY_STEPS, rows_used and row_entropy (last evaluation, min over memory layers; NaN without memory)."""
-    rows = []
+    return read_runs(roots)[0]
+
+
+def read_runs(roots: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`seed_runs`' table and the held-out curves it was computed from (run_id, step, loss), in one pass over the
+    run folders."""
+    rows, curves = [], []
     for root in roots:
         for rd in iter_run_dirs(root):
             now = run_state(rd)
@@ -74,6 +80,7 @@ def seed_runs(roots: list[str | Path]) -> pd.DataFrame:
             evals = [r for r in rd.metrics() if r.get("kind") == "eval"]
             steps = np.array([r["step"] for r in evals], float)
             losses = np.array([r["val_loss"] for r in evals], float)
+            curves += [{"run_id": final["run_id"], "step": st, "loss": lo} for st, lo in zip(steps, losses, strict=True)]
             usage = (evals[-1].get("memory") or {}) if evals else {}
             train = (rd.read_config() or {}).get("train") or {}
             row = {
@@ -92,7 +99,8 @@ def seed_runs(roots: list[str | Path]) -> pd.DataFrame:
             rows.append(row)
     if not rows:
         raise ValueError(f"no finished runs below {', '.join(map(str, roots))}")
-    return pd.DataFrame(rows).sort_values(["corpus", "point", "seed"], kind="stable").reset_index(drop=True)
+    runs = pd.DataFrame(rows).sort_values(["corpus", "point", "seed"], kind="stable").reset_index(drop=True)
+    return runs, pd.DataFrame(curves, columns=["run_id", "step", "loss"])
 
 
 def sd_interval(x: np.ndarray, level: float = 0.95, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float]:
@@ -206,7 +214,8 @@ def plot_spread(runs: pd.DataFrame):
 
 
 def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, corpus: str):
-    """Validation loss vs step of every seed, one panel per point on `corpus` (the early plateau, seed by seed)."""
+    """Validation loss vs step of every seed, one panel per point on `corpus` (the early plateau, seed by seed);
+    `curves` as `read_runs` returns them."""
     from analysis.plots import _figure, color  # lazy: matplotlib only for figures
 
     g = runs[runs.corpus == corpus]
@@ -218,7 +227,7 @@ def plot_curves(runs: pd.DataFrame, curves: pd.DataFrame, corpus: str):
     for k, p in enumerate(points):
         ax = fig.add_subplot(nrows, ncols, k + 1)
         for _, r in g[g.point == p].iterrows():
-            c = curves[(curves.run_id == r["run_id"]) & (curves.kind == "eval")]
+            c = curves[curves.run_id == r["run_id"]]
             ax.plot(c["step"], c["loss"], color=color(str(r["family"])), linewidth=0.9, alpha=0.8)
         ax.set_title(short_labels(points)[k], fontsize=7.5)
         ax.set_xlabel("step", fontsize=7)
@@ -261,13 +270,11 @@ def _md_table(df: pd.DataFrame, cols: dict[str, str], digits: int = 3) -> list[s
 
 def write_report(roots: list[str | Path], out_dir: str | Path) -> Path:
     """seeds.csv (one row per run), spread.csv (one per point), compare.csv, figures and report.md in `out_dir`."""
-    from analysis.collect import collect_runs  # lazy: pandas/parquet caching only here
     from analysis.plots import save
 
-    runs = seed_runs(roots)
+    runs, curves = read_runs(roots)
     table = seed_table(runs)
     comp = compare_points(runs, default_pairs(runs))
-    curves = pd.concat([collect_runs(r, cache=False).curves for r in roots], ignore_index=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs.to_csv(out / "seeds.csv", index=False, float_format="%.6g")
@@ -294,13 +301,13 @@ def write_report(roots: list[str | Path], out_dir: str | Path) -> Path:
                   *_md_table(comp, {"corpus": "corpus", "a": "a", "b": "b", "mean_diff": "mean a-b",
                                     "p_mean": "p", "sd_ratio": "sd a/b", "p_spread": "p",
                                     "t_half_diff": "t_half a-b", "p_t_half": "p"}), ""]
-    lines += _schedule_section(runs, roots, out)
+    lines += _schedule_section(runs, curves, out)
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
 
 
-def _schedule_section(runs: pd.DataFrame, roots: list[str | Path], out: Path) -> list[str]:
+def _schedule_section(runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> list[str]:
     """WSD vs cosine at equal steps, and branch vs trunk, when the runs hold such pairs (analysis/schedules.py)."""
     from analysis.schedules import branch_vs_trunk, summarise, wsd_vs_cosine  # lazy: only for schedule sweeps
 
@@ -310,7 +317,7 @@ def _schedule_section(runs: pd.DataFrame, roots: list[str | Path], out: Path) ->
     summary = summarise(pairs)
     pairs.to_csv(out / "wsd_vs_cosine.csv", index=False, float_format="%.6g")
     summary.to_csv(out / "wsd_vs_cosine_summary.csv", index=False, float_format="%.6g")
-    bt = branch_vs_trunk(roots)
+    bt = branch_vs_trunk(runs, curves)
     lines = ["## WSD vs cosine at the same budget", "",
              "Pairs of runs with the same preset, corpus, seed and steps: (L_wsd - L_cos) / L_cos, mean over seeds "
              "with a Student-t 95% interval (analysis/schedules.py). trunk = the WSD run at its own end, branch = a "

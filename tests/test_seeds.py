@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from analysis.schedules import branch_vs_trunk, summarise, wsd_vs_cosine
-from analysis.seeds import compare_points, default_pairs, point_of, seed_runs, seed_table, t_half
+from analysis.seeds import compare_points, default_pairs, point_of, read_runs, seed_runs, seed_table, t_half
 from cli.main import main
 from runfolder import EvalRow, Final, RunDir
 
@@ -113,7 +113,7 @@ def test_wsd_branches_are_paired_with_cosine_runs_of_the_same_steps(tmp_path):
     summary = summarise(pairs).set_index("kind")
     assert summary.loc["trunk", "rel_diff"] == pytest.approx(-0.01)
     assert summary.loc["branch", "lo"] < summary.loc["branch", "rel_diff"] < summary.loc["branch", "hi"]
-    bt = branch_vs_trunk([tmp_path])
+    bt = branch_vs_trunk(*read_runs([tmp_path]))
     assert len(bt) == 2 and bt.below.all() and (bt.trunk_loss == 2.6).all()
 
 
