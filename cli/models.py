@@ -2,7 +2,7 @@
 
   ultramem models                         every preset: family, params (total / active / non-embedding), FLOPs/token,
                                           and its source: "authors" (the authors' released configuration),
-                                          "inferred (...)" (solved from published totals) or "ours (tiny ladder)"
+                                          "inferred (...)" (solved from published totals), "ours (tiny ladder)" or "ours (study ladder)"
   ultramem models --family ultramem       only one family
   ultramem models --format json           the same as a JSON list
   ultramem models --table1                the paper-size presets against the paper's Table 1 (3% tolerance)

@@ -4,6 +4,7 @@
   ultramem sweep run sweeps/tiny_cpu.yaml               train every unfinished run on a fresh local Ray
   ultramem sweep run FILE --address HEAD:6379           ... on an existing Ray cluster (or set RAY_ADDRESS)
   ultramem sweep run FILE --backend local               ... on this machine without Ray
+  ultramem sweep run FILE --seeds 0                     ... only the runs of these seeds (a study in parts)
   ultramem sweep status sweeps/tiny_cpu.yaml            state, step, loss, tokens/s, ETA from the run folders
 """
 
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--max-concurrent", type=int, default=None, help="at most this many runs at once")
     r.add_argument("--retries", type=int, default=2,
                    help="relaunches of a failed training process (each resumes from the newest checkpoint)")
+    r.add_argument("--seeds", type=_seed_list, default=None, metavar="S[,S...]",
+                   help="train only the runs of these seeds (each one of the file's `seeds`), e.g. to run a "
+                        "study in parts; run ids are the same as in a run of the whole file")
 
     s = sub.add_parser("status", help="progress of every run, read from the run folders (no Ray needed)")
     s.add_argument("file", help="sweep YAML")
@@ -54,11 +58,20 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "run":
         from experiments.scheduler import run_sweep
 
+        if args.seeds is not None:
+            plan = plan.only_seeds(args.seeds)
         report = run_sweep(plan, backend=args.backend, address=args.address,
                            max_concurrent=args.max_concurrent, retries=args.retries,
                            connect_timeout=args.connect_timeout)
         return 0 if report.ok else 1
     return _status(plan, args.format)
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give seeds as integers separated by commas, e.g. 0,1 (got {text!r})") from None
 
 
 def _plan(plan: Any, fmt: str) -> int:

@@ -187,3 +187,51 @@ def test_shipped_isoflop_tiny_sweep():
         assert r.flops == pytest.approx(r.values["isoflop.budget"], rel=0.02)
     t = plan.totals()
     assert t["branches"] > 0 and t["saved_flops"] > 0
+
+
+def test_max_tokens_drops_the_cells_that_would_train_longer():
+    sizes = [Size(f"s{i}", "dense", n, 7.0 * n) for i, n in enumerate([1e5, 2e5, 4e5])]
+    budgets = [1e12, 3e12, 1e13]
+    spec = IsoflopSpec(budgets=budgets, ladder=[s.preset for s in sizes], tokens_per_param=(3, 100),
+                       max_tokens=5e6)
+    grid = layout(spec, sizes)
+    inside = {(s.preset, c): round(c / (7.0 * s.n)) for s in sizes for c in budgets
+              if 3 <= c / (7.0 * s.n) / s.n <= 100}  # D = C / F, the window alone
+    assert {(x.size.preset, x.budget) for x in grid.cells} == {k for k, d in inside.items() if d <= 5e6}
+    assert {(x.size.preset, x.budget) for x in grid.capped} == {k for k, d in inside.items() if d > 5e6}
+    assert grid.capped and all(x.tokens <= 5e6 for x in grid.cells)
+    assert any("max_tokens" in w for w in grid.warnings)
+
+
+def test_plan_of_some_seeds_keeps_the_run_ids_and_refuses_unknown_seeds(tmp_path):
+    path = write(tmp_path, f"""\
+        budgets: {BUDGETS}
+        ladder: {LADDER}
+        tokens_per_param: [1, 200]
+        """, extra="seeds: [0, 1, 2]\n")
+    plan = plan_sweep(path)
+    part = plan.only_seeds([1])
+    assert {r.run_id for r in part.runs} == {r.run_id for r in plan.runs if r.config["seed"] == 1}
+    assert len(part.runs) == len(plan.runs) // 3
+    assert all(r.branch_of in {t.run_id for t in part.runs} for r in part.runs if r.branch_of)  # trunks come along
+    with pytest.raises(ConfigError, match=r"--seeds 7: not among the seeds of this sweep \(0, 1, 2\)") as err:
+        plan.only_seeds([0, 7])
+    assert str(path) in str(err.value)
+
+
+def test_shipped_study_isoflop_sweep():
+    """The committed study's design (issue 14): dense / MoE / UltraMem, >= 6 budgets over >= 1.5 decades, >= 5
+    sizes per family, 3 seeds, no run longer than 4 epochs of tinyshakespeare's training split (1,056,718 bytes)."""
+    plan = plan_sweep(REPO / "sweeps/study_isoflop.yaml")
+    spec = plan.sweep.isoflop
+    assert len(spec.budgets) >= 6 and spec.budgets[-1] / spec.budgets[0] >= 10**1.5
+    assert {r.family for r in plan.runs} == {"dense", "moe", "ultramem"}
+    assert plan.sweep.seeds == [0, 1, 2]
+    assert max(r.tokens for r in plan.runs) <= 4 * 1_056_718
+    for family in ("dense", "moe", "ultramem"):
+        runs = [r for r in plan.runs if r.family == family and r.config["seed"] == 0]
+        assert len({r.preset for r in runs}) >= 5
+        per_budget = [len({r.preset for r in runs if r.values["isoflop.budget"] == c}) for c in spec.budgets]
+        assert all(k >= 3 for k in per_budget) and sum(k >= 5 for k in per_budget) >= 4, (family, per_budget)
+    for r in plan.runs:
+        assert r.flops == pytest.approx(r.values["isoflop.budget"], rel=0.02)

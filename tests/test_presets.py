@@ -11,7 +11,7 @@ import pytest
 
 from ultramem.accounting import count_params, flops_per_token
 from ultramem.config import ConfigError
-from ultramem.presets import PAPER_TABLE1, PRESETS, get_preset, table1_comparison
+from ultramem.presets import PAPER_TABLE1, PRESETS, get_preset, preset_source, table1_comparison
 
 PAPER_SIZES = ("151m", "680m", "1.6b")
 TINY_SIZES = ("t1", "t2", "t3", "t4", "t5", "t6")
@@ -72,6 +72,24 @@ def test_tiny_ladder_sizes_and_matching_rules():
         assert get_preset(family_presets("dense", size)).vocab_size == 256
     assert dense_sizes == sorted(dense_sizes)
     assert dense_sizes[0] >= 0.08e6 and dense_sizes[-1] <= 5e6
+
+
+def test_study_ladder_grows_in_small_steps_with_matched_families():
+    """The study ladder (docs/results/study_isoflop): UltraMem at 6x dense's non-embedding params, MoE at UltraMem's
+    total and activated params, active params growing 1.2-2.1x per rung in every family."""
+    sizes = [f"s{i}" for i in range(1, 11)]
+    active: dict[str, list[int]] = {"dense": [], "moe": [], "ultramem": []}
+    for size in sizes:
+        dense, um, moe = (count_params(get_preset(family_presets(f, size))) for f in ("dense", "ultramem", "moe"))
+        assert um.non_embedding == pytest.approx(6 * dense.non_embedding, rel=0.03)
+        assert moe.non_embedding == pytest.approx(um.non_embedding, rel=0.05)
+        assert moe.active_non_embedding == pytest.approx(um.active_non_embedding, rel=0.03)
+        for f, pc in (("dense", dense), ("moe", moe), ("ultramem", um)):
+            active[f].append(pc.active)
+            assert preset_source(family_presets(f, size)) == "ours (study ladder)"
+    for f, n in active.items():
+        steps = [b / a for a, b in zip(n, n[1:], strict=False)]
+        assert all(1.2 <= s <= 2.1 for s in steps), (f, steps)
 
 
 def test_tiny_names_are_small_and_every_family_has_one():

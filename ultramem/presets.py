@@ -178,18 +178,43 @@ _TINY = {
 
 
 def _tiny_presets() -> dict[str, ModelConfig]:
+    return _ladder_presets(_TINY, pkm=True)
+
+
+# The study ladder (docs/results/study_isoflop): finer than _TINY so an IsoFLOP budget holds >= 5 sizes. Active
+# parameters grow ~1.3-1.8x per rung (the tiny ladder's ~3x steps leave <= 3 sizes per budget) from 10k to 360k, the
+# range 4 epochs of tinyshakespeare (4.2M tokens) can train near 3-100 tokens/param; heads of 12-16 dims.
+# name: (d_model, n_layers, n_heads, memory layout); only dense, MoE and UltraMem (the study's three families).
+_STUDY = {
+    "s1": (16, 2, 1, "0:1"),
+    "s2": (24, 2, 2, "0:1"),
+    "s3": (32, 2, 2, "0:1"),
+    "s4": (32, 3, 2, "0:2"),
+    "s5": (48, 2, 3, "0:1"),
+    "s6": (48, 3, 3, "0:2"),
+    "s7": (56, 3, 4, "0:2"),
+    "s8": (64, 3, 4, "0:2"),
+    "s9": (80, 3, 5, "0:2"),
+    "s10": (96, 3, 6, "0:2"),
+}
+
+
+def _ladder_presets(ladder: dict[str, tuple[int, int, int, str]], pkm: bool) -> dict[str, ModelConfig]:
+    """dense, MoE-2inE and UltraMem-x6 (and PKM-x6 if `pkm`) at every size of `ladder`: UltraMem's num_keys gives
+    TINY_MULTIPLE x dense's non-embedding params, MoE matches UltraMem's activated and total params."""
     out = {}
-    for size, (d, L, nh, layout) in _TINY.items():
+    for size, (d, L, nh, layout) in ladder.items():
         dense = _dense(L, d, nh, TINY_VOCAB, TINY_SEQ_LEN)
         target = TINY_MULTIPLE * count_params(dense).non_embedding
         ultramem = _solve_num_keys(dense, _ultramem_memory(d, layout, 2, max(8, d // 8), 16), "ultramem", target)
-        total = count_params(ultramem).non_embedding
         moe = _matched_moe(dense, ultramem)
-        pkm = _solve_num_keys(dense, _pkm_memory(d, L, 2, d // 4, 2, 16), "pkm", total)
         out[f"dense-{size}"] = dense
         out[f"moe-{size}-2in{moe.moe.num_experts}"] = moe
         out[f"ultramem-{size}-x{TINY_MULTIPLE}"] = ultramem
-        out[f"pkm-{size}-x{TINY_MULTIPLE}"] = pkm
+        if pkm:
+            total = count_params(ultramem).non_embedding
+            out[f"pkm-{size}-x{TINY_MULTIPLE}"] = _solve_num_keys(
+                dense, _pkm_memory(d, L, 2, d // 4, 2, 16), "pkm", total)
     return out
 
 
@@ -314,6 +339,7 @@ SOURCE_AUTHORS = "authors"
 SOURCE_TABLE1 = "inferred (Table 1 totals)"
 SOURCE_227M = "inferred (227M totals)"
 SOURCE_TINY = "ours (tiny ladder)"
+SOURCE_STUDY = "ours (study ladder)"
 
 
 def _sources(paper: dict[str, ModelConfig], tiny: dict[str, ModelConfig],
@@ -328,8 +354,10 @@ def _all_presets() -> dict[str, ModelConfig]:
     paper, tiny = _paper_presets(), _tiny_presets()
     official = _official_227m_presets()
     tiny_later = {**_tiny_memory_plus_presets(tiny), **_tiny_ultramem_v2_presets(tiny)}
-    presets = {**paper, **tiny, **official, **tiny_later}
+    study = _ladder_presets(_STUDY, pkm=False)
+    presets = {**paper, **tiny, **official, **tiny_later, **study}
     PRESET_SOURCES.update(_sources(paper, {**tiny, **tiny_later}, official))
+    PRESET_SOURCES.update({name: SOURCE_STUDY for name in study})
     aliases = _aliases(presets)
     PRESET_SOURCES.update({alias: SOURCE_TINY for alias in aliases})
     presets.update(aliases)
@@ -347,7 +375,7 @@ PRESETS: dict[str, ModelConfig] = _all_presets()
 
 def preset_source(name: str) -> str:
     """"authors" (the authors' released configuration), "inferred (...)" (solved from published totals) or
-    "ours (tiny ladder)"."""
+    "ours (tiny ladder)" or "ours (study ladder)"."""
     return PRESET_SOURCES[name]
 
 

@@ -4,7 +4,8 @@ with cooldown branches (docs/sweeps.md "IsoFLOP grids").
 For each FLOP budget C and each size of the ladder (a preset: N active parameters, F training FLOPs per token from
 `ultramem.accounting.flops_per_token`, the project's own count, not 6N), the run of that budget trains
 D = C / F tokens, D/N tokens per parameter. A size serves the budgets whose D/N lies in `tokens_per_param`
-(default 3-100, around Chinchilla's ~20 so that each budget's loss-vs-N curve has its minimum inside the grid).
+(default 3-100, around Chinchilla's ~20 so that each budget's loss-vs-N curve has its minimum inside the grid)
+and, with `max_tokens`, whose D does not exceed it (a small corpus: at most so many epochs).
 With `branches: true` (default) each size is one WSD trunk trained to the largest D it serves, and every smaller
 budget is a cooldown branch of it; with `branches: false` each (size, budget) is an independent run.
 
@@ -34,6 +35,8 @@ class IsoflopSpec(Strict):
     budgets: list[float] = Field(min_length=2)  # training FLOPs C (flops_per_token x tokens), ascending
     ladder: list[str] = Field(min_length=1)  # model presets (registered or sweep-local), any families
     tokens_per_param: tuple[float, float] = (3.0, 100.0)  # the D/N window each budget's sizes are taken from
+    max_tokens: float | None = Field(None, gt=0)  # no run longer than this many tokens (e.g. 4 epochs of a small
+    #                                              corpus): a size whose D at a budget would exceed it skips it
     min_sizes: int = Field(5, ge=3)  # sizes per budget below which the planner warns
     optimum: float = Field(20.0, gt=0)  # tokens per parameter where the optimum is expected (bracketing check)
     branches: bool = True  # one WSD trunk per size, the other budgets as its cooldown branches
@@ -96,6 +99,7 @@ class Layout:
     budgets: list[float]
     cells: list[Cell] = field(default_factory=list)
     unused: list[Size] = field(default_factory=list)  # sizes no budget's window reaches
+    capped: list[Cell] = field(default_factory=list)  # cells inside the window dropped for D > max_tokens
     warnings: list[str] = field(default_factory=list)
 
     def served(self, preset: str) -> list[Cell]:
@@ -118,6 +122,8 @@ def layout(spec: IsoflopSpec, sizes: list[Size]) -> Layout:
     for s in sizes:
         cells = [Cell(s, c, round(c / s.flops_per_token)) for c in spec.budgets]
         cells = [c for c in cells if lo <= c.tokens_per_param <= hi]
+        out.capped += [c for c in cells if spec.max_tokens is not None and c.tokens > spec.max_tokens]
+        cells = [c for c in cells if spec.max_tokens is None or c.tokens <= spec.max_tokens]
         out.cells += cells
         if not cells:
             out.unused.append(s)
@@ -142,7 +148,9 @@ def layout(spec: IsoflopSpec, sizes: list[Size]) -> Layout:
                                 "(Approach 2) needs 3 or more, so only the L(N, D) fit can use these runs")
     if any(" at C = " in w for w in out.warnings):
         out.warnings.append(f"fix: add rungs to the ladder between or around the sizes laid there, or widen "
-                            f"isoflop.tokens_per_param (now [{lo:g}, {hi:g}])")
+                            f"isoflop.tokens_per_param (now [{lo:g}, {hi:g}])"
+                            + (f"; {len(out.capped)} cell(s) were dropped for D > isoflop.max_tokens "
+                               f"({spec.max_tokens:.3g}): lower the largest budgets" if out.capped else ""))
     for s in out.unused:
         out.warnings.append(f"{s.preset}: no budget puts it within tokens/param [{lo:g}, {hi:g}] "
                             f"(C / (F N) = {spec.budgets[0] / (s.flops_per_token * s.n):.3g} to "

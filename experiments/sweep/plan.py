@@ -6,6 +6,7 @@ Fast and torch-free: a 1,000-run sweep plans in about a second (benchmarks/bench
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,15 @@ class Plan:
     def warnings(self) -> list[str]:
         return list(self.isoflop.warnings) if self.isoflop is not None else []
 
+    def only_seeds(self, seeds: list[int]) -> Plan:
+        """The same plan with only the runs of `seeds` (a study run in parts; run ids do not change). A branch
+        keeps its trunk, which has the branch's seed."""
+        known = sorted({int(r.config["seed"]) for r in self.runs})
+        if unknown := [s for s in seeds if s not in known]:
+            raise ConfigError(f"{self.path}: --seeds {','.join(map(str, unknown))}: not among the seeds of this "
+                              f"sweep ({', '.join(map(str, known))}); pick from those or add them to `seeds`")
+        return dataclasses.replace(self, runs=[r for r in self.runs if int(r.config["seed"]) in seeds])
+
     def totals(self) -> dict[str, Any]:
         """Sums over the runs; `flops` and the GPU-hours count what is trained (a branch: its cooldown only).
         With cooldown branches: `branches` and their `trunks`, `independent_flops` (every run trained from step 0)
@@ -121,7 +131,9 @@ class Plan:
         out["saved_flops"] = out["independent_flops"] - out["flops"]
         if self.isoflop is not None:  # only for isoflop sweeps, so that other plans keep their JSON
             out["isoflop"] = {"budgets": self.isoflop.budgets, "warnings": self.warnings,
-                              "unused": [s.preset for s in self.isoflop.unused]}
+                              "unused": [s.preset for s in self.isoflop.unused],
+                              "capped": [{"preset": c.size.preset, "budget": c.budget, "tokens": c.tokens}
+                                         for c in self.isoflop.capped]}
         return out
 
 
