@@ -211,7 +211,7 @@ class FamilyStudy:
 class IsoflopStudy:
     families: dict[str, FamilyStudy]
     comparison: pd.DataFrame  # family, exponent, approach 2, approach 3, intervals overlap
-    multipliers: pd.DataFrame  # family, budget C, L_opt, M, lo, hi, status
+    multipliers: pd.DataFrame  # family, over (the reference family), budget C, L_opt, M, lo, hi, status
     level: float = 0.95
 
 
@@ -330,33 +330,36 @@ def compare_approaches(families: dict[str, FamilyStudy]) -> pd.DataFrame:
 
 
 def frontier_multipliers(families: dict[str, FamilyStudy], level: float = 0.95,
-                         reference: str = "dense") -> pd.DataFrame:
+                         references: tuple[str, ...] = ("dense", "moe")) -> pd.DataFrame:
     """Effective compute multiplier on the frontier: M(C) = C_ref(L_f*(C)) / C, the compute the reference family
     needs on its L(N, D) frontier to reach the loss family f reaches at compute C on its own, at each of f's
-    budgets; the interval pairs the two families' bootstrap refits (independent resamples)."""
-    cols = ["family", "budget C", "L* (family)", "M", "lo", "hi", "status"]
-    ref = families.get(reference)
+    budgets; the interval pairs the two families' bootstrap refits (independent resamples). Every family is
+    compared with the first reference (dense); each later reference (moe) is compared with the families that come
+    after all references (ultramem over moe, not moe over itself or dense over moe)."""
+    cols = ["family", "over", "budget C", "L* (family)", "M", "lo", "hi", "status"]
+    pairs = [(f, references[0]) for f in families if f != references[0]]
+    pairs += [(f, r) for r in references[1:] for f in families if f not in references]
     rows = []
-    for fam in families.values():
-        if fam.family == reference:
-            continue
+    for name, reference in pairs:
+        fam, ref = families[name], families.get(reference)
         budgets = np.sort(fam.points["budget"].unique())
         why = (f"no {reference} L(N, D) fit ({ref.why3 if ref else 'no ' + reference + ' runs'})"
                if ref is None or ref.lnd is None else fam.why3 if fam.lnd is None else "")
         if why:
-            rows += [{"family": fam.family, "budget C": c, "L* (family)": math.nan, "M": math.nan, "lo": math.nan,
-                      "hi": math.nan, "status": f"not identified ({why})"} for c in budgets]
+            rows += [{"family": name, "over": reference, "budget C": c, "L* (family)": math.nan, "M": math.nan,
+                      "lo": math.nan, "hi": math.nan, "status": f"not identified ({why})"} for c in budgets]
             continue
         m, l_opt = _multiplier(fam.lnd.law, ref.lnd.law, fam, ref, budgets)
-        pairs = list(zip(fam.lnd.boot, ref.lnd.boot, strict=False))
-        draws = (np.array([_multiplier(f, r, fam, ref, budgets)[0] for f, r in pairs]) if pairs
+        boots = list(zip(fam.lnd.boot, ref.lnd.boot, strict=False))
+        draws = (np.array([_multiplier(f, r, fam, ref, budgets)[0] for f, r in boots]) if boots
                  else np.zeros((0, len(budgets))))
         resamples = fam.lnd.resamples or None
         for j, c in enumerate(budgets):
             e = estimate(float(m[j]), draws[:, j] if len(draws) else None, level, resamples=resamples)
             w = not_identified(e, max_ratio=MAX_MULTIPLIER_RATIO)
-            rows.append({"family": fam.family, "budget C": float(c), "L* (family)": float(l_opt[j]), "M": e.value,
-                         "lo": e.lo, "hi": e.hi, "status": f"not identified ({w})" if w else "identified"})
+            rows.append({"family": name, "over": reference, "budget C": float(c), "L* (family)": float(l_opt[j]),
+                         "M": e.value, "lo": e.lo, "hi": e.hi,
+                         "status": f"not identified ({w})" if w else "identified"})
     return pd.DataFrame(rows, columns=cols)
 
 

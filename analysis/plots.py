@@ -142,10 +142,13 @@ def plot_scaling(runs: pd.DataFrame, fits: dict[str, FamilyFit], x: str, y: str 
 def plot_multiplier(mult: Multiplier) -> Figure:
     """Effective compute multiplier of each sparse run over the dense law, with its family's geometric mean."""
     fig, (ax,) = _figure()
-    pts = mult.points.dropna(subset=["multiplier"])
-    if pts.empty:
+    m = pd.to_numeric(mult.points["multiplier"], errors="coerce")
+    pts = mult.points[np.isfinite(m) & (m > 0)]  # inf: a loss at or below the dense floor
+    ax.set_title("Dense compute each sparse run is worth at equal loss")
+    if pts.empty:  # nothing to put on log axes (every run below the dense floor, or no dense law)
         note = "; ".join(mult.summary.get("note", pd.Series(dtype=str)).dropna().astype(str).unique())
         _note(ax, note or "no multiplier: needs a dense law in FLOPs and sparse runs")
+        return fig
     for fam, g in pts.groupby("family", sort=False):
         yerr = np.vstack([g["multiplier"] - g["lo"], g["hi"] - g["multiplier"]])
         yerr = np.where(np.isfinite(yerr), np.maximum(yerr, 0), 0)
@@ -161,7 +164,6 @@ def plot_multiplier(mult: Multiplier) -> Figure:
     _log(ax)
     ax.set_xlabel(f"{AXES['flops']} of the sparse run")
     ax.set_ylabel("effective compute multiplier C_dense(L) / C")
-    ax.set_title("Dense compute each sparse run is worth at equal loss")
     ax.legend(loc="best")
     return fig
 

@@ -376,7 +376,7 @@ def isoflop_blocks(st: IsoflopStudy) -> list[tuple]:
     rows = []
     for fam in st.families.values():
         row: dict[str, Any] = {"family": fam.family, "runs": len(fam.points),
-                               "(N, D) points": fam.points["cluster"].nunique()}
+                               "(N, D) points": fam.points["cluster"].nunique(), **seed_spread(fam.points)}
         if fam.lnd is None:
             row.update({"law": f"not identified ({fam.why3})"})
         else:
@@ -414,20 +414,33 @@ def isoflop_blocks(st: IsoflopStudy) -> list[tuple]:
     b.append(("img", "figures/compute_optimal_frontier.png", "Compute-optimal N*(C) (IsoFLOP vertices and both "
                                                              "fits) and the loss on each family's frontier"))
     b.append(("h", 3, "Effective compute multiplier on the frontier"))
-    b.append(("p", "M(C) = C_dense(L*_f(C)) / C: the compute dense needs on its L(N, D) frontier to reach the loss "
-                   "family f reaches at compute C on its own frontier, at each of f's budgets; the interval pairs "
-                   "the two families' bootstrap refits."))
+    b.append(("p", "M(C) = C_ref(L*_f(C)) / C: the compute the reference family (`over`) needs on its L(N, D) "
+                   "frontier to reach the loss family f reaches at compute C on its own frontier, at each of f's "
+                   "budgets; M > 1 means f is ahead. The interval pairs the two families' bootstrap refits."))
     m = st.multipliers
     if m.empty:
         b.append(("p", "Not available: needs dense and another family with a D axis."))
     else:
-        out = pd.DataFrame({"family": m["family"], "budget C": m["budget C"], "L* (family)": m["L* (family)"],
+        out = pd.DataFrame({"family": m["family"], "over": m["over"], "budget C": m["budget C"],
+                            "L* (family)": m["L* (family)"],
                             "M": [r.status if r.status != "identified" else
                                   Estimate(r.M, r.lo, r.hi).fmt(3) for r in m.itertuples()]})
         b.append(_table(out))
     b.append(("img", "figures/lnd_slices.png", "L(N, D) slices per family: loss vs tokens at each size, with the "
                                                "fitted law"))
     return b
+
+
+def seed_spread(points: pd.DataFrame) -> dict[str, str]:
+    """How far apart the seeds of one (N, D) point land: seeds per point and the median / largest sd of the loss
+    over a point's seeds (sample sd), over the points with >= 2 seeds."""
+    g = points.groupby("cluster")["loss"]
+    sd = g.std(ddof=1).dropna()
+    seeds = g.size()
+    if sd.empty:
+        return {"seeds per point": f"{seeds.min()}", "seed sd (median, max)": "—"}
+    k = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()}-{seeds.max()}"
+    return {"seeds per point": k, "seed sd (median, max)": f"{sd.median():.3f}, {sd.max():.3f}"}
 
 
 def isoflop_json(st: IsoflopStudy) -> dict[str, Any]:

@@ -196,3 +196,23 @@ def test_fits_json_writes_unbounded_interval_ends_as_null():
     obj = {"law": {"alpha": 0.3, "lo": float("-inf"), "hi": float("inf")}, "pts": [1.0, float("nan"), np.float64(2)]}
     out = json.loads(json.dumps(_finite(obj), allow_nan=False))
     assert out == {"law": {"alpha": 0.3, "lo": None, "hi": None}, "pts": [1.0, None, 2.0]}
+
+
+def test_multiplier_figure_without_a_finite_multiplier_says_why(tmp_path):
+    """Every sparse run below the dense floor (as in an IsoFLOP grid's long runs): no log axes to draw on, the figure
+    still saves and carries the reason."""
+    import math
+
+    from analysis.compare import SUMMARY_COLUMNS, Multiplier
+    from analysis.plots import plot_multiplier
+
+    points = pd.DataFrame({"run_id": ["u1", "u2"], "family": ["ultramem"] * 2, "flops": [1e12, 2e12],
+                           "loss": [1.5, 1.4], "dense_flops": [math.inf] * 2, "multiplier": [math.inf, math.nan],
+                           "lo": [math.nan] * 2, "hi": [math.nan] * 2,
+                           "note": ["loss at or below the dense floor E"] * 2})
+    summary = pd.DataFrame([["ultramem", 0, math.nan, math.nan, math.nan, "2 run(s) below the dense floor left out"]],
+                           columns=SUMMARY_COLUMNS)
+    fig = plot_multiplier(Multiplier(points, summary))
+    save(fig, tmp_path, "m")
+    assert (tmp_path / "m.png").stat().st_size > 0
+    assert any("dense floor" in t.get_text() for t in fig.axes[0].texts)
