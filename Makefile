@@ -8,7 +8,7 @@ UM         := $(VENV)/bin/ultramem
 SWEEP      ?= sweeps/tiny_cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint format demo plots bench study results clean
+.PHONY: setup test test-fast lint format demo plots bench study study-part study-v1 results clean
 
 setup: $(VENV)/.installed
 
@@ -39,15 +39,29 @@ demo: setup
 plots: setup
 	$(UM) plots $(SWEEP)
 
-# The committed study (docs/results/): three sweeps, ~3 h on 2 cores, then each report into docs/results/<sweep>/.
-# study_knowledge has one seed that trained late (docs/results/README.md), so its laws are fitted robustly.
-STUDY := study_shakespeare study_knowledge study_memory
-PLOTS_study_knowledge := --solver huber
+# The headline study (docs/results/study_isoflop_v2/, issue 14): an IsoFLOP grid of dense / MoE / UltraMem on
+# tinyshakespeare, 288 runs in three parts of one seed each (~40 min each on 2 cores through Ray; a re-run skips
+# what is finished), then its report. `make study-part SEED=1` runs one part; STUDY_SWEEP=study_isoflop rebuilds
+# the first design (batch by model size, docs/results/study_isoflop/).
+STUDY_SWEEP ?= study_isoflop_v2
+SEED ?= 0
 study: setup
-	for s in $(STUDY); do $(UM) sweep run sweeps/$$s.yaml || exit 1; done
-	$(foreach s,$(STUDY),$(UM) plots sweeps/$(s).yaml --out docs/results/$(s) $(PLOTS_$(s)) &&) true
+	for s in 0 1 2; do $(UM) sweep run sweeps/$(STUDY_SWEEP).yaml --seeds $$s || exit 1; done
+	$(UM) plots sweeps/$(STUDY_SWEEP).yaml --out docs/results/$(STUDY_SWEEP)
+
+study-part: setup
+	$(UM) sweep run sweeps/$(STUDY_SWEEP).yaml --seeds $(SEED)
+
+# The first studies (docs/results/study_{shakespeare,knowledge,memory}/; every run at one token budget, history):
+# three sweeps, ~1.5 h on 2 cores. study_knowledge has one seed that trained late, so its laws are fitted robustly.
+STUDY_V1 := study_shakespeare study_knowledge study_memory
+PLOTS_study_knowledge := --solver huber
+study-v1: setup
+	for s in $(STUDY_V1); do $(UM) sweep run sweeps/$$s.yaml || exit 1; done
+	$(foreach s,$(STUDY_V1),$(UM) plots sweeps/$(s).yaml --out docs/results/$(s) $(PLOTS_$(s)) &&) true
 
 # Regenerate the committed figures and reports from the committed tables (byte-identical).
+STUDY := study_isoflop_v2 study_isoflop $(STUDY_V1)
 results: setup
 	$(foreach s,$(STUDY),$(UM) plots docs/results/$(s)/runs.csv $(PLOTS_$(s)) &&) true
 

@@ -32,6 +32,8 @@ every value lands in each run's config.yaml) keeps the batch and LR above and ad
   - AdamW beta2 = BETA2_SMALL_BATCH (0.99) below BETA2_BATCH_TOKENS tokens per step (Porian: beta2 = 0.95 is
     suboptimal at 128 sequences of 2048 tokens and below; 0.99 and 0.999 were better), else the paper's 0.95.
 None of these constants is tuned on this suite's tiny models; they are the published rule, stated once here.
+The one measured addition is `isoflop.batch: steps` (steps_batch_size, BATCH_TARGET_STEPS): a batch from the run's
+length instead of the model's size, for tiny models whose short runs the ladder batch starves of steps.
 """
 
 from __future__ import annotations
@@ -103,6 +105,14 @@ BETA2_LARGE_BATCH = 0.95  # the paper's Table 4 (TrainConfig's default)
 BETA2_BATCH_TOKENS = 128 * 2048  # Porian et al.: beta2 0.95 hurts at <= 128 sequences of 2048 tokens
 
 
+# Batch from the run's length (`isoflop.batch: steps`): about BATCH_TARGET_STEPS optimizer steps per run, at least one
+# sequence per step. Measured on this suite (docs/training.md "Batch from the run's length"): byte-level
+# tinyshakespeare, dense s1-s10 at 0.12M-3.9M tokens, the ladder's batch (OLMo's N^(2/3), 3-22 sequences of 256,
+# capped for 100 steps) loses 0.1-0.4 nats against one sequence per step in the runs under ~1M tokens, while runs
+# of 3-4M tokens are best at 4 sequences: ~4k steps in every case.
+BATCH_TARGET_STEPS = 4096
+
+
 def isoflop_warmup_steps(active_params: int, tokens_per_step: int, shortest_steps: int) -> int:
     """WARMUP_TOKENS_PER_PARAM x N tokens in steps, capped at WARMUP_MAX_SHARE of the shortest run, at least 1."""
     steps = math.ceil(WARMUP_TOKENS_PER_PARAM * active_params / tokens_per_step)
@@ -114,11 +124,24 @@ def beta2(tokens_per_step: int) -> float:
     return BETA2_SMALL_BATCH if tokens_per_step < BETA2_BATCH_TOKENS else BETA2_LARGE_BATCH
 
 
-def isoflop_hparams(active_params: int, seq_len: int, shortest_tokens: int, multiple: int = 1) -> dict[str, float]:
+def steps_batch_size(tokens: float, seq_len: int, steps: int = BATCH_TARGET_STEPS, multiple: int = 1) -> int:
+    """Sequences per step that split a run of `tokens` into about `steps` optimizer steps: tokens / (steps x
+    seq_len) rounded to a power of two (at least one sequence), then up to a multiple of `multiple`."""
+    seqs = tokens / (steps * seq_len)
+    seqs = 2 ** max(0, round(math.log2(seqs))) if seqs > 0 else 1
+    return multiple * math.ceil(seqs / multiple)
+
+
+def isoflop_hparams(active_params: int, seq_len: int, shortest_tokens: int, multiple: int = 1,
+                    batch: int | None = None) -> dict[str, float]:
     """The train fields the IsoFLOP rule sets for a model of `active_params` whose shortest run (the smallest
     budget it serves: a cooldown branch, or the run itself) is `shortest_tokens` long: batch_size (sequences),
-    lr, warmup (steps) and beta2. One set of values serves a WSD trunk and all its branches."""
-    batch = batch_size(active_params, seq_len, shortest_tokens, multiple)
+    lr, warmup (steps) and beta2. One set of values serves a WSD trunk and all its branches. `batch` (sequences)
+    replaces the ladder batch (`isoflop.batch: steps` passes steps_batch_size's)."""
+    if batch is None:
+        batch = batch_size(active_params, seq_len, shortest_tokens, multiple)
+    else:  # still >= MIN_STEPS steps in the shortest run
+        batch = min(batch, batch_size(1e30, seq_len, shortest_tokens, multiple))
     shortest = num_steps(shortest_tokens, batch, seq_len)
     return {"batch_size": batch, "lr": learning_rate(active_params),
             "warmup": isoflop_warmup_steps(active_params, batch * seq_len, shortest),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from experiments import hparams
 from experiments.sweep import load_sweep, plan_sweep, plan_table
 from experiments.sweep.isoflop import IsoflopSpec, Size, layout
 from ultramem.accounting import count_params, flops_per_token
@@ -118,6 +119,51 @@ def test_isoflop_hparams_rule_is_opt_in_and_recorded_in_the_config(tmp_path):
         assert t[0]["lr"] == pytest.approx(min(3e-3, 1.5073 * n**-0.42068))
 
 
+def naive_steps_batch(tokens: float, seq_len: int, steps: int) -> int:
+    """The power of two (>= 1) nearest in log to tokens / (steps x seq_len), by enumeration."""
+    want = tokens / (steps * seq_len)
+    return min((2**k for k in range(20)), key=lambda b: (abs(math.log(b / want)), b))
+
+
+@pytest.mark.parametrize(("tokens", "seq_len", "steps"), [
+    (1.2e5, 256, 4096), (9.7e5, 256, 4096), (1.9e6, 256, 4096), (3.9e6, 256, 4096), (3.0e6, 256, 1000),
+    (1e10, 2048, 4096), (5e4, 64, 100)])
+def test_steps_batch_is_the_nearest_power_of_two_to_the_target_steps(tokens, seq_len, steps):
+    assert hparams.steps_batch_size(tokens, seq_len, steps) == naive_steps_batch(tokens, seq_len, steps)
+    assert hparams.steps_batch_size(tokens, seq_len, steps, multiple=4) % 4 == 0
+
+
+def test_batch_from_the_run_length_splits_a_size_into_one_trunk_per_batch(tmp_path):
+    """isoflop.batch: steps gives every run (trunk, branch or single) the batch its own D calls for; a size
+    whose budgets call for different batches is several WSD trunks, each with its own branches."""
+    path = write(tmp_path, f"""\
+        budgets: {BUDGETS}
+        ladder: {LADDER}
+        tokens_per_param: [1, 200]
+        hparams: isoflop
+        batch: steps
+        target_steps: 300
+        """)
+    plan = plan_sweep(path)
+    by_id = {r.run_id: r for r in plan.runs}
+    trunks_of = {}
+    for r in plan.runs:
+        t = r.config["train"]
+        assert t["batch_size"] == naive_steps_batch(r.tokens, t["seq_len"], 300), r.name
+        if r.branch_of:
+            trunk = by_id[r.branch_of]
+            assert trunk.config["train"]["batch_size"] == t["batch_size"] and trunk.tokens > r.tokens
+        else:
+            trunks_of.setdefault(r.preset, []).append(t["batch_size"])
+    assert any(len(b) > 1 for b in trunks_of.values())  # the rule does split some size
+    for batches in trunks_of.values():
+        assert len(set(batches)) == len(batches)  # one trunk per batch
+    budgets_served = {(r.preset, r.values["isoflop.budget"]) for r in plan.runs}
+    grid = plan_sweep(write(tmp_path, f"budgets: {BUDGETS}\nladder: {LADDER}\ntokens_per_param: [1, 200]\n",
+                            name="plain.yaml"))
+    assert budgets_served == {(r.preset, r.values["isoflop.budget"]) for r in grid.runs}  # same grid
+
+
 def test_explicit_train_values_win_over_the_rule(tmp_path):
     path = write(tmp_path, f"""\
         budgets: {BUDGETS}
@@ -151,6 +197,9 @@ def test_warnings_name_the_budgets_that_cannot_bracket_their_optimum(tmp_path):
     ("budgets: [1.0e12, 1.1e12]\nladder: [dense-t1]\n", "", ["isoflop.budgets", "1.25x"]),
     ("budgets: [1.0e12, 2.0e12]\nladder: [dense-t1]\ntokens_per_param: [100, 3]\n", "", ["tokens_per_param"]),
     ("budgets: [1.0e12, 2.0e12]\nladder: [dense-t1]\nhparams: porian\n", "", ["isoflop.hparams"]),
+    ("budgets: [1.0e12, 2.0e12]\nladder: [dense-t1]\nbatch: steps\n", "", ["isoflop", "hparams: isoflop"]),
+    ("budgets: [1.0e12, 2.0e12]\nladder: [dense-t1]\nhparams: isoflop\nbatch: steps\ntarget_steps: 10\n", "",
+     ["isoflop.target_steps"]),
     ("budgets: [1.0e12, 2.0e12]\nladder: [dense-t1]\n", "parameters: {model.preset: {values: [dense-t2]}}\n",
      ["model.preset", "isoflop.ladder"]),
 ])
@@ -219,10 +268,12 @@ def test_plan_of_some_seeds_keeps_the_run_ids_and_refuses_unknown_seeds(tmp_path
     assert str(path) in str(err.value)
 
 
-def test_shipped_study_isoflop_sweep():
+@pytest.mark.parametrize("sweep", ["study_isoflop", "study_isoflop_v2"])
+def test_shipped_study_isoflop_sweep(sweep):
     """The committed study's design (issue 14): dense / MoE / UltraMem, >= 6 budgets over >= 1.5 decades, >= 5
-    sizes per family, 3 seeds, no run longer than 4 epochs of tinyshakespeare's training split (1,056,718 bytes)."""
-    plan = plan_sweep(REPO / "sweeps/study_isoflop.yaml")
+    sizes per family, 3 seeds, no run longer than 4 epochs of tinyshakespeare's training split (1,056,718 bytes);
+    the second design takes each run's batch from its length (~4096 steps, a power of two sequences)."""
+    plan = plan_sweep(REPO / f"sweeps/{sweep}.yaml")
     spec = plan.sweep.isoflop
     assert len(spec.budgets) >= 6 and spec.budgets[-1] / spec.budgets[0] >= 10**1.5
     assert {r.family for r in plan.runs} == {"dense", "moe", "ultramem"}
@@ -235,3 +286,8 @@ def test_shipped_study_isoflop_sweep():
         assert all(k >= 3 for k in per_budget) and sum(k >= 5 for k in per_budget) >= 4, (family, per_budget)
     for r in plan.runs:
         assert r.flops == pytest.approx(r.values["isoflop.budget"], rel=0.02)
+    if plan.sweep.isoflop.batch == "steps":
+        for r in plan.runs:
+            t = r.config["train"]
+            assert t["batch_size"] == naive_steps_batch(r.tokens, t["seq_len"], 4096)
+            assert t["steps"] <= 4096 * 2**0.5 + 1 and (t["steps"] >= 4096 / 2**0.5 or t["batch_size"] == 1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from experiments.config import Strict
 
@@ -42,6 +42,17 @@ class IsoflopSpec(Strict):
     branches: bool = True  # one WSD trunk per size, the other budgets as its cooldown branches
     hparams: Literal["ladder", "isoflop"] = "ladder"  # ladder: experiments.hparams as for any run; isoflop: the
     #                                                   IsoFLOP rule (experiments.hparams.isoflop_hparams)
+    batch: Literal["ladder", "steps"] = "ladder"  # with hparams: isoflop, the batch size from the model size
+    #   (ladder: OLMo's N^(2/3), capped for >= 100 steps in the shortest run) or from each run's length (steps:
+    #   about target_steps optimizer steps, a power of two sequences, at least one); a size whose budgets get
+    #   different batches is one WSD trunk per batch
+    target_steps: int = Field(4096, ge=100)  # batch: steps (experiments.hparams.BATCH_TARGET_STEPS; measured)
+
+    @model_validator(mode="after")
+    def _batch(self) -> IsoflopSpec:
+        if self.batch == "steps" and self.hparams != "isoflop":
+            raise ValueError("batch: steps is part of the IsoFLOP rule; add hparams: isoflop (or drop batch)")
+        return self
 
     @field_validator("budgets")
     @classmethod

@@ -24,7 +24,7 @@ from experiments.config import (
 )
 from experiments.resolve import resolve_run_config
 from experiments.sweep.grid import Point, describe, expand, matches
-from experiments.sweep.isoflop import IsoflopSpec, Layout, Size, layout
+from experiments.sweep.isoflop import Cell, IsoflopSpec, Layout, Size, layout
 from experiments.sweep.schema import Resources, SweepFile, load_sweep, runs_dir
 from ultramem.accounting import count_params, flops_per_token
 from ultramem.config import ConfigError, ModelConfig, deep_merge
@@ -205,16 +205,17 @@ def _isoflop_points(points: list[Point], spec: IsoflopSpec, planner: _Planner,
     budgets: dict[int, list[float]] = {}
     for p in points:
         cells = grid.served(str(p.preset))
-        runs = [cells] if spec.branches and cells else [[c] for c in cells]
+        seq_len = planner.resolve(p.config, path)["train"]["seq_len"]
+        nproc = int((p.config.get("parallel") or {}).get("nproc", 1))
+        batch = {c.budget: _cell_batch(spec, c, seq_len, nproc) for c in cells}
+        runs = _trunks(cells, batch) if spec.branches else [[c] for c in cells]
         for group in runs:
             own = group[-1]
             train = {"tokens": own.tokens}
             if spec.branches:
                 train.update(schedule="wsd", branches=[c.tokens for c in group[:-1]])
             if spec.hparams == "isoflop":
-                seq_len = planner.resolve(p.config, path)["train"]["seq_len"]
-                nproc = int((p.config.get("parallel") or {}).get("nproc", 1))
-                rule = hparams.isoflop_hparams(own.size.n, seq_len, group[0].tokens, nproc)
+                rule = hparams.isoflop_hparams(own.size.n, seq_len, group[0].tokens, nproc, batch[own.budget])
                 given = p.config.get("train") or {}
                 train.update({k: v for k, v in rule.items() if given.get(k, "auto") == "auto"})
             config = deep_merge(p.config, {"train": train})
@@ -227,6 +228,25 @@ def _isoflop_points(points: list[Point], spec: IsoflopSpec, planner: _Planner,
         raise ConfigError(f"{path}: isoflop: no size of the ladder serves any budget within tokens_per_param "
                           f"{list(spec.tokens_per_param)}:\n  " + "\n  ".join(grid.warnings))
     return out, budgets, grid
+
+
+def _cell_batch(spec: IsoflopSpec, cell: Cell, seq_len: int, nproc: int) -> int | None:
+    """The batch (sequences) of one (size, budget) cell under `isoflop.batch: steps`; None: the ladder's."""
+    if spec.hparams != "isoflop" or spec.batch != "steps":
+        return None
+    return hparams.steps_batch_size(cell.tokens, seq_len, spec.target_steps, nproc)
+
+
+def _trunks(cells: list[Cell], batch: dict[float, int | None]) -> list[list[Cell]]:
+    """A size's cells (ascending in budget) as WSD trunks: consecutive cells with one batch share a trunk (a
+    trunk and its branches take the same steps), so a size whose budgets get different batches has several."""
+    out: list[list[Cell]] = []
+    for c in cells:
+        if out and batch[out[-1][-1].budget] == batch[c.budget]:
+            out[-1].append(c)
+        else:
+            out.append([c])
+    return out
 
 
 def _model_fields(model: dict[str, Any]) -> dict[str, Any]:
