@@ -40,7 +40,7 @@ plots: setup
 	$(UM) plots $(SWEEP)
 
 # The headline study (docs/results/study_isoflop_v2/, issue 14): an IsoFLOP grid of dense / MoE / UltraMem on
-# tinyshakespeare, 288 runs in three parts of one seed each (~40 min each on 2 cores through Ray; a re-run skips
+# tinyshakespeare, 288 runs in three parts of one seed each (~28 min each on 2 cores through Ray; a re-run skips
 # what is finished), then its report. `make study-part SEED=1` runs one part; STUDY_SWEEP=study_isoflop rebuilds
 # the first design (batch by model size, docs/results/study_isoflop/).
 STUDY_SWEEP ?= study_isoflop_v2

@@ -212,6 +212,7 @@ class IsoflopStudy:
     families: dict[str, FamilyStudy]
     comparison: pd.DataFrame  # family, exponent, approach 2, approach 3, intervals overlap
     multipliers: pd.DataFrame  # family, over (the reference family), budget C, L_opt, M, lo, hi, status
+    sampled: pd.DataFrame | None = None  # sampled_minima: the lowest sampled loss per budget, no law (see there)
     level: float = 0.95
 
 
@@ -387,4 +388,61 @@ def isoflop_study(runs: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, leve
             out[name] = study_family(runs, name, n_boot=n_boot, seed=seed, level=level)
     if not out:
         return None
-    return IsoflopStudy(out, compare_approaches(out), frontier_multipliers(out, level), level)
+    return IsoflopStudy(out, compare_approaches(out), frontier_multipliers(out, level),
+                        sampled_minima(out, n_boot=n_boot, seed=seed, level=level), level)
+
+
+def _budget_minima(fam: FamilyStudy, n_boot: int, seed: int) -> tuple[np.ndarray, pd.DataFrame, np.ndarray]:
+    """(budgets, their lowest seed-mean point, [B, budgets] the same minimum in each resample). A resample draws
+    each (N, D) point's seeds with replacement, as many as it has, so it carries seed noise and nothing else."""
+    pts = fam.points
+    y = pts["loss"].to_numpy(float)
+    keys, cl = np.unique(pts["cluster"].to_numpy(), return_inverse=True)
+    w = resample_counts(len(pts), None, n_boot, seed, strata=cl)  # [B, runs]
+    boot = np.stack([np.bincount(cl, wb * y, minlength=len(keys)) / np.bincount(cl, wb, minlength=len(keys))
+                     for wb in w]) if n_boot else np.zeros((0, len(keys)))  # [B, points]
+    means = pts.groupby("cluster", sort=True).agg(budget=("budget", "first"), n=("n", "first"), loss=("loss", "mean"),
+                                                  sd=("loss", "std"), seeds=("loss", "size"))
+    budgets = np.sort(means["budget"].unique())
+    best, draws = [], np.full((len(boot), len(budgets)), np.nan)
+    for j, c in enumerate(budgets):
+        at = np.flatnonzero(means["budget"].to_numpy() == c)
+        row = means.iloc[at].sort_values("n")
+        top = row.loc[row["loss"].idxmin()]
+        edge = ("smallest" if top["n"] == row["n"].iloc[0] else "largest" if top["n"] == row["n"].iloc[-1] else "")
+        best.append({"budget": c, "n": top["n"], "loss": top["loss"], "sd": top["sd"], "sizes": len(row),
+                     "edge": edge if len(row) > 1 else "only"})
+        if len(boot):
+            draws[:, j] = boot[:, at].min(axis=1)
+    return budgets, pd.DataFrame(best), draws
+
+
+def sampled_minima(families: dict[str, FamilyStudy], *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                   references: tuple[str, ...] = ("dense", "moe")) -> pd.DataFrame:
+    """The comparison without a fitted law: at each budget, each family's lowest seed-mean loss over its sampled
+    sizes, and its difference to the reference family's at the same budget (within BUDGET_RTOL), with a bootstrap
+    over seeds (each point's seeds redrawn, the two families independently). Pairs as in frontier_multipliers.
+    The sampled minimum is an upper bound on the frontier loss (more so when it sits at the smallest or largest
+    sampled size: column `edge`), so the difference is not a frontier difference; it is what the runs show at
+    the sizes they tried, and it needs no E, α or β."""
+    cols = ["family", "over", "budget C", "N (family)", "L (family)", "N (over)", "L (over)", "dL", "lo", "hi",
+            "edge"]
+    mins = {name: _budget_minima(fam, n_boot, seed + i) for i, (name, fam) in enumerate(families.items())}
+    pairs = [(f, references[0]) for f in families if f != references[0]]
+    pairs += [(f, r) for r in references[1:] for f in families if f not in references]
+    rows = []
+    for name, reference in pairs:
+        if reference not in mins:
+            continue
+        (cf, bf, df), (cr, br, dr) = mins[name], mins[reference]
+        for j, c in enumerate(cf):
+            k = int(np.argmin(np.abs(np.log(cr / c))))
+            if abs(math.log(cr[k] / c)) > math.log1p(BUDGET_RTOL):
+                continue
+            e = estimate(bf["loss"][j] - br["loss"][k], df[:, j] - dr[:, k] if len(df) else None, level)
+            edge = "; ".join(f"{who} at its {bf_['edge'][i]} size" for who, bf_, i in ((name, bf, j), (reference, br, k))
+                             if bf_["edge"][i])
+            rows.append({"family": name, "over": reference, "budget C": float(c), "N (family)": bf["n"][j],
+                         "L (family)": bf["loss"][j], "N (over)": br["n"][k], "L (over)": br["loss"][k],
+                         "dL": e.value, "lo": e.lo, "hi": e.hi, "edge": edge})
+    return pd.DataFrame(rows, columns=cols)

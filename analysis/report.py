@@ -426,6 +426,20 @@ def isoflop_blocks(st: IsoflopStudy) -> list[tuple]:
                             "M": [r.status if r.status != "identified" else
                                   Estimate(r.M, r.lo, r.hi).fmt(3) for r in m.itertuples()]})
         b.append(_table(out))
+    if st.sampled is not None and not st.sampled.empty:
+        b.append(("h", 3, "Lowest sampled loss per budget (no fitted law)"))
+        b.append(("p", "At each budget, each family's lowest loss over the sizes it trained (the mean of that point's "
+                       "seeds) against the reference family's at the same budget: ΔL = L(family) − L(over), "
+                       "ΔL < 0 means the family is lower. The interval redraws each point's seeds (the two families "
+                       "independently) and carries seed noise only. A sampled minimum is an upper bound on the "
+                       "frontier loss, loosest where it sits at the smallest or largest size tried (column `edge`); "
+                       "it needs no fitted E, α or β, so it checks the frontier multipliers above without their "
+                       "law."))
+        sm = st.sampled
+        b.append(_table(pd.DataFrame({
+            "family": sm["family"], "over": sm["over"], "budget C": sm["budget C"], "N (family)": sm["N (family)"],
+            "L (family)": sm["L (family)"], "N (over)": sm["N (over)"], "L (over)": sm["L (over)"],
+            "ΔL": [Estimate(r.dL, r.lo, r.hi).fmt(3) for r in sm.itertuples()], "edge": sm["edge"]})))
     b.append(("img", "figures/lnd_slices.png", "L(N, D) slices per family: loss vs tokens at each size, with the "
                                                "fitted law"))
     return b
@@ -459,7 +473,9 @@ def isoflop_json(st: IsoflopStudy) -> dict[str, Any]:
             "approach2": {k: v.to_dict(full=True) for k, v in fam.approach2.items()},
             "approach2_reason": fam.why2,
             "approach2_not_identified": {k: approach2_why(fam, k) for k in ("a", "b") if approach2_why(fam, k)}}
-    return {"families": fams, "comparison": records(st.comparison), "multipliers": records(st.multipliers)}
+    sampled = records(st.sampled) if st.sampled is not None else []
+    return {"families": fams, "comparison": records(st.comparison), "multipliers": records(st.multipliers),
+            "sampled_minima": sampled}
 
 
 def fits_json(a: Analysis) -> dict[str, Any]:

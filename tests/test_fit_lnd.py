@@ -165,3 +165,56 @@ def test_report_has_the_isoflop_sections(synthetic, tmp_path):
         assert part in md, part
     assert (tmp_path / "out" / "figures" / "lnd_slices.png").exists()
     assert pd.read_csv(table).shape[0] == len(sub)
+
+
+def _naive_minima(runs: pd.DataFrame, family: str) -> dict[float, tuple[float, float]]:
+    """{budget: (N, loss)} by hand: seed means of each (N, D) point, the lowest per budget."""
+    df = runs[runs["family"] == family].copy()
+    df["budget"] = budget_of(df["flops"].to_numpy(float))
+    means = df.groupby(["budget", "active_params", "tokens"])["val_loss"].mean().reset_index()
+    out = {}
+    for c, g in means.groupby("budget"):
+        top = g.loc[g["val_loss"].idxmin()]
+        out[float(c)] = (float(top["active_params"]), float(top["val_loss"]))
+    return out
+
+
+def test_sampled_minima_match_a_by_hand_table(synthetic):
+    _, _, runs, st = synthetic
+    sm = st.sampled
+    assert set(zip(sm["family"], sm["over"], strict=True)) == {("moe", "dense"), ("ultramem", "dense"),
+                                                               ("ultramem", "moe")}
+    for r in sm.itertuples():
+        fam, ref = _naive_minima(runs, r.family), _naive_minima(runs, r.over)
+        c = r._3  # budget C
+        cr = min(ref, key=lambda b: abs(math.log(b / c)))
+        assert (r._4, r._5) == pytest.approx(fam[c]) and (r._6, r._7) == pytest.approx(ref[cr])
+        assert r.dL == pytest.approx(fam[c][1] - ref[cr][1])
+        assert r.lo <= r.dL <= r.hi
+
+
+def test_sampled_minima_interval_carries_seed_noise_only():
+    """Two families, one budget, three sizes: each family's best size is clear by far more than its seed noise, so
+    every resampled minimum is a mean of that size's seeds and the difference stays between the extreme seed
+    differences; without seed noise the interval collapses onto the difference."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for family, offset in (("dense", 0.0), ("moe", -0.3)):
+        for n, base in ((1e4, 2.5), (2e4, 2.0), (4e4, 2.6)):
+            for seed in range(4):
+                rows.append({"family": family, "active_params": n, "tokens": 1e12 / (10 * n), "seed": seed,
+                             "flops_per_token": 10 * n, "flops": 1e12, "run_id": f"{family}-{n}-{seed}",
+                             "val_loss": base + offset + rng.normal(0, 0.02)})
+    runs = pd.DataFrame(rows)
+    from analysis.isoflop import sampled_minima, study_family
+
+    fams = {f: study_family(runs, f, n_boot=0) for f in ("dense", "moe")}
+    (r,) = sampled_minima(fams, n_boot=500, seed=0).itertuples()
+    best = lambda f: runs[(runs["family"] == f) & (runs["active_params"] == 2e4)]["val_loss"]  # noqa: E731
+    assert r.dL == pytest.approx(best("moe").mean() - best("dense").mean())
+    assert best("moe").min() - best("dense").max() <= r.lo < r.dL < r.hi <= best("moe").max() - best("dense").min()
+    assert r.edge == ""
+    flat = runs.assign(val_loss=runs.groupby(["family", "active_params"])["val_loss"].transform("mean"))
+    fams = {f: study_family(flat, f, n_boot=0) for f in ("dense", "moe")}
+    (r,) = sampled_minima(fams, n_boot=200, seed=0).itertuples()
+    assert r.lo == r.hi == pytest.approx(r.dL)
