@@ -182,7 +182,8 @@ class LawFit:
         if not self.boot:
             y = np.asarray(self.law(*x), dtype=float)
             return y, y
-        preds = np.array([np.asarray(b(*x), dtype=float) for b in self.boot])
+        with np.errstate(over="ignore", invalid="ignore"):  # runaway refits (see bootstrap_fit) predict inf / nan
+            preds = np.array([np.asarray(b(*x), dtype=float) for b in self.boot])
         q = (1 - self.level) / 2
         return np.nanquantile(preds, q, axis=0), np.nanquantile(preds, 1 - q, axis=0)
 
@@ -213,10 +214,14 @@ def bootstrap_fit(refit: Callable[[np.ndarray], list[Any]], law: Any, n_rows: in
     The point estimate is `law`, fitted on all rows.
     """
     counts = resample_counts(n_rows, groups, n_boot, seed) if n_boot > 0 else np.zeros((0, n_rows))
-    boot = [b for b in refit(counts) if b is not None] if len(counts) else []
-    estimates = {}
-    for name, fn in quantities.items():
-        draws = np.array([fn(b) for b in boot], dtype=float) if len(counts) else None
-        estimates[name] = estimate(fn(law), draws, level, resamples=len(counts))
+    # A law that the data do not pin down has refits that run off to huge or infinite parameters; those overflow
+    # harmlessly here (the estimate drops non-finite draws, and `not_identified` reports the interval), so numpy's
+    # overflow warnings would only repeat what the report says.
+    with np.errstate(over="ignore", invalid="ignore"):
+        boot = [b for b in refit(counts) if b is not None] if len(counts) else []
+        estimates = {}
+        for name, fn in quantities.items():
+            draws = np.array([fn(b) for b in boot], dtype=float) if len(counts) else None
+            estimates[name] = estimate(fn(law), draws, level, resamples=len(counts))
     n_groups = n_rows if groups is None else len(np.unique(np.asarray(groups)))
     return LawFit(law, estimates, n_rows, n_groups, boot, len(counts) - len(boot), level, objective, note)
