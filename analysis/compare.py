@@ -137,7 +137,8 @@ def fit_families(runs: pd.DataFrame, x: str = "flops", y: str = "val_loss", **kw
 
 
 def _draws(fit: LawFit, fn) -> np.ndarray:
-    return np.array([fn(b) for b in fit.boot], dtype=float)
+    with np.errstate(over="ignore", invalid="ignore"):  # runaway refits give inf / nan (analysis.bootstrap_fit)
+        return np.array([fn(b) for b in fit.boot], dtype=float)
 
 
 def exponent_differences(fits: dict[str, FamilyFit], reference: str = "dense", level: float = 0.95) -> pd.DataFrame:
