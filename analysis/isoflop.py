@@ -330,6 +330,13 @@ def compare_approaches(families: dict[str, FamilyStudy]) -> pd.DataFrame:
                                        "intervals overlap"])
 
 
+def _pairs(families: dict[str, FamilyStudy], references: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(family, reference) pairs to compare: every family with the first reference (dense), and each later
+    reference (moe) with the families that come after all references (ultramem over moe)."""
+    pairs = [(f, references[0]) for f in families if f != references[0]]
+    return pairs + [(f, r) for r in references[1:] for f in families if f not in references]
+
+
 def frontier_multipliers(families: dict[str, FamilyStudy], level: float = 0.95,
                          references: tuple[str, ...] = ("dense", "moe")) -> pd.DataFrame:
     """Effective compute multiplier on the frontier: M(C) = C_ref(L_f*(C)) / C, the compute the reference family
@@ -338,8 +345,7 @@ def frontier_multipliers(families: dict[str, FamilyStudy], level: float = 0.95,
     compared with the first reference (dense); each later reference (moe) is compared with the families that come
     after all references (ultramem over moe, not moe over itself or dense over moe)."""
     cols = ["family", "over", "budget C", "L* (family)", "M", "lo", "hi", "status"]
-    pairs = [(f, references[0]) for f in families if f != references[0]]
-    pairs += [(f, r) for r in references[1:] for f in families if f not in references]
+    pairs = _pairs(families, references)
     rows = []
     for name, reference in pairs:
         fam, ref = families[name], families.get(reference)
@@ -428,8 +434,7 @@ def sampled_minima(families: dict[str, FamilyStudy], *, n_boot: int = 1000, seed
     cols = ["family", "over", "budget C", "N (family)", "L (family)", "N (over)", "L (over)", "dL", "lo", "hi",
             "edge"]
     mins = {name: _budget_minima(fam, n_boot, seed + i) for i, (name, fam) in enumerate(families.items())}
-    pairs = [(f, references[0]) for f in families if f != references[0]]
-    pairs += [(f, r) for r in references[1:] for f in families if f not in references]
+    pairs = _pairs(families, references)
     rows = []
     for name, reference in pairs:
         if reference not in mins:
