@@ -84,7 +84,7 @@ def ladder(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     if df.empty or "backbone" not in df:
         return df, 0
     config = df.reindex(columns=list(SPARSE_CONFIG)).astype(float).fillna(-1).astype(str).agg("/".join, axis=1)
-    backbone = df["backbone"].fillna(df["run_id"])
+    backbone = df["backbone"].astype(object).fillna(df["run_id"])  # object: an all-empty column reads as float
     n_configs = config.groupby(backbone).transform("nunique")
     if (n_configs <= 1).all():
         return df, 0
