@@ -407,8 +407,7 @@ def _budget_minima(fam: FamilyStudy, n_boot: int, seed: int) -> tuple[np.ndarray
     w = resample_counts(len(pts), None, n_boot, seed, strata=cl)  # [B, runs]
     boot = np.stack([np.bincount(cl, wb * y, minlength=len(keys)) / np.bincount(cl, wb, minlength=len(keys))
                      for wb in w]) if n_boot else np.zeros((0, len(keys)))  # [B, points]
-    means = pts.groupby("cluster", sort=True).agg(budget=("budget", "first"), n=("n", "first"), loss=("loss", "mean"),
-                                                  sd=("loss", "std"), seeds=("loss", "size"))
+    means = pts.groupby("cluster", sort=True).agg(budget=("budget", "first"), n=("n", "first"), loss=("loss", "mean"))
     budgets = np.sort(means["budget"].unique())
     best, draws = [], np.full((len(boot), len(budgets)), np.nan)
     for j, c in enumerate(budgets):
@@ -416,8 +415,7 @@ def _budget_minima(fam: FamilyStudy, n_boot: int, seed: int) -> tuple[np.ndarray
         row = means.iloc[at].sort_values("n")
         top = row.loc[row["loss"].idxmin()]
         edge = ("smallest" if top["n"] == row["n"].iloc[0] else "largest" if top["n"] == row["n"].iloc[-1] else "")
-        best.append({"budget": c, "n": top["n"], "loss": top["loss"], "sd": top["sd"], "sizes": len(row),
-                     "edge": edge if len(row) > 1 else "only"})
+        best.append({"n": top["n"], "loss": top["loss"], "edge": edge if len(row) > 1 else "only"})
         if len(boot):
             draws[:, j] = boot[:, at].min(axis=1)
     return budgets, pd.DataFrame(best), draws
