@@ -184,13 +184,16 @@ def fit_chinchilla_ci(n: object, d: object, loss: object, *, groups: Sequence | 
                       n_boot: int = 200, seed: int = 0, level: float = 0.95, estimator: str = "huber",
                       delta: float = 1e-3, refine_top: int = 32, budgets: Sequence[float] = (),
                       targets: Sequence[tuple[float, float]] = (), source: str = "<table>",
-                      extra: dict[str, Callable[[ChinchillaLaw], float]] | None = None) -> LawFit:
+                      extra: dict[str, Callable[[ChinchillaLaw], float]] | None = None,
+                      multistart: bool = True) -> LawFit:
     """Point fit plus a bootstrap over runs, with CIs for the parameters and the identified quantities.
 
     Raw A and B are poorly identified (on Epoch's data SE(B) ≈ 1,300 on 2,085); the compute-optimal share
     a = β/(α+β), N_opt(C) and D_opt(C) at each budget, and L at each target (N, D) are much better determined.
-    Every resample is refitted at once on Σ Huber from the point estimate (batched LM); with estimator "mle" this
-    follows Epoch, whose bootstrap also refits the plain summed-Huber objective from a single start.
+    Every resample is refitted at once on Σ Huber (batched LM) from the starts of `bootstrap_starts` and keeps its
+    best (multistart=False: from the point estimate alone, as Epoch's bootstrap does, which cannot leave the point
+    estimate's basin; see below); with estimator "mle" the resamples still refit the plain summed-Huber objective,
+    as in Epoch's notebook.
     """
     na, da, la = _arrays(n, d, loss, source)
     fit = fit_chinchilla(na, da, la, estimator=estimator, delta=delta, refine_top=refine_top, source=source)
@@ -203,16 +206,103 @@ def fit_chinchilla_ci(n: object, d: object, loss: object, *, groups: Sequence | 
         quantities[f"L(N={tn:.3g}, D={td:.3g})"] = lambda p, tn=tn, td=td: float(p(tn, td))
     quantities.update(extra or {})
 
+    logx, logy = np.log(np.vstack([na, da])), np.log(la)
+    starts = bootstrap_starts(fit.law, logx, logy, delta) if multistart else fit.law.theta()[None]
+
     def refit(counts: np.ndarray) -> list[ChinchillaLaw | None]:
-        starts = np.repeat(fit.law.theta()[None], len(counts), axis=0)
-        thetas, objs = lse.fit_batch(starts, np.log(np.vstack([na, da])), np.log(la), counts, delta=delta)
+        thetas, objs = refit_resamples(starts, logx, logy, counts, delta)
         ok = np.isfinite(objs) & np.all(np.isfinite(thetas), axis=1) & _enough_pairs(na, da, counts)
         laws = [ChinchillaLaw.from_theta(t) if good else None for t, good in zip(thetas, ok, strict=True)]
         return [b if b is not None and b.finite else None for b in laws]
 
+    how = (f"from {len(starts)} starts (the point estimate, its floor moved to {', '.join(map(str, FLOOR_STARTS))} "
+           f"of the lowest loss, the {BOOT_GRID_TOP} best grid starts)" if multistart else "from the point estimate")
     return bootstrap_fit(refit, fit.law, la.size, groups=None if groups is None else np.asarray(groups),
                          n_boot=n_boot, seed=seed, quantities=quantities, level=level, objective=fit.objective,
-                         note=f"estimator {estimator}; resamples refitted on Σ Huber from the point estimate")
+                         note=f"estimator {estimator}; resamples refitted on Σ Huber {how}")
+
+
+# ---- bootstrap refits from several starts ----------------------------------------------------------------------
+#
+# A resample refitted only from the point estimate stays in its basin. Where the point fit sends E to ~0 (log E
+# around -40) the objective's gradient in log E is ~1e-19, so no resample can leave E = 0 even when its own best fit
+# has a floor well above it: the interval then describes one basin, not the law. Each resample is therefore
+# refitted from the point estimate, from the point estimate with its floor moved up (to fractions of the lowest
+# loss), and from the best few Hoffmann grid starts, and keeps the lowest objective.
+
+FLOOR_STARTS = (0.25, 0.5, 0.75, 0.9)  # floors E tried as starts, as fractions of the lowest observed loss
+BOOT_GRID_TOP = 4  # the best-ranked Hoffmann grid starts (on all rows) tried as starts
+
+
+def bootstrap_starts(law: ChinchillaLaw, logx: np.ndarray, logy: np.ndarray, delta: float) -> np.ndarray:
+    """The starts every resample is refitted from: the point estimate first, then the point estimate with E at
+    FLOOR_STARTS of the lowest loss, then the BOOT_GRID_TOP best grid starts.   -> [S, 5]"""
+    point = law.theta()
+    floors = np.repeat(point[None], len(FLOOR_STARTS), axis=0)
+    floors[:, 2] = np.log(np.asarray(FLOOR_STARTS) * math.exp(float(logy.min())))
+    grid = lse.rank_starts(lse.start_grid(2, HOFFMANN_A, HOFFMANN_E, HOFFMANN_ALPHA), logx, logy, delta,
+                           BOOT_GRID_TOP)
+    return np.vstack([point[None], floors, grid])
+
+
+def refit_resamples(starts: np.ndarray, logx: np.ndarray, logy: np.ndarray, counts: np.ndarray,
+                    delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Refit every resample (a row of `counts` [B, n]) from every start [S, P] at once and keep, per resample, the
+    solution with the lowest finite Σ Huber (the first start wins ties).   -> thetas [B, P], objectives [B]"""
+    b, s = len(counts), len(starts)
+    thetas, objs = lse.fit_batch(np.tile(starts, (b, 1)), logx, logy, np.repeat(counts, s, axis=0), delta=delta)
+    thetas, objs = thetas.reshape(b, s, -1), objs.reshape(b, s)
+    objs = np.where(np.isfinite(objs) & np.all(np.isfinite(thetas), axis=2), objs, np.inf)
+    best = np.argmin(objs, axis=1)
+    rows = np.arange(b)
+    return thetas[rows, best], np.where(np.isfinite(objs[rows, best]), objs[rows, best], np.nan)
+
+
+# ---- the profile over E ---------------------------------------------------------------------------------------
+#
+# With E fitted at ~0, β is the local slope of L in D, not an exponent towards a floor: the exponents trade
+# against E. The profile refits the law with E held at a ladder of values (fractions of the lowest loss) and shows
+# α, β and the objective at each. Which floors the data admit is read off a likelihood ratio: with δ = 1e-3 almost
+# every residual lies in Huber's linear part, so Σ Huber_δ / δ ≈ Σ|r| and the model is a Laplace likelihood in
+# the log loss, whose profile NLL is n_eff·ln Σ|r| + const. The points are not independent (cooldown branches
+# share their trunk's data order), so n_eff is the number of independent units (trunks) the caller passes, not the
+# number of rows; a floor is admitted where 2·n_eff·ln(S(E)/S_min) <= χ²₁(level).
+
+PROFILE_FLOORS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def profile_over_e(n: object, d: object, loss: object, *, n_units: int, level: float = 0.95, delta: float = 1e-3,
+                   floors: Sequence[float] = PROFILE_FLOORS, source: str = "<table>") -> pd.DataFrame:
+    """Refit L(N, D) with E fixed at each of `floors` x the lowest loss (0: no floor), from the Hoffmann grid's
+    best starts with e pinned. Columns: floor (fraction), E, objective (Σ Huber), ratio (to the best row),
+    abs_resid (Σ|r| of the log loss), lr (2·n_units·ln of its ratio to the smallest), admitted (lr <= χ²₁(level)),
+    alpha, beta, a (= β/(α+β)), b."""
+    from scipy.stats import chi2
+
+    na, da, la = _arrays(n, d, loss, source)
+    logx, logy = np.log(np.vstack([na, da])), np.log(la)
+    grid = lse.rank_starts(lse.start_grid(2, HOFFMANN_A, HOFFMANN_E, HOFFMANN_ALPHA), logx, logy, delta, 16)
+    rows = []
+    for f in floors:
+        e = math.log(f * float(la.min())) if f > 0 else -700.0
+        starts = grid.copy()
+        starts[:, 2] = e
+        thetas, objs = lse.fit_batch(starts, logx, logy, delta=delta, fixed=np.array([0, 0, 1, 0, 0], dtype=bool))
+        best = lse.best_solution(thetas, objs)
+        if best is None:
+            continue
+        theta, obj = best
+        law = ChinchillaLaw.from_theta(theta)
+        resid = float(np.abs(lse.predict_log(theta, logx) - logy).sum())
+        rows.append({"floor": f, "E": law.E, "objective": obj, "abs_resid": resid, "alpha": law.alpha,
+                     "beta": law.beta, "a": law.a, "b": law.b})
+    out = pd.DataFrame(rows, columns=["floor", "E", "objective", "abs_resid", "alpha", "beta", "a", "b"])
+    if out.empty:
+        return out.assign(ratio=[], lr=[], admitted=[])
+    out["ratio"] = out["objective"] / out["objective"].min()
+    out["lr"] = 2 * n_units * np.log(out["abs_resid"] / out["abs_resid"].min())
+    out["admitted"] = out["lr"] <= chi2.ppf(level, 1)
+    return out
 
 
 def _enough_pairs(n: np.ndarray, d: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ from analysis.chinchilla import (
     fit_chinchilla_ci,
     frontier,
     frontier_curve,
+    profile_over_e,
 )
 from analysis.fit import PurePowerLaw, fit_pure_power_law
 
@@ -142,19 +143,22 @@ def budget_of(flops: np.ndarray, rtol: float = BUDGET_RTOL) -> np.ndarray:
 
 
 def frontier_exponents(points: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-                       k_nearest: int = 5) -> tuple[pd.DataFrame, dict[str, PurePowerLaw] | None,
-                                                    dict[str, Estimate]]:
-    """Approach 2 with a cluster bootstrap: `points` has columns budget, n, d, loss, cluster (the seeds of one
-    (N, D) point share a cluster). Each resample draws, within every budget, as many clusters as it holds, with
-    replacement; the budget's parabola and the frontier OLS are refitted. Returns the optima, the frontier laws
-    (None with fewer than 3 valid budgets) and the estimates of a (N* ∝ C^a) and b (D* ∝ C^b)."""
+                       k_nearest: int = 5, unit_col: str = "cluster") -> tuple[pd.DataFrame,
+                                                                             dict[str, PurePowerLaw] | None,
+                                                                             dict[str, Estimate]]:
+    """Approach 2 with a cluster bootstrap: `points` has columns budget, n, d, loss and `unit_col`.
+    unit_col "cluster" (the seeds of one (N, D) point, each inside one budget): each resample draws, within every
+    budget, as many clusters as it holds. Any other column (e.g. "unit": a trunk with its branches, which spans
+    budgets) is drawn whole across budgets, as many units as there are. The budgets' parabolas and the frontier OLS
+    are refitted on each resample. Returns the optima, the frontier laws (None with fewer than 3 valid budgets) and
+    the estimates of a (N* ∝ C^a) and b (D* ∝ C^b)."""
     optima = isoflop_optima(points, flops_col="budget", n_col="n", loss_col="loss", d_col="d", k_nearest=k_nearest)
     try:
         front = fit_frontier(optima)
     except FitError:
         return optima, None, {}
-    counts = resample_counts(len(points), points["cluster"].to_numpy(), n_boot, seed,
-                             strata=points["budget"].to_numpy())
+    counts = resample_counts(len(points), points[unit_col].to_numpy(), n_boot, seed,
+                             strata=points["budget"].to_numpy() if unit_col == "cluster" else None)
     budgets = []
     for c, g in points.groupby("budget", sort=True):
         sizes, idx = np.unique(g["n"].to_numpy(float), return_inverse=True)
@@ -194,6 +198,7 @@ class FamilyStudy:
     why2: str = ""  # why there is no Approach 2 frontier
     lnd: LawFit | None = None  # Approach 3: E, A, B, alpha, beta, a, b, and a_C, b_C over the budgets' range
     why3: str = ""
+    profile: pd.DataFrame | None = None  # Approach 3 with E held at fractions of the lowest loss (profile_over_e)
 
     @property
     def n_range(self) -> tuple[float, float]:
@@ -233,7 +238,10 @@ def _flops_law(n: np.ndarray, fpt: np.ndarray) -> PurePowerLaw:
 
 
 def family_points(runs: pd.DataFrame, family: str) -> pd.DataFrame:
-    """A family's finished runs as IsoFLOP points: budget (from `flops`), n, d, loss, cluster, seed."""
+    """A family's finished runs as IsoFLOP points: budget (from `flops`), n, d, loss, seed, cluster (the seeds of
+    one (N, D) point) and unit (the runs of one size and seed: a WSD trunk with its cooldown branches, which share
+    its initialisation, data order and every step before the branch, or stand-alone runs of that seed, which share
+    initialisation and data order; the independent unit every bootstrap over these runs resamples)."""
     df = runs[runs["family"] == family]
     cols = ["flops", "tokens", "active_params", "val_loss", "flops_per_token"]
     ok = np.ones(len(df), dtype=bool)
@@ -248,6 +256,7 @@ def family_points(runs: pd.DataFrame, family: str) -> pd.DataFrame:
                         "run_id": df["run_id"].to_numpy()})
     out["budget"] = budget_of(out["flops"].to_numpy()) if len(out) else []
     out["cluster"] = [f"{n:.0f}|{d:.0f}" for n, d in zip(out["n"], out["d"], strict=True)]
+    out["unit"] = [f"{n:.0f}|s{s}" for n, s in zip(out["n"], out["seed"], strict=True)]
     return out.sort_values(["budget", "n", "seed"], kind="stable").reset_index(drop=True)
 
 
@@ -270,7 +279,7 @@ def study_family(runs: pd.DataFrame, family: str, *, n_boot: int = 1000, seed: i
     if usable["budget"].nunique() >= 3:
         fam.optima, fam.frontier, fam.approach2 = frontier_exponents(usable.reset_index(drop=True), n_boot=n_boot,
                                                                      seed=seed, level=level,
-                                                                     k_nearest=STUDY_K_NEAREST)
+                                                                     k_nearest=STUDY_K_NEAREST, unit_col="unit")
         if fam.frontier is None:
             fam.why2 = (f"{int(fam.optima['valid'].sum())} budget(s) with a vertex inside their sizes (need 3): "
                         + "; ".join(f"C = {r.flops:.3g}: {r.why}" for r in fam.optima.itertuples() if not r.valid))
@@ -282,13 +291,25 @@ def study_family(runs: pd.DataFrame, family: str, *, n_boot: int = 1000, seed: i
         return fam
     slopes = lambda p: _frontier_slopes(p, fam)
     try:
-        fam.lnd = fit_chinchilla_ci(pts["n"], pts["d"], pts["loss"], groups=pts["cluster"].to_numpy(), n_boot=n_boot,
+        fam.lnd = fit_chinchilla_ci(pts["n"], pts["d"], pts["loss"], groups=pts["unit"].to_numpy(), n_boot=n_boot,
                                     seed=seed, level=level, source=f"{family} runs",
                                     extra={"b": lambda p: p.b, "a_C": lambda p: slopes(p)[0],
                                            "b_C": lambda p: slopes(p)[1]})
     except FitError as err:
         fam.why3 = str(err)
+        return fam
+    fam.profile = profile_over_e(pts["n"], pts["d"], pts["loss"], n_units=pts["unit"].nunique(), level=level,
+                                 source=f"{family} runs")
     return fam
+
+
+def profile_interval(fam: FamilyStudy, name: str) -> tuple[float, float] | None:
+    """The range of `name` (alpha, beta, a, b) over the floors E that the profile admits (see
+    chinchilla.profile_over_e), or None without a profile."""
+    if fam.profile is None or fam.profile.empty or not fam.profile["admitted"].any():
+        return None
+    v = fam.profile.loc[fam.profile["admitted"], name]
+    return float(v.min()), float(v.max())
 
 
 def lnd_why(fam: FamilyStudy, name: str) -> str:

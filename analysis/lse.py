@@ -97,7 +97,8 @@ def huber_objective_batch(thetas: np.ndarray, logx: np.ndarray, logy: np.ndarray
 
 
 def fit_batch(thetas: np.ndarray, logx: np.ndarray, logy: np.ndarray, counts: np.ndarray | None = None,
-              delta: float | None = None, max_iter: int = 500, tol: float = 1e-13) -> tuple[np.ndarray, np.ndarray]:
+              delta: float | None = None, max_iter: int = 500, tol: float = 1e-13,
+              fixed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Minimise Σ_i c_i·ρ(LSE_i − log L_i) from many starts at once (batched Levenberg–Marquardt).
 
     ρ(r) = r² (delta=None: least squares) or Huber_δ(r). For Huber each step is Levenberg–Marquardt on the
@@ -106,6 +107,7 @@ def fit_batch(thetas: np.ndarray, logx: np.ndarray, logy: np.ndarray, counts: np
     thetas [S, P] are the starts; counts [S, n] the per-row weights of each problem (a bootstrap resample is the
     vector of how often each row was drawn), or None for unit weights. Every problem runs to convergence, so a
     whole grid or a whole bootstrap costs a few hundred vectorised steps rather than S scipy calls.
+    fixed: a boolean mask [P] of parameters held at their start values (a profile over E fixes e).
     Returns the solutions [S, P] and their objectives [S].
     """
     k, n = logx.shape
@@ -114,6 +116,8 @@ def fit_batch(thetas: np.ndarray, logx: np.ndarray, logy: np.ndarray, counts: np
     c = np.ones((s, n)) if counts is None else np.asarray(counts, dtype=float)
     lam = np.full(s, 1e-3)
     eye = np.eye(p)
+    free = np.ones(p, dtype=bool) if fixed is None else ~np.asarray(fixed, dtype=bool)
+    pin = np.diag((~free).astype(float))  # a fixed parameter's row of the step system reads 1·step = 0
 
     def evaluate(t: np.ndarray, cc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a, e, alpha = t[:, :k], t[:, k], t[:, k + 1:]
@@ -140,8 +144,8 @@ def fit_batch(thetas: np.ndarray, logx: np.ndarray, logy: np.ndarray, counts: np
             else:
                 psi = np.clip(rl, -delta, delta)
                 omega = np.where(np.abs(rl) > delta, delta / np.maximum(np.abs(rl), delta), 1.0)
-            g = np.einsum("spn,sn->sp", jl, cl * psi)
-            h = np.einsum("spn,sqn,sn->spq", jl, jl, cl * omega)
+            g = np.einsum("spn,sn->sp", jl, cl * psi) * free
+            h = np.einsum("spn,sqn,sn->spq", jl, jl, cl * omega) * np.outer(free, free) + pin
             damp = ll[:, None, None] * (h * eye + 1e-12 * eye)  # Marquardt: scale by diag(H)
             trial = t - np.linalg.solve(h + damp + 1e-15 * eye, g[:, :, None])[:, :, 0]
             new_cost, new_r, new_jac = evaluate(trial, cl)

@@ -76,7 +76,7 @@ def test_approach3_recovers_the_generating_exponents_per_family(synthetic):
             assert inside(est[q], value), (name, q, est[q].fmt(4), value)
         # with F = k·N the frontier over the budgets has the closed-form exponents a and b
         assert inside(est["a_C"], law.a) and inside(est["b_C"], law.b)
-        assert fam.lnd.n_groups == fam.points["cluster"].nunique() < len(fam.points)  # seeds resampled as clusters
+        assert fam.lnd.n_groups == fam.points["unit"].nunique() < len(fam.points)  # trunks resampled whole
 
 
 def test_approach2_recovers_the_frontier_exponents_and_agrees_with_approach3(synthetic):
