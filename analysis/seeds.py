@@ -147,9 +147,13 @@ def _usage_correlation(loss: np.ndarray, rows_used: np.ndarray) -> dict[str, flo
     return {"rho_rows_used": float(res.statistic), "p_rho": float(res.pvalue)}
 
 
+COMPARE_COLUMNS = ("corpus", "a", "b", "mean_diff", "p_mean", "sd_ratio", "p_spread", "t_half_diff", "p_t_half")
+
+
 def compare_points(runs: pd.DataFrame, pairs: list[tuple[str, str, str]]) -> pd.DataFrame:
     """For each (corpus, point a, point b): mean difference a - b with Welch's p, sd ratio a/b with the
-    Brown-Forsythe p, t_half difference with Welch's p."""
+    Brown-Forsythe p, t_half difference with Welch's p. The columns are COMPARE_COLUMNS, also with no row (nothing
+    to compare: compare.csv is then its header alone)."""
     out = []
     for corpus, a, b in pairs:
         xa = runs[(runs.corpus == corpus) & (runs.point == a)]
@@ -165,7 +169,7 @@ def compare_points(runs: pd.DataFrame, pairs: list[tuple[str, str, str]]) -> pd.
             "p_spread": float(stats.levene(la, lb, center="median").pvalue),
             **_t_half_test(ta[~np.isnan(ta)], tb[~np.isnan(tb)]),
         })
-    return pd.DataFrame(out)
+    return pd.DataFrame(out, columns=list(COMPARE_COLUMNS))
 
 
 def _t_half_test(ta: np.ndarray, tb: np.ndarray) -> dict[str, float]:

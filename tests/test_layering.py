@@ -8,12 +8,14 @@
     ultramem     the model library: nothing of the project, no Ray, W&B or pandas
 
 Every import statement is checked, at module top or inside a function, so a lazy import cannot hide an upward
-dependency; a fresh interpreter then imports each package whole and looks at what got loaded.
+dependency; a fresh interpreter then imports each package whole and looks at what got loaded. Inside `ultramem/` the
+modules' imports (the same statements: lazy and `if TYPE_CHECKING:` ones included) form no cycle.
 """
 
 from __future__ import annotations
 
 import ast
+import graphlib
 import json
 import subprocess
 import sys
@@ -97,3 +99,64 @@ def test_importing_a_package_whole_loads_nothing_above_it(package):
     assert loaded & forbidden == set()
     if package == "runfolder":
         assert "torch" not in loaded
+
+
+# ---- no import cycle inside ultramem/ -----------------------------------------------------------------------------
+
+
+def module_graph(package: str) -> dict[str, set[str]]:
+    """{module: the modules of `package` its import statements name} over every .py file of `package`.
+
+    Every statement counts (module top, `if TYPE_CHECKING:`, inside functions). `from a.b import c` names the module
+    a.b.c when that is a file, else a.b (a package's __init__). The parent packages Python runs first are not edges:
+    `ultramem/__init__.py` imports `ultramem.config`, so counting them would put every module in one circle.
+    """
+    files = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = here.split(".")[: len(here.split(".")) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in files and t != name}
+    return graph
+
+
+def import_cycle(package: str) -> list[str]:
+    """One import cycle among `package`'s modules (first module repeated at the end), or [] when there is none."""
+    try:
+        graphlib.TopologicalSorter(module_graph(package)).prepare()
+    except graphlib.CycleError as err:
+        return list(err.args[1])
+    return []
+
+
+def test_ultramem_has_no_import_cycle():
+    assert import_cycle("ultramem") == []
+
+
+def test_the_cycle_checker_sees_lazy_type_checking_and_relative_imports(tmp_path, monkeypatch):
+    fake = tmp_path / "ultramem"
+    (fake / "sub").mkdir(parents=True)
+    (fake / "__init__.py").write_text("from ultramem import a\n")  # the parent package: not an edge
+    (fake / "sub" / "__init__.py").write_text("")
+    (fake / "a.py").write_text("from ultramem.sub import b\n")
+    (fake / "sub" / "b.py").write_text("def f():\n    from . import c\n")
+    (fake / "sub" / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                       "    from ultramem.a import X\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    cycle = import_cycle("ultramem")
+    assert set(cycle) == {"ultramem.a", "ultramem.sub.b", "ultramem.sub.c"} and cycle[0] == cycle[-1]
+    (fake / "sub" / "c.py").write_text("import ultramem.sub\n")  # c -> the sub package's __init__, no cycle
+    assert import_cycle("ultramem") == []

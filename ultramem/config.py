@@ -5,7 +5,9 @@ saves in its resolved `config.yaml`. `ModelConfig.from_dict` rejects unknown key
 key and the allowed names, so a typo in YAML never passes silently.
 
 Shapes that the rest of the library (model, accounting) relies on are stated next to each field. Which block a
-family needs, and any check of its own, come from its `Family` record.
+family needs, and any check of its own, come from its `Family` record, looked up by name in the registry
+(ultramem/families/registry.py, which imports nothing of this module): the family modules import these types, so
+imports run one way, registry < config < families (tests/test_layering.py forbids cycles inside ultramem/).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from ultramem.errors import ConfigError
 from ultramem.errors import check as _check
-from ultramem.families import families, get_family
+from ultramem.families.registry import families, get_family  # by name: the family modules import this module
 from ultramem.memory.placement import memory_plus_blocks, parse_layers
 
 
@@ -185,6 +187,10 @@ class UltraMemV2Config:
         _check(0.0 <= self.dropout < 1.0, f"{path}.dropout", self.dropout, "a fraction in [0, 1)")
 
 
+VALUE_LR_SCHEDULES = ("constant", "scheduled")  # MemoryPlusConfig.value_lr_schedule: ByteDance's port, Meta's
+VALUE_CLIPS = ("joint", "separate")  # MemoryPlusConfig.value_clip: ByteDance's port (and OLMo), Meta's
+
+
 @dataclass
 class MemoryPlusConfig:
     """Memory+ (Meta, "Memory Layers at Scale", arXiv 2412.09764): product-key memory layers with one shared table.
@@ -197,8 +203,9 @@ class MemoryPlusConfig:
     Every token reads heads * top_m value rows per layer (softmax over each head's top_m).
     """
 
-    layers: str = "auto"  # comma-separated 0-indexed blocks holding a memory layer ("4,12,20"), or "auto": Meta's 3
-    #                      centred blocks, middle = n_layers // 2 +- max(1, n_layers // 3) (24 layers -> 4,12,20)
+    layers: str = "auto"  # comma-separated 0-indexed blocks holding a memory layer ("4,12,20"), or "auto": 3 centred
+    #                      blocks, middle = n_layers // 2 +- max(1, n_layers // 3): Meta's at 24 layers (4,12,20) and
+    #                      12 (2,6,10), extrapolated elsewhere (32 -> 6,16,26; Meta's 7B keeps 4,12,20): placement.py
     replace_ffn: bool = True  # True: the memory replaces those blocks' FFN (Meta); False: FFN kept, memory beside it
     #                           (ByteDance's port). Either way it reads the FFN's normalised input
     num_keys: int = 1024  # sqrt(N): sub-keys per half (per head); N = num_keys**2 value rows
@@ -208,7 +215,13 @@ class MemoryPlusConfig:
     value_dim: int = 0  # Dv, width of a value row; 0 = d_model (Meta's v_dim = D)
     qk_norm: bool = False  # RMSNorm on query halves and keys (paper §3.1.4 "when needed"; the released code has none)
     swilu: bool = True  # True: out = W2(y * silu(W1 x)) (Eq. 2); False: out = W2(y)
-    value_lr: float = 1e-3  # fixed LR of the value table: constant, no warmup or decay (Meta's value_fixed_lr)
+    value_lr: float = 1e-3  # the value table's own LR (Meta's value_fixed_lr, 1e-3), applied as value_lr_schedule says
+    value_lr_schedule: str = "constant"  # constant: value_lr at every step, no warmup, no decay (ByteDance's port);
+    #                                      scheduled: value_lr is the table's peak LR, scaled by the run's warmup and
+    #                                      decay like every other group (Meta's lingua: LambdaLR over all groups)
+    value_clip: str = "joint"  # joint: one gradient norm over all parameters, clipped to train.grad_clip (ByteDance's
+    #                            port, OLMo); separate: the value table's gradients are clipped to train.grad_clip
+    #                            on their own and the rest on theirs (Meta's apps/main/train.py)
     shared_values: bool = True  # True: one value table for every memory layer; False: a private table per layer
     dropout: float = 0.0  # dropout on the memory output
 
@@ -226,6 +239,9 @@ class MemoryPlusConfig:
         _check(1 <= self.top_m <= self.num_keys, f"{path}.top_m", self.top_m, f"1..num_keys ({self.num_keys})")
         _check(self.value_dim >= 0, f"{path}.value_dim", self.value_dim, "0 (= d_model) or an integer >= 1")
         _check(self.value_lr > 0.0, f"{path}.value_lr", self.value_lr, "a number > 0")
+        _check(self.value_lr_schedule in VALUE_LR_SCHEDULES, f"{path}.value_lr_schedule", self.value_lr_schedule,
+               " | ".join(VALUE_LR_SCHEDULES))
+        _check(self.value_clip in VALUE_CLIPS, f"{path}.value_clip", self.value_clip, " | ".join(VALUE_CLIPS))
         _check(0.0 <= self.dropout < 1.0, f"{path}.dropout", self.dropout, "a fraction in [0, 1)")
 
 

@@ -70,7 +70,7 @@ class KVCache:
 class ModelOutput:
     logits: torch.Tensor  # [B, T, vocab]
     loss: torch.Tensor | None  # mean cross-entropy over targets != IGNORE_INDEX
-    aux_loss: torch.Tensor  # weighted sum of auxiliary losses over layers (add to loss to train)
+    aux_loss: torch.Tensor  # weighted aux losses, mean or sum over layers (Family.aux_sum); add to loss to train
     aux: dict[str, torch.Tensor]  # unweighted components averaged over the layers that report them
 
 
@@ -135,6 +135,7 @@ class Transformer(nn.Module):
         cfg.validate()
         self.cfg = cfg
         family = get_family(cfg.family)
+        self.aux_sum = family.aux_sum  # sum the layers' weighted aux losses (else their mean)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         # A module shared by the blocks' FFNs (Memory+'s value table, UltraMemV2's global tables), or None. Each
@@ -186,7 +187,7 @@ class Transformer(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
-        return ModelOutput(logits, loss, *_combine_aux(aux_terms, x))
+        return ModelOutput(logits, loss, *_combine_aux(aux_terms, x, self.aux_sum))
 
     # ---- trainer hooks ------------------------------------------------------------------------------------------
 
@@ -223,11 +224,12 @@ class Transformer(nn.Module):
         return KVCache(k, v, [{} for _ in self.memories])
 
 
-def _combine_aux(terms: list[dict[str, torch.Tensor]], ref: torch.Tensor):
-    """-> (mean over layers of the weighted "aux_loss", {component: mean over the layers reporting it, detached}).
+def _combine_aux(terms: list[dict[str, torch.Tensor]], ref: torch.Tensor, summed: bool = False):
+    """-> (the layers' weighted "aux_loss" combined, {component: mean over the layers reporting it, detached}).
 
-    Averaging over layers (not summing) follows MegaBlocks/OLMoE, which the official code's MoE baseline uses, so
-    the configured weights mean the same thing at any depth.
+    By default the weighted losses are averaged over the layers reporting one, as MegaBlocks/OLMoE (which the
+    official code's MoE baseline uses) do, so the configured weights mean the same thing at any depth; `summed`
+    (Family.aux_sum: UltraMemV2) adds them up, as ByteDance's layers each add coefficient x loss.
     """
     total = ref.new_zeros((), dtype=torch.float32)
     parts: dict[str, list[torch.Tensor]] = {}
@@ -237,7 +239,8 @@ def _combine_aux(terms: list[dict[str, torch.Tensor]], ref: torch.Tensor):
                 total = total + value.float()
             else:
                 parts.setdefault(key, []).append(value.detach().float())
-    total = total / max(1, sum("aux_loss" in term for term in terms))
+    if not summed:
+        total = total / max(1, sum("aux_loss" in term for term in terms))
     return total, {key: torch.stack(values).mean() for key, values in parts.items()}
 
 

@@ -6,7 +6,9 @@ Groups (each a dict torch optimizers accept, plus "name" and "lr_mult_fn"):
   values    memory value tables (the `parallel.value_params` of every family's `parallel.value_module`: `values`
             of PKM and UltraMem layers and of Memory+ tables, `values` and `pre_values` of the UltraMemV2 table),
             with weight decay, at base LR x lr_mult_fn(progress), or, when the group has a "fixed_lr" (Memory+'s
-            value_lr), at that constant LR: no warmup, no decay (the trainer's set_lr)
+            value_lr), at that LR: constant (no warmup, no decay), or with "fixed_lr_scheduled" scaled by the
+            run's schedule, fixed_lr x schedule(step) / peak LR (the trainer's set_lr). With "clip_separately"
+            its gradients are clipped on their own (Memory+'s value_clip: separate; the trainer's clip_gradients)
 
 `lr_mult_fn(progress)` takes the training progress step / total_steps in [0, 1] and returns the multiplier the
 trainer applies on top of its own schedule. For values it is the official `CosWithWarmup.get_lr` rule
@@ -59,6 +61,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                    "lr_mult_fn": LinearDecayMultiplier(rule.mult, rule.decay)}
     if rule.fixed is not None:
         value_group["fixed_lr"] = rule.fixed
+    # keys only away from today's rule, so that the optimizer state of earlier runs stays the same
+    if rule.fixed_scheduled:
+        value_group["fixed_lr_scheduled"] = True
+    if rule.separate_clip:
+        value_group["clip_separately"] = True
     groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay, "lr_mult_fn": LinearDecayMultiplier()},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr_mult_fn": LinearDecayMultiplier()},

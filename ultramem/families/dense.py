@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from ultramem.families.registry import Family, FFNParams, PlotStyle, register
 
-if TYPE_CHECKING:  # annotations only: the registry is imported by ultramem.config
+if TYPE_CHECKING:  # annotations only: importing ultramem.config registers the families (this module) first
     from torch import nn
 
     from ultramem.config import ModelConfig

@@ -10,8 +10,10 @@ and the memory output is added beside it. Every other block keeps its dense MLP.
 
 The value table is built once by the model (`build_shared`, `Transformer.shared`) and registered by every memory
 layer too, so its gradient sums every layer's; `shared_values: false` gives each layer a private table. It trains at
-the fixed LR `value_lr` (Meta's value_fixed_lr 1e-3: no warmup, no decay). Because one table spans several blocks,
-FSDP (one unit per block) cannot split it: the dense part trains with plain data parallelism, and
+its own LR `value_lr` (Meta's value_fixed_lr, 1e-3), either constant (`value_lr_schedule: constant`, ByteDance's
+port, the default) or as the peak of the run's warmup and decay (`scheduled`, Meta's lingua), and its gradients are
+clipped with the rest (`value_clip: joint`, the default) or on their own (`separate`, Meta). Because one table spans
+several blocks, FSDP (one unit per block) cannot split it: the dense part trains with plain data parallelism, and
 `parallel.memory_parallel` splits the table(s) over a memory-parallel group, by columns (`dim`, Meta's `Shard(1)`
 parallel memory) or by rows (`row`) (ultramem/parallel/memory_parallel.py; ultramem.layout checks the layout).
 """
@@ -33,7 +35,7 @@ from ultramem.families.registry import (
 )
 from ultramem.memory.placement import memory_plus_blocks
 
-if TYPE_CHECKING:  # annotations only: the registry is imported by ultramem.config
+if TYPE_CHECKING:  # annotations only: importing ultramem.config registers the families (this module) first
     from torch import nn
 
     from ultramem.config import MemoryPlusConfig, ModelConfig
@@ -128,7 +130,9 @@ def decode_values(cfg: ModelConfig, batch_size: int) -> tuple[float, float]:
 
 
 def value_lr(cfg: ModelConfig) -> ValueLR:
-    return ValueLR(fixed=cfg.memory_plus.value_lr)
+    mp = cfg.memory_plus
+    return ValueLR(fixed=mp.value_lr, fixed_scheduled=mp.value_lr_schedule == "scheduled",
+                   separate_clip=mp.value_clip == "separate")
 
 
 def memory_tables(cfg: ModelConfig) -> MemoryTables:

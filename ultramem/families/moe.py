@@ -14,7 +14,7 @@ from ultramem.families.registry import (
     register,
 )
 
-if TYPE_CHECKING:  # annotations only: the registry is imported by ultramem.config
+if TYPE_CHECKING:  # annotations only: importing ultramem.config registers the families (this module) first
     from torch import nn
 
     from ultramem.config import ModelConfig

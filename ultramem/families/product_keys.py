@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ultramem.families.registry import MemoryParams
 from ultramem.memory.placement import parse_layers
 
-if TYPE_CHECKING:  # annotations only: the registry is imported by ultramem.config
+if TYPE_CHECKING:  # annotations only: importing ultramem.config registers the families (this module) first
     from ultramem.config import MemoryConfig, ModelConfig
 
 

@@ -5,9 +5,13 @@ so that no module compares family names: which config block it owns, how its lay
 (parameters, FLOPs, decode traffic, activation memory), how they are sharded and grouped for the optimizer, and how
 the family is drawn. docs/families.md explains each field and the steps to add a family.
 
-Pure Python, and it imports nothing from `ultramem.config` (which imports this registry to check `model.family`): the
-config types and torch appear in annotations only. A family's build functions import their torch modules when first
-called, so that configs, presets, accounting and sweep planning never import torch.
+Pure Python, and below `ultramem.config` in the import order: config resolves `model.family` here by name, so this
+module imports nothing of the config, not even for annotations (`ModelCfg` and `MemoryCfg` below stand for its types),
+and a family module imports the config types it needs (imports run one way: errors < registry < config < families;
+tests/test_layering.py forbids cycles inside ultramem/). Importing this module runs `ultramem/families/__init__.py`,
+which registers the built-in families; they import the config for annotations only. A family's build functions
+import their torch modules when first called, so that configs, presets, accounting and sweep planning never import
+torch.
 """
 
 from __future__ import annotations
@@ -15,14 +19,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ultramem.errors import ConfigError
 
-if TYPE_CHECKING:  # annotations only: ultramem.config imports this module, and it must stay torch-free
+if TYPE_CHECKING:  # annotations only: this module stays torch-free
     from torch import nn
 
-    from ultramem.config import MemoryConfig, ModelConfig
+ModelCfg: TypeAlias = Any  # an ultramem.config.ModelConfig (config imports this registry, so not imported here)
+MemoryCfg: TypeAlias = Any  # an ultramem.config.MemoryConfig (model.memory)
 
 
 @dataclass(frozen=True)
@@ -54,11 +59,14 @@ class MemoryParams:
 
 @dataclass(frozen=True)
 class ValueLR:
-    """The learning-rate rule of a family's value tables (the optimizer's "values" group, ultramem/optim.py)."""
+    """The optimizer rule of a family's value tables (the optimizer's "values" group, ultramem/optim.py): their
+    learning rate, and whether their gradients are clipped apart from the rest (the trainer's clip_gradients)."""
 
     mult: float = 1.0  # multiplier on the scheduled LR at progress 0 ...
     decay: float = 1.0  # ... decaying linearly to 1x at this fraction of training
-    fixed: float | None = None  # a constant LR instead: no warmup, no decay, no multiplier (Memory+'s value_lr)
+    fixed: float | None = None  # an LR of their own instead: no multiplier (Memory+'s value_lr) ...
+    fixed_scheduled: bool = False  # ... constant (False: ByteDance's port) or scaled by the run's schedule (Meta's)
+    separate_clip: bool = False  # their gradients are clipped to train.grad_clip on their own (Meta's Memory+)
 
 
 @dataclass(frozen=True)
@@ -90,13 +98,13 @@ class ParallelHooks:
     # `balance_counts`, `take_load`); None: no routed experts (parallel.expert_parallel must be 1, and
     # Transformer.expert_load() returns None).
     expert_module: Callable[[], type] | None = None
-    num_experts: Callable[[ModelConfig], int] | None = None  # routed experts per block (expert_parallel divides it)
+    num_experts: Callable[[ModelCfg], int] | None = None  # routed experts per block (expert_parallel divides it)
     # Memory layer (or table) type whose `values` table forms the optimizer's "values" group (value-table LR rule).
     value_module: Callable[[], type] | None = None
     value_params: tuple[str, ...] = ("values",)  # that type's parameters in the "values" group
     memory_parallel: bool = False  # parallel.memory_parallel may split those tables (modes: memory_tables' modes)
     # (cfg) -> the tables' shapes and reads (ultramem.layout's checks and byte counts); None: from model.memory
-    memory_tables: Callable[[ModelConfig], MemoryTables] | None = None
+    memory_tables: Callable[[ModelCfg], MemoryTables] | None = None
     unused_parameters: bool = False  # a step may leave parameters without a gradient (DDP find_unused_parameters)
     # Why the family's dense part trains with plain data parallelism only: ultramem.layout refuses parallel.fsdp
     # and parallel.expert_parallel, and parallel.memory_parallel unless `memory_parallel` is set, naming this
@@ -115,33 +123,37 @@ class Family:
     # ---- every block's FFN: built by ultramem.model, counted by ultramem.accounting and ultramem.layout ----------
     # (cfg, block index) -> that block's FFN, d -> d; (cfg, block index, shared module) for a family with build_shared
     build_ffn: Callable[..., nn.Module]
-    ffn_params: Callable[[ModelConfig], FFNParams]  # one block's FFN (its MLP, when blocks differ: see model_params)
-    ffn_activations: Callable[[ModelConfig], int]  # elements per token one FFN keeps for the backward (2-byte)
+    ffn_params: Callable[[ModelCfg], FFNParams]  # one block's FFN (its MLP, when blocks differ: see model_params)
+    ffn_activations: Callable[[ModelCfg], int]  # elements per token one FFN keeps for the backward (2-byte)
     ffn_aux: bool = False  # the FFN's forward returns (y, aux dict) rather than y
+    # How ultramem.model combines the layers' weighted "aux_loss": False, their mean (MegaBlocks/OLMoE, so MoE's
+    # weights mean the same at any depth); True, their sum (UltraMemV2: ByteDance adds coefficient x loss in every
+    # layer, so a coefficient means the official one)
+    aux_sum: bool = False
     # (cfg, batch size) -> (parameters all FFNs read in one decode step, expected distinct experts per layer)
-    decode_experts: Callable[[ModelConfig, int], tuple[float, float]] | None = None
+    decode_experts: Callable[[ModelCfg, int], tuple[float, float]] | None = None
     # ---- memory layers, placed by model.memory.layers (families/product_keys.py) ---------------------------------
-    build_memory: Callable[[ModelConfig, int], nn.Module] | None = None  # (cfg, memory index) -> memory layer j
-    memory_params: Callable[[MemoryConfig, int], MemoryParams] | None = None  # (memory block, d_model), one layer
-    retrieval_flops: Callable[[MemoryConfig], int] | None = None  # parameter-free FLOPs per token, one memory layer
+    build_memory: Callable[[ModelCfg, int], nn.Module] | None = None  # (cfg, memory index) -> memory layer j
+    memory_params: Callable[[MemoryCfg, int], MemoryParams] | None = None  # (memory block, d_model), one layer
+    retrieval_flops: Callable[[MemoryCfg], int] | None = None  # parameter-free FLOPs per token, one memory layer
     # ---- memory layers inside the blocks, tables shared across blocks (memory_plus, ultramem_v2) -----------------
     # (cfg) -> a module every block's FFN may read (a value table shared by all memory layers), or None. The
     # Transformer builds it once as `self.shared` and calls build_ffn(cfg, i, shared) (ultramem.model).
-    build_shared: Callable[[ModelConfig], nn.Module | None] | None = None
+    build_shared: Callable[[ModelCfg], nn.Module | None] | None = None
     # (cfg) -> FFNParams of ALL FFN-side layers and shared tables together (dense, sparse, what one token reads):
     # accounting.count_params uses it instead of n_layers x ffn_params (+ memory layers) when set.
-    model_params: Callable[[ModelConfig], FFNParams] | None = None
+    model_params: Callable[[ModelCfg], FFNParams] | None = None
     # (cfg) -> parameter-free FLOPs per token of every such memory layer (accounting.retrieval_flops)
-    model_retrieval_flops: Callable[[ModelConfig], int] | None = None
+    model_retrieval_flops: Callable[[ModelCfg], int] | None = None
     # (cfg, batch size) -> (parameters one decode step of B sequences reads from the value tables, expected distinct
     # value rows per memory layer) (accounting.decode_bytes)
-    decode_values: Callable[[ModelConfig, int], tuple[float, float]] | None = None
+    decode_values: Callable[[ModelCfg, int], tuple[float, float]] | None = None
     # ---- the rest --------------------------------------------------------------------------------------------------
-    validate: Callable[[ModelConfig], None] | None = None  # checks beyond the block's own (raise ConfigError)
-    summary: Callable[[ModelConfig, dict[str, int]], dict[str, Any]] | None = None  # final.json[summary_block]
+    validate: Callable[[ModelCfg], None] | None = None  # checks beyond the block's own (raise ConfigError)
+    summary: Callable[[ModelCfg, dict[str, int]], dict[str, Any]] | None = None  # final.json[summary_block]
     summary_block: str | None = None  # the final.json key of `summary` ("memory", "moe"); None: `block`
     # (cfg) -> the LR rule of the value tables (ultramem.optim); None: model.memory's value_lr_mult / value_lr_decay
-    value_lr: Callable[[ModelConfig], ValueLR] | None = None
+    value_lr: Callable[[ModelCfg], ValueLR] | None = None
     parallel: ParallelHooks = field(default_factory=ParallelHooks)
 
     @property
@@ -226,7 +238,7 @@ def value_module_types(memory_parallel: bool = False) -> tuple[type, ...]:
                  if f.parallel.value_module is not None and (f.parallel.memory_parallel or not memory_parallel))
 
 
-def block_summary(cfg: ModelConfig, params: dict[str, int], block: str) -> dict[str, Any] | None:
+def block_summary(cfg: ModelCfg, params: dict[str, int], block: str) -> dict[str, Any] | None:
     """What final.json records under `block` ("memory", "moe"): the family's summary if it files it there (its
     `summary_block`, by default the block it owns)."""
     fam = get_family(cfg.family)

@@ -11,7 +11,7 @@ from ultramem.families.product_keys import memory_params as product_key_params
 from ultramem.families.product_keys import memory_summary
 from ultramem.families.registry import Family, MemoryParams, ParallelHooks, PlotStyle, register
 
-if TYPE_CHECKING:  # annotations only: the registry is imported by ultramem.config
+if TYPE_CHECKING:  # annotations only: importing ultramem.config registers the families (this module) first
     from torch import nn
 
     from ultramem.config import MemoryConfig, ModelConfig

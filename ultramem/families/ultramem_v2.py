@@ -6,12 +6,14 @@ ring windows. Owns the `memory_v2` block (UltraMemV2Config).
 The global table (values [Nall, Dv] and pre_values [Nall, Dp], Nall = num_keys^2 x n_layers) is built once by the
 model (`build_shared`, `Transformer.shared`) and registered by every layer; layer l reads the n^2 rows from
 l x num_keys^2 on, wrapping (n = keys_per_side: share_ratio 0 gives private slices, larger ratios overlapping
-windows). Both tables form the optimizer's "values" group at the value-LR multiplier (value_lr_mult decaying to 1x
-over value_lr_decay of training, as UltraMem v1). The shared table spans every block, so FSDP (one unit per block)
-cannot split it: the dense part trains with plain data parallelism, and `parallel.memory_parallel: {mode: dim}`
-splits both tables by columns over a memory-parallel group (the official `vertical_parallel`;
-ultramem/parallel/memory_parallel.py, `ColumnParallelPeerRead`). Mode `row` is not implemented: a row's owner would
-need each token's whole pre-value input to score it (ultramem.layout refuses it).
+windows). The layers' weighted auxiliary losses (key balance, Tucker penalty) are summed over the layers, as the
+official code adds coefficient x loss in every layer (`Family.aux_sum`). Both tables form the optimizer's "values"
+group at the value-LR multiplier (value_lr_mult decaying to 1x over value_lr_decay of training, as UltraMem v1). The
+shared table spans every block, so FSDP (one unit per block) cannot split it: the dense part trains with plain data
+parallelism, and `parallel.memory_parallel: {mode: dim}` splits both tables by columns over a memory-parallel group
+(the official `vertical_parallel`; ultramem/parallel/memory_parallel.py, `ColumnParallelPeerRead`). Mode `row` is
+not implemented: a row's owner would need each token's whole pre-value input to score it (ultramem.layout refuses
+it).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ultramem.families.registry import (
     register,
 )
 
-if TYPE_CHECKING:  # annotations only: the registry is imported by ultramem.config
+if TYPE_CHECKING:  # annotations only: importing ultramem.config registers the families (this module) first
     from torch import nn
 
     from ultramem.config import ModelConfig, UltraMemV2Config
@@ -158,6 +160,7 @@ FAMILY = register(Family(
     style=PlotStyle(label="ultramem-v2", color="#17a2b8", marker="P"),
     build_ffn=build_ffn,
     ffn_aux=True,
+    aux_sum=True,  # the official code adds coefficient x loss in every layer (a backward hook per layer)
     ffn_params=mlp_params,  # the MLP of a block; with its memory layers and the table: model_params
     ffn_activations=ffn_activations,
     build_shared=build_shared,

@@ -41,10 +41,13 @@ MEMORY_PLUS_FIELD = "model.memory_plus.layers"
 
 
 def memory_plus_blocks(spec: str, n_layers: int) -> list[int]:
-    """'4,12,20' -> [4, 12, 20]; 'auto' -> Meta's 3 centred blocks. Raises ConfigError naming the field.
+    """'4,12,20' -> [4, 12, 20]; 'auto' -> 3 centred blocks. Raises ConfigError naming the field.
 
     auto: middle = n_layers // 2, stride s = max(1, n_layers // 3), {middle - s, middle, middle + s} clipped to
-    [0, n_layers) (24 -> 4,12,20 and 12 -> 2,6,10: Meta's stride 8 and 4; 1 -> 0; 2 -> 0,1).
+    [0, n_layers). It is Meta's placement only where Meta used it: 24 -> 4,12,20 (the 373M template, stride 8) and
+    12 -> 2,6,10 (the paper's stride 4 of its 134m model). Elsewhere it extrapolates: 32 -> 6,16,26 where Meta's 7B
+    config keeps 4,12,20 (write that explicitly); 1 -> 0; 2 -> 0,1; 3 -> 0,1,2 (every block); 4 and 5 -> 1,2,3;
+    6 -> 1,3,5; 8 -> 2,4,6; 16 -> 3,8,13; 20 -> 4,10,16 (docs/families.md, "Memory+").
     """
     field = MEMORY_PLUS_FIELD
     if n_layers < 1:
