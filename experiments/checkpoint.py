@@ -18,6 +18,13 @@ Checksums: a file checkpoint has a sidecar `step_XXXXXXXX.pt.sha256`, a DCP fold
 is recognised before it is used; `verify` raises CorruptCheckpoint and `move_aside` renames it to
 `step_XXXXXXXX.pt.corrupt` (kept for inspection, invisible to `newest`/`all_checkpoints`/`prune`). Checkpoints
 written before checksums existed have none and still load.
+
+Safe loading: a checkpoint holds tensors and plain values only (ints, floats, strings, None, lists, tuples, dicts;
+the RNG states converted to those), and is read with `torch.load(weights_only=True)`, which never runs code from
+the file (a checksum detects damage, not tampering: whoever can write the file can write its checksum). A file that
+holds anything else (a checkpoint of the trainer before safe loading, which kept NumPy's RNG state as an array, or
+a crafted pickle) is refused with UnsafeCheckpoint, unless the user trusts the run folder and sets
+ULTRAMEM_TRUST_CHECKPOINTS=1 for the resume (`read`).
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pickle
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,35 +43,97 @@ import numpy as np
 import torch
 
 from runfolder import RunDir, atomic_write, atomic_write_text
+from ultramem.config import ConfigError
 
 FORMAT_VERSION = 1  # the checksums live beside the payload, so adding them did not change the format
 SHARDED_SUFFIX = ".dcp"
 CHECKSUM_SUFFIX = ".sha256"  # step_XXXXXXXX.pt.sha256 beside a file checkpoint
 SHARDED_CHECKSUMS = "checksums.sha256"  # inside a step_XXXXXXXX.dcp/ folder
 CORRUPT_SUFFIX = ".corrupt"
+TRUST_ENV = "ULTRAMEM_TRUST_CHECKPOINTS"  # =1: read checkpoints that hold arbitrary Python objects (older ones)
 
 
 class CorruptCheckpoint(RuntimeError):
     """A checkpoint that fails its checksum, or (written without one) cannot be read. The message names it."""
 
 
+class UnsafeCheckpoint(ConfigError):
+    """A checkpoint holding Python objects that `torch.load(weights_only=True)` does not read: loading it could run
+    code from the file. Not a damaged file (it is neither moved aside nor skipped): the user decides (exit 2)."""
+
+
 def rng_state(device: torch.device) -> dict[str, Any]:
-    """This process's RNG states; on CUDA only its own device's generator (touching every visible GPU would
-    create a context on each of them from every rank)."""
+    """This process's RNG states as tensors and plain values (a safe load reads them); on CUDA only its own
+    device's generator (touching every visible GPU would create a context on each of them from every rank)."""
+    version, internal, gauss = random.getstate()  # (3, 625 ints, float | None)
+    _, keys, pos, has_gauss, cached = np.random.get_state()  # ('MT19937', uint32[624], int, int, float)
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [int(version), [int(k) for k in internal], gauss],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore `rng_state`'s states (or those of a checkpoint written before safe loading: Python's state as a
+    tuple, NumPy's as its get_state tuple)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    npy = state["numpy"]
+    if isinstance(npy, dict):
+        npy = ("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+               npy["cached_gaussian"])
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def trusted() -> bool:
+    """Whether the user opted in to reading checkpoints with arbitrary Python objects (ULTRAMEM_TRUST_CHECKPOINTS=1)."""
+    return os.environ.get(TRUST_ENV, "") == "1"
+
+
+def read(source: Path | Any, name: str) -> Any:
+    """`torch.load` of a checkpoint file (a path, or a seekable file object) that never runs code from it: tensors
+    and plain values only (weights_only=True), on the CPU.
+
+    A file that holds other Python objects raises UnsafeCheckpoint naming `name` and them, unless trusted()
+    (then it is loaded in full, with a warning). Other read errors (a damaged file) propagate unchanged."""
+    try:
+        return torch.load(_rewound(source), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        unsafe = _unsafe_globals(source)
+        if not unsafe:
+            raise
+    shown = ", ".join(unsafe[:4]) + (f" and {len(unsafe) - 4} more" if len(unsafe) > 4 else "")
+    if not trusted():
+        raise UnsafeCheckpoint(
+            f"{name}: refused: it holds Python objects ({shown}) that a safe load (torch.load weights_only=True) "
+            "does not read, because unpickling them can run code from the file. Checkpoints of this trainer from "
+            "before safe loading hold NumPy's RNG state that way: if you wrote this run folder yourself, run the "
+            f"same command again with {TRUST_ENV}=1 (the next checkpoint is written in the safe format); otherwise "
+            "delete the file (and its .sha256) to resume from an older checkpoint or start over") from None
+    print(f"warning: {name}: loading Python objects ({shown}) in full because {TRUST_ENV}=1: this runs code from "
+          "the file; only do this for run folders you wrote", file=sys.stderr, flush=True)
+    return torch.load(_rewound(source), map_location="cpu", weights_only=False)
+
+
+def _rewound(source: Any) -> Any:
+    if hasattr(source, "seek"):
+        source.seek(0)
+    return source
+
+
+def _unsafe_globals(source: Any) -> list[str]:
+    """The Python objects (module.name) a checkpoint's pickle refers to that a safe load refuses; [] when the file
+    cannot be parsed that far (damaged)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(_rewound(source))
+    except Exception:
+        return []
 
 
 def save(run_dir: RunDir, step: int, state: dict[str, Any], keep: int) -> Path:
@@ -79,15 +150,17 @@ def save(run_dir: RunDir, step: int, state: dict[str, Any], keep: int) -> Path:
 
 
 def load(path: Path, verified: bool | None = None) -> dict[str, Any]:
-    """A single-file checkpoint (on CPU), verified against its checksum when it has one (`verified`: the caller
-    already did: True when it matched, False when there is none).
+    """A single-file checkpoint (on CPU, read safely: `read`), verified against its checksum when it has one
+    (`verified`: the caller already did: True when it matched, False when there is none).
 
-    Raises CorruptCheckpoint when it is damaged (checksum mismatch, or no checksum and torch cannot read it)."""
+    Raises CorruptCheckpoint when it is damaged (checksum mismatch, or no checksum and torch cannot read it), and
+    UnsafeCheckpoint when it holds Python objects besides tensors and plain values."""
     if verified is None:
         verified = verify(path)
     try:
-        # weights_only=False: the RNG states are Python/NumPy objects; the file is one this trainer wrote.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read(path, str(path))
+    except UnsafeCheckpoint:
+        raise
     except Exception as err:
         if verified:
             raise

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -277,7 +279,8 @@ def save_sharded(rd: RunDir, step: int, model: nn.Module, opt: torch.optim.Optim
     kill mid-save leaves the previous checkpoint the newest complete one), then prunes to `keep`.
 
     `extras` (loader position, logging window, every rank's RNG, last means) is identical on all ranks and is
-    stored as one opaque blob, so its shape (e.g. the number of RNG states) may differ from the loader's.
+    stored as one opaque blob, so its shape (e.g. the number of RNG states) may differ from the loader's; like a
+    single-file checkpoint it holds tensors and plain values only (`load_sharded` reads it safely).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -291,8 +294,8 @@ def save_sharded(rd: RunDir, step: int, model: nn.Module, opt: torch.optim.Optim
     msd, osd = get_state_dict(model, opt)
     blob = io.BytesIO()
     torch.save({"format": checkpoint.FORMAT_VERSION, "step": step, **extras}, blob)
-    blob.seek(0)
-    dcp.save({"model": msd, "optim": osd, "extras": blob}, checkpoint_id=tmp)
+    # as `bytes`, which DCP pickles as a plain value (a BytesIO would be pickled as an object a safe load refuses)
+    dcp.save({"model": msd, "optim": osd, "extras": blob.getvalue()}, checkpoint_id=tmp)
     _barrier(world_size)
     if rank == 0:
         checkpoint.write_sharded_checksums(tmp)
@@ -308,35 +311,133 @@ def load_sharded(path: os.PathLike, model: nn.Module, opt: torch.optim.Optimizer
     """Load a DCP checkpoint into `model` and `opt` in their current layout; return the extras (step included).
 
     A folder that DCP cannot read raises CorruptCheckpoint, unless it passed its checksums (`verified`): then the
-    fault is not the files' and DCP's own error is raised."""
+    fault is not the files' and DCP's own error is raised. Nothing in the folder runs code: DCP's `.metadata` is
+    read by an unpickler that builds DCP's own metadata records only, and every non-tensor entry (the extras, the
+    optimizer's hyperparameters) with torch.load(weights_only=True) (checkpoint.read: UnsafeCheckpoint otherwise).
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     msd, osd = get_state_dict(model, opt)  # initialises the optimizer state so that it has shards to load into
     state = {"model": msd, "optim": osd, "extras": io.BytesIO()}
+    refused: list[checkpoint.UnsafeCheckpoint] = []  # what the reader and planner refused (DCP rewraps errors)
+    reader, planner = _safe_dcp_reader(path, refused), _safe_dcp_planner(os.fspath(path), refused)
     with contextlib.ExitStack() as stack:
         if not dist.is_initialized():  # one process reading a checkpoint that many wrote: DCP's no-dist mode
             import warnings
 
             stack.enter_context(warnings.catch_warnings())
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        stack.enter_context(_quiet_dcp_logs())
         try:
-            dcp.load(state, checkpoint_id=path)
+            dcp.load(state, storage_reader=reader, planner=planner)
         except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+            if refused:  # not a damaged file: its content was refused (DCP reports it as another error)
+                raise refused[0] from None
             if verified:
                 raise
             raise checkpoint.CorruptCheckpoint(f"{os.fspath(path)}: cannot be loaded ({type(err).__name__}: "
                                                f"{str(err)[:500]})") from err
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    extras = state["extras"]
-    if isinstance(extras, io.BytesIO):
-        extras.seek(0)
-        extras = torch.load(extras, map_location="cpu", weights_only=False)
+    extras = state["extras"]  # the blob's bytes (a BytesIO in folders written before safe loading, read if trusted)
+    if isinstance(extras, bytes | io.BytesIO):
+        extras = checkpoint.read(io.BytesIO(extras) if isinstance(extras, bytes) else extras,
+                                 f"{os.fspath(path)} (extras)")
+    if not isinstance(extras, dict):
+        raise checkpoint.CorruptCheckpoint(f"{os.fspath(path)}: its extras are a {type(extras).__name__}, not a dict")
     if extras.get("format") != checkpoint.FORMAT_VERSION:
         raise RuntimeError(f"{path}: checkpoint format {extras.get('format')!r}, this trainer reads "
                            f"{checkpoint.FORMAT_VERSION}; delete {os.fspath(path)} to restart from an older one")
     return extras
+
+
+# ---- reading DCP folders without running code from them ------------------------------------------------------------
+
+# What DCP's `.metadata` pickle may build: its own metadata records (dataclasses and an enum), torch.Size, dtypes,
+# layouts and paths. Everything else (os.system, builtins.eval, ...) is refused before it is looked up.
+# Each is a record (a dataclass or an enum) or a value constructor without side effects.
+_DCP_METADATA_GLOBALS = {
+    *(("torch.distributed.checkpoint.metadata", c) for c in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    *((m, c) for m in ("pathlib", "pathlib._local")  # (Python 3.13 moved the classes)
+      for c in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a DCP checkpoint's metadata")
+
+
+def _safe_dcp_reader(path: os.PathLike, refused: list[checkpoint.UnsafeCheckpoint]) -> Any:
+    """A DCP FileSystemReader whose `.metadata` is read by _MetadataUnpickler (DCP's own uses pickle.load);
+    refusals are appended to `refused`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            meta_path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(meta_path, "rb") as f:
+                try:
+                    metadata = _MetadataUnpickler(f).load()
+                except pickle.UnpicklingError as err:
+                    refused.append(checkpoint.UnsafeCheckpoint(
+                        f"{os.fspath(meta_path)}: refused: {err}; loading it could run code from the file. Delete "
+                        f"{os.fspath(path)} to resume from an older checkpoint or start over"))
+                    raise refused[-1] from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
+
+
+def _safe_dcp_planner(name: str, refused: list[checkpoint.UnsafeCheckpoint]) -> Any:
+    """DCP's DefaultLoadPlanner, reading every non-tensor entry with checkpoint.read (weights_only=True) instead of
+    torch.load(weights_only=False); refusals are appended to `refused`."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            fqn = read_item.dest_index.fqn
+            try:
+                obj = checkpoint.read(value, f"{name} ({fqn})")
+            except checkpoint.UnsafeCheckpoint as err:
+                refused.append(err)
+                raise
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    return SafePlanner()
+
+
+@contextlib.contextmanager
+def _quiet_dcp_logs() -> Any:
+    """Drop DCP's own log records: it logs a traceback on the root logger for every failed read of a metadata file
+    (printed by Python's last-resort handler), while load_sharded reports the failure in one line. A filter on the
+    root logger sees only records logged on it directly, so nobody else's logging changes."""
+    def not_dcp(record: logging.LogRecord) -> bool:
+        return "torch/distributed/checkpoint/" not in record.pathname.replace(os.sep, "/")
+
+    root = logging.getLogger()
+    root.addFilter(not_dcp)
+    try:
+        yield
+    finally:
+        root.removeFilter(not_dcp)
 
 
 def restore_rng(rngs: list[dict[str, Any]], rank: int, world_size: int, seed: int, step: int,

@@ -51,7 +51,7 @@ def _interrupted_after(rd: RunDir, step: int) -> None:
 
 
 def _weights(path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def _same_run(rd: RunDir, ref: RunDir) -> None:

@@ -242,7 +242,7 @@ def _cfg(shakespeare_path, cache):
 
 
 def _weights(rd: RunDir) -> dict[str, torch.Tensor]:
-    return torch.load(rd.checkpoint_path(STEPS), map_location="cpu", weights_only=False)["model"]
+    return torch.load(rd.checkpoint_path(STEPS), map_location="cpu", weights_only=True)["model"]
 
 
 def test_training_records_memory_summary_and_resumes_bit_exact(tmp_path, shakespeare_path, cache):
@@ -257,7 +257,7 @@ def test_training_records_memory_summary_and_resumes_bit_exact(tmp_path, shakesp
         1, True, pc.sparse, 1)
     state = _weights(ref)
     assert torch.equal(state["shared.values"], state["blocks.1.ffn.memory.table.values"])
-    first = torch.load(ref.checkpoint_path(2), map_location="cpu", weights_only=False)["model"]
+    first = torch.load(ref.checkpoint_path(2), map_location="cpu", weights_only=True)["model"]
     assert not torch.equal(state["shared.values"], first["shared.values"])  # it trains
 
     # a run killed right after its step-2 checkpoint, then the same command again
@@ -280,5 +280,5 @@ def test_training_records_memory_summary_and_resumes_bit_exact(tmp_path, shakesp
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    opt_a = torch.load(ref.checkpoint_path(STEPS), map_location="cpu", weights_only=False)["optimizer"]
+    opt_a = torch.load(ref.checkpoint_path(STEPS), map_location="cpu", weights_only=True)["optimizer"]
     assert [g.get("fixed_lr") for g in opt_a["param_groups"]] == [None, None, 1e-3]

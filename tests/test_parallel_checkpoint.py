@@ -70,7 +70,7 @@ def _curve(rd: RunDir, kind: str, key: str) -> dict[int, float]:
 
 
 def _weights(rd: RunDir) -> dict[str, torch.Tensor]:
-    return torch.load(rd.checkpoint_path(6), map_location="cpu", weights_only=False)["model"]
+    return torch.load(rd.checkpoint_path(6), map_location="cpu", weights_only=True)["model"]
 
 
 @pytest.mark.slow

@@ -168,7 +168,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, s
     assert rd.final() is None
     ckpts = rd.checkpoints()
     assert ckpts, "the run should have checkpointed before diverging"
-    newest = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+    newest = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
     assert newest["step"] < bad_step
     assert all(torch.isfinite(v).all() for v in newest["model"].values() if v.is_floating_point())
     assert all(s < bad_step and math.isfinite(v) for s, v in losses(rd))  # nothing non-finite is logged

@@ -36,7 +36,7 @@ def _run_one(rd: RunDir) -> subprocess.Popen:
 
 
 def _final_params(rd: RunDir) -> dict[str, torch.Tensor]:
-    return torch.load(rd.checkpoint_path(STEPS), map_location="cpu", weights_only=False)["model"]
+    return torch.load(rd.checkpoint_path(STEPS), map_location="cpu", weights_only=True)["model"]
 
 
 @pytest.mark.slow
