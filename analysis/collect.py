@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.checks import FitError
-from runfolder import RunDir, atomic_write_text, iter_run_dirs, run_state
+from runfolder import RecordError, RunDir, atomic_write_text, iter_run_dirs, run_state
 
 RUN_COLUMNS = [
     "run_id", "name", "sweep", "family", "preset", "seed", "state", "backbone", "n_layers", "d_model",
@@ -57,6 +57,7 @@ def final_to_row(final: dict[str, Any], config: dict[str, Any] | None = None, st
     moe = final.get("moe") or {}
     knowledge = final.get("knowledge") or {}
     model = (config or {}).get("model") or {}
+    model = model if isinstance(model, dict) else {}
     n_layers, d_model = model.get("n_layers"), model.get("d_model")
     row = {
         "run_id": final.get("run_id"), "name": final.get("name"), "sweep": final.get("sweep"),
@@ -148,7 +149,12 @@ def collect_runs(runs_dir: str | Path, *, cache: bool = True) -> Collected:
         if now.final is None:
             skipped.append(f"{rd.run_id} ({now.state}: {now.detail})" if now.detail else f"{rd.run_id} ({now.state})")
             continue
-        row = final_to_row(now.final.to_dict(), rd.read_config(), now.state, str(rd.path.relative_to(root)))
+        try:
+            config = rd.read_config()
+        except RecordError as err:  # listed like an unreadable status.json, and the others are collected
+            skipped.append(f"{rd.run_id} (unreadable: {err})")
+            continue
+        row = final_to_row(now.final.to_dict(), config, now.state, str(rd.path.relative_to(root)))
         row["run_id"] = row["run_id"] or rd.run_id
         rows.append(row)
         curves += metrics_to_curve(row["run_id"], row["family"], rd.metrics())

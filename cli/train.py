@@ -12,6 +12,7 @@ under `torchrun --standalone --nproc_per_node=K` (DDP). Exit codes: 0 done, 1 fa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -60,35 +61,58 @@ def build_config(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def make_run_folder(path: Path, label: str) -> None:
-    """Create the run folder and prove it writable, or raise a one-line ConfigError naming it and the reason (an
-    --out under a regular file, in /proc, at /dev/null, on a read-only disk) instead of a traceback later."""
+    """Create the run folder and prove it writable (a file with a few bytes, synced), or raise a one-line
+    ConfigError naming it and the reason (an --out under a regular file, in /proc, at /dev/null, on a read-only or
+    full disk) instead of a traceback later. A refused folder is left as it was: folders created here are removed."""
+    created = [p for p in (path, *path.parents) if not p.exists() and not p.is_symlink()]
+    probe = None
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
-        os.close(fd)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"ultramem write test\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.unlink(probe)
     except OSError as err:
+        if probe is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+        for p in created:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
         reason = err.strerror or str(err)
+        fix = "choose a writable folder"
         if isinstance(err, FileExistsError) or (err.errno == errno.EEXIST and not path.is_dir()):
             reason = "it exists and is not a folder"
         elif isinstance(err, NotADirectoryError):
             reason = "a part of the path is a file, not a folder"
-        where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
-        raise ConfigError(f"{label} {path}: cannot create the run folder there: {reason}{where}; choose a writable "
-                          "folder") from None
+        elif err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            fix = "free space on that disk or choose a folder on another one, then run the same command again"
+        where = f" ({err.filename})" if err.filename and str(err.filename) not in (str(path), probe) else ""
+        raise ConfigError(f"{label} {path}: cannot create the run folder there: {reason}{where}; {fix}") from None
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg, source = build_config(args)  # first: a bad file is refused before torch loads
     from experiments.config import run_id
     from experiments.resolve import resolve_run_config
     from experiments.run_one import EXIT_BUSY, EXIT_DIVERGED, launch_command
-    from experiments.trainer import Diverged, RunBusy, train, write_run_config
+    from experiments.trainer import (
+        Diverged,
+        RunBusy,
+        check_run_folder,
+        describe_error,
+        is_refused_write,
+        train,
+        write_run_config,
+    )
     from runfolder import RunDir, run_state
 
-    cfg, source = build_config(args)
     resolved = resolve_run_config(cfg, source)
     rid = run_id(resolved.model_dump(mode="json"))
     rd = RunDir(Path(args.out) if args.out else Path("runs") / rid)
+    check_run_folder(rd, resolved, args.force)  # before anything is created or locked there
     make_run_folder(rd.path, "--out" if args.out else "run folder")
     print(f"run {rid} -> {rd.path}", file=sys.stderr)
     nproc = resolved.parallel.nproc
@@ -108,6 +132,12 @@ def run(args: argparse.Namespace) -> int:
         except RunBusy as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_BUSY
+        except Exception as err:
+            if not is_refused_write(err):
+                raise
+            # a full disk, an I/O error: one line (status.json holds it too), no traceback
+            print(f"error: {describe_error(err, rd.path)}", file=sys.stderr)
+            return 1
         rc = 0
     if final is not None:
         keys = ("run_id", "val_loss", "train_loss", "tokens", "active_params", "wall_s")

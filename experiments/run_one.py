@@ -52,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     except RunBusy as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BUSY
-    except Exception:
-        traceback.print_exc()
+    except Exception as err:
+        traceback.print_exc()  # for train.log; the last line is the summary (status.json holds it too)
+        from experiments.trainer import describe_error
+
+        print(f"error: {describe_error(err, rd.path)}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         teardown()

@@ -80,17 +80,16 @@ def read_json(path: str | Path, default: Any = None) -> Any:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All complete lines; a torn line (killed mid-write) is ignored."""
+    """All complete lines; a torn line (killed mid-write) or one that is not UTF-8 JSON is ignored."""
     out = []
     try:
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
+        with open(path, "rb") as f:
+            for raw in f:
                 try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
+                    line = raw.decode().strip()
+                    if line:
+                        out.append(json.loads(line))
+                except ValueError:  # UnicodeDecodeError, json.JSONDecodeError
                     continue
     except FileNotFoundError:
         pass

@@ -93,10 +93,27 @@ class RunDir:
             atomic_write_json(self.marker_path, Marker(run_id, time.time()).to_dict())
 
     def read_config(self) -> dict[str, Any] | None:
-        if not self.config_path.exists():
+        """config.yaml as a mapping, None when it does not exist. RecordError (naming the file) when it is not
+        a readable YAML mapping whose blocks (model, train, data, ...) are mappings."""
+        try:
+            text = self.config_path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
             return None
-        with open(self.config_path) as f:
-            return yaml.safe_load(f)
+        except UnicodeDecodeError as err:
+            raise RecordError(f"{self.config_path}: not a YAML text file (byte {err.start:,} is not UTF-8)") from None
+        except OSError as err:
+            raise RecordError(f"{self.config_path}: cannot read ({err.strerror or err})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise RecordError(f"{self.config_path}: not valid YAML ({' '.join(str(err).split())})") from None
+        if not isinstance(data, dict):
+            raise RecordError(f"{self.config_path}: expected a mapping of a run's config, found "
+                              f"{type(data).__name__}")
+        for key in _CONFIG_BLOCKS:
+            if key in data and not isinstance(data[key], dict):
+                raise RecordError(f"{self.config_path}: `{key}` is {data[key]!r}, expected a mapping")
+        return data
 
     def read_marker(self) -> Marker | None:
         return self._read_record(self.marker_path, Marker)
@@ -149,7 +166,9 @@ class RunDir:
             f.flush()
 
     def metrics(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.metrics_path)
+        """The rows of metrics.jsonl; a torn line, or one that is not a row (not an object, a number field that is
+        not a number), is skipped."""
+        return [r for r in read_jsonl(self.metrics_path) if _is_row(r)]
 
     def truncate_metrics_after(self, step: int) -> None:
         """On resume, drop metric lines logged after the checkpoint we resume from (they will be re-logged)."""
@@ -162,8 +181,17 @@ class RunDir:
         atomic_write_json(self.final_path, record.to_dict())
 
     def read_final(self) -> Final | None:
-        """The final record, None before the run finished. RecordError if unreadable."""
-        return self._read_record(self.final_path, Final)
+        """The final record, None before the run finished. RecordError if unreadable, or if it holds another run
+        than the folder's marker (run.json) names: a final.json copied in from elsewhere is not this run's result."""
+        final = self._read_record(self.final_path, Final)
+        if final is None:
+            return None
+        marker = self.read_marker()
+        if marker is not None and final.run_id != marker.run_id:
+            raise RecordError(f"{self.final_path}: holds the result of run {final.run_id}, but this folder is run "
+                              f"{marker.run_id} (its run.json); a copied-in final.json is not this run's: delete it "
+                              "and train the run again to rewrite it")
+        return final
 
     def final(self) -> dict[str, Any] | None:
         record = self.read_final()
@@ -228,6 +256,7 @@ class RunDir:
 @contextlib.contextmanager
 def _flock(folder: Path, path: Path, blocking: bool) -> Iterator[bool]:
     folder.mkdir(parents=True, exist_ok=True)
+    created = not path.exists()
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -235,14 +264,31 @@ def _flock(folder: Path, path: Path, blocking: bool) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        except OSError:  # a full disk: leave no empty lock file behind (the caller reports the error)
+            if created:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise
         try:
             yield True
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+_ROW_NUMBERS = ("step", "tokens", "flops", "loss", "val_loss", "tokens_per_s")  # numbers where present
+
+
+def _is_row(row: Any) -> bool:
+    return isinstance(row, dict) and all(
+        isinstance(row[k], int | float) and not isinstance(row[k], bool) for k in _ROW_NUMBERS if k in row)
+
+
+_CONFIG_BLOCKS = ("model", "train", "data", "parallel", "wandb")  # RunConfig's blocks: mappings when present
 
 
 def iter_run_dirs(root: str | Path) -> Iterator[RunDir]:

@@ -80,6 +80,7 @@ class Status(_Record):
     _TYPES: ClassVar[dict[str, tuple[type, ...]]] = {
         "state": (str,), "step": (int,), "total_steps": (int,), "tokens": (int, float), "resumed_from": (int,),
         "error": (str,), "attempts": (int,), "node": (str,), "name": (str,), "host": (str,), "pid": (int,),
+        "threads": (int,),
         "created_at": (int, float), "started_at": (int, float), "updated_at": (int, float),
         "finished_at": (int, float),
     }
@@ -99,6 +100,7 @@ class Status(_Record):
     finished_at: float | None = None
     host: str | None = None  # host and pid of the last writer (tells a live run from an interrupted one)
     pid: int | None = None
+    threads: int | None = None  # torch threads of the latest attempt (results are bitwise only at the same count)
     schema: int = SCHEMA
 
     def __post_init__(self) -> None:
@@ -194,6 +196,7 @@ class Final(_Record):
     tokenizer: str | None = None
     vocab_size: int | None = None
     data_source: str | None = None
+    data_sha256: str | None = None  # SHA-256 of a local corpus file (experiments.data.loading.Source.sha256)
     schema: int = SCHEMA
 
 
