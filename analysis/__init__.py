@@ -12,7 +12,8 @@ Modules: checks (input errors), lse (the log-sum-exp law family, robust objectiv
 (single-variable laws), chinchilla (L(N, D) and its frontier), isoflop (Approach 2), bootstrap (CIs over runs),
 collect (run folders -> tables), compare (families, compute multiplier, memory law, knowledge), seeds (seed
 distributions per configuration, `ultramem seeds`), schedules (WSD branches vs cosine at equal steps), synthetic
-(run folders drawn from known laws, for checks), plots, report. matplotlib loads only with plots/report
+(run folders drawn from known laws, for checks), plots, report, wandb_report (the report logged to W&B, `ultramem
+plots --wandb`). matplotlib loads only with plots/report
 (build_report) and the seed figures.
 """
 

@@ -6,6 +6,9 @@
 - W&B files live inside the run folder (`dir=RUN_DIR`, so RUN_DIR/wandb/);
 - the W&B run id is the run id with resume="allow", so a resumed attempt continues the same W&B run;
 - group = `wandb.group` or the sweep name, job_type = `wandb.job_type` or the model family;
+- x-axes (`define_metric`, AXES): the losses are charted against `flops`, the rest against `tokens` (every row
+  carries both, so either is one click away in a panel's x-axis), so a sweep's group compares runs of different
+  sizes at equal compute rather than at equal step;
 - any exception from init, log or finish is reported once on stderr and turns the mirror off.
 """
 
@@ -16,6 +19,11 @@ import sys
 from typing import Any
 
 INIT_TIMEOUT_S = 60.0
+# step metric -> the metrics W&B charts against it by default
+AXES = {
+    "flops": ("loss", "val_loss", "aux_loss"),
+    "tokens": ("lr", "grad_norm", "aux/*", "memory/*", "tokens_per_s", "flops_per_s", "mfu", "peak_mem_mb"),
+}
 
 
 class WandbMirror:
@@ -52,6 +60,10 @@ class WandbMirror:
         except Exception as err:  # W&B is a mirror: training goes on without it
             _warn("init", err)
             return cls()
+        try:
+            define_axes(run)
+        except Exception as err:  # the charts fall back to the step as x-axis; the mirror goes on
+            _warn("define_metric", err)
         return cls(run)
 
     def log(self, record: dict[str, Any], step: int) -> None:
@@ -80,6 +92,14 @@ class WandbMirror:
         except Exception as err:
             _warn("finish", err)
         self.run = None
+
+
+def define_axes(run: Any) -> None:
+    """Declare AXES on a W&B run: each axis a step metric, its metrics charted against it."""
+    for axis, metrics in AXES.items():
+        run.define_metric(axis)
+        for metric in metrics:
+            run.define_metric(metric, step_metric=axis)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
