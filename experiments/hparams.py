@@ -34,11 +34,21 @@ every value lands in each run's config.yaml) keeps the batch and LR above and ad
 None of these constants is tuned on this suite's tiny models; they are the published rule, stated once here.
 The one measured addition is `isoflop.batch: steps` (steps_batch_size, BATCH_TARGET_STEPS): a batch from the run's
 length instead of the model's size, for tiny models whose short runs the ladder batch starves of steps.
+
+The fitted rule (`isoflop.hparams: fitted` + `isoflop.hparams_file`; load_fitted_rule, fitted_lr) keeps the IsoFLOP
+rule's batch, warmup and beta2 and takes the peak LR from a per-family law lr*(N) = coef x N^exponent that an LR
+scan measured (`method: lr_scan`, `ultramem hparams`, analysis/hparams.py; docs/sweeps.md "LR scans"). It refuses
+a family the file has no law for and a size outside the range the law was fitted on.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
+
+from ultramem.config import ConfigError
 
 # Batch size: OLMo ladder constants (160 sequences of 2048 tokens at 108M parameters, growing as N^(2/3)).
 BATCH_TOKENS_REF = 160 * 2048
@@ -146,3 +156,52 @@ def isoflop_hparams(active_params: int, seq_len: int, shortest_tokens: int, mult
     return {"batch_size": batch, "lr": learning_rate(active_params),
             "warmup": isoflop_warmup_steps(active_params, batch * seq_len, shortest),
             "beta2": beta2(batch * seq_len)}
+
+
+# ---- the fitted rule (`isoflop.hparams: fitted`): per-family lr*(N) laws measured by an LR scan ----------------
+
+FITTED_RULE_KIND = "ultramem-lr-rule"  # analysis/hparams.py RULE_KIND writes the same
+
+
+def load_fitted_rule(path: str | Path) -> dict[str, Any]:
+    """The fitted-rule JSON that `ultramem hparams` writes (`lr_rule.json`): {kind, version, families: {family:
+    {coef, exponent, n_min, n_max, ...}}}. JSON only (nothing in it is executed); ConfigError naming the file."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            rule = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"isoflop.hparams_file: {path} not found; write it with `ultramem hparams "
+                          "SWEEP_OR_RUNS --out DIR` (DIR/lr_rule.json) or fix the path (relative to the sweep file)") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"isoflop.hparams_file: {path} is not a readable JSON file: {err}") from None
+    if not isinstance(rule, dict) or rule.get("kind") != FITTED_RULE_KIND or not isinstance(rule.get("families"),
+                                                                                             dict):
+        raise ConfigError(f"isoflop.hparams_file: {path} is not a fitted LR rule (expected a JSON object with "
+                          f"kind: {FITTED_RULE_KIND!r} and families; `ultramem hparams` writes one)")
+    for fam, law in rule["families"].items():
+        if not isinstance(law, dict) or not all(isinstance(law.get(k), int | float)
+                                                for k in ("coef", "exponent", "n_min", "n_max")):
+            raise ConfigError(f"isoflop.hparams_file: {path}: families.{fam} needs numbers coef, exponent, n_min "
+                              "and n_max")
+    return {**rule, "path": str(path)}
+
+
+def fitted_lr(rule: dict[str, Any], family: str, active_params: int, where: str) -> float:
+    """Peak LR coef x N^exponent of `family`'s fitted law, for N inside the range of sizes it was fitted on."""
+    laws = rule["families"]
+    if family not in laws:
+        raise ConfigError(f"{where}: {rule['path']} has no fitted LR law for family {family!r} (it has "
+                          f"{', '.join(sorted(laws)) or 'none'}); scan {family} (method: lr_scan, then `ultramem "
+                          "hparams`) or drop it from isoflop.ladder")
+    law = laws[family]
+    lr = float(law["coef"] * active_params ** law["exponent"])
+    lo, hi = law["n_min"], law["n_max"]
+    if not lo * (1 - 1e-9) <= active_params <= hi * (1 + 1e-9):
+        side, edge = ("above", hi) if active_params > hi else ("below", lo)
+        raise ConfigError(
+            f"{where}: N = {active_params:,} active parameters is {side} the range {family}'s LR law was fitted on "
+            f"in {rule['path']} ({lo:,.0f}-{hi:,.0f}); using it would extrapolate lr*(N) = {law['coef']:.4g} x "
+            f"N^{law['exponent']:.4g} by {max(active_params / edge, edge / active_params):.3g}x in N (to "
+            f"{lr:.3g}); scan that size too, or remove it from isoflop.ladder")
+    return lr

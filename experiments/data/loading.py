@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from experiments.data.corpus import corpus_fingerprint, corpus_options, ensure_corpus_file
+from runfolder import atomic_write_json
 from ultramem.config import ConfigError
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ class Source:
     builder: str | None = None  # text | json | parquet for local files
     files: list[str] = field(default_factory=list)
     text_field: str = "text"
+    sha256: str | None = None  # local sources: the file's SHA-256 (several files: of their sorted "sha256  name"
+    #                            lines, as `sha256sum` prints them); None above CONTENT_HASH_MAX_BYTES and elsewhere
 
 
 def resolve_source(cfg: DataConfig, cache: Path) -> Source:
@@ -62,10 +65,12 @@ def resolve_source(cfg: DataConfig, cache: Path) -> Source:
         return Source("hub", name.replace("/", "--"), src, fp, text_field=cfg.text_field)
     files = _expand_local(src)
     builder = _builder(files, cfg.format)
-    fp = {"files": _file_fingerprints(files), "builder": builder,
+    hashes = _file_fingerprints(files, cache)
+    fp = {"files": [h if isinstance(h, list) else h["blake2b"] for h in hashes], "builder": builder,
           "sample_by": "paragraph" if builder == "text" else None}
     stem = Path(files[0]).stem if len(files) == 1 else Path(src.rstrip("/*")).name or "files"
-    return Source("local", stem, os.path.abspath(src), fp, builder, files, cfg.text_field)
+    return Source("local", stem, os.path.abspath(src), fp, builder, files, cfg.text_field,
+                  _sources_sha256(files, hashes))
 
 
 def _expand_local(src: str) -> list[str]:
@@ -101,18 +106,50 @@ def _builder(files: list[str], fmt: str) -> str:
     return kinds.pop()
 
 
-def _file_fingerprints(files: list[str]) -> list[Any]:
-    """Content hashes (so a copied or touched file reuses its tokens); stats for very large sources."""
+def _file_fingerprints(files: list[str], cache: Path) -> list[Any]:
+    """Per file {blake2b, sha256} of its content (so a copied or touched file reuses its tokens), remembered in
+    `<cache>/fingerprints/` by (path, size, mtime) so that a later run does not re-read a large corpus; for sources
+    above CONTENT_HASH_MAX_BYTES, [path, size, mtime] instead (never read)."""
     if sum(os.path.getsize(f) for f in files) > CONTENT_HASH_MAX_BYTES:
         return [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
-    out = []
-    for f in files:
-        h = hashlib.blake2b(digest_size=16)
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(8 << 20), b""):
-                h.update(chunk)
-        out.append(h.hexdigest())
+    return [_content_hashes(f, cache) for f in files]
+
+
+def _content_hashes(path: str, cache: Path) -> dict[str, str]:
+    """{blake2b (16 bytes), sha256} of one file, from its memo when size and mtime still match, else read once."""
+    st = os.stat(path)
+    stamp = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    memo = cache / "fingerprints" / f"{hashlib.sha256(path.encode()).hexdigest()[:24]}.json"
+    try:
+        with open(memo) as fh:
+            known = json.load(fh)
+        if {k: known.get(k) for k in stamp} == stamp and isinstance(known.get("blake2b"), str):
+            return {"blake2b": known["blake2b"], "sha256": known["sha256"]}
+    except (OSError, ValueError):
+        pass  # no memo yet, or an unreadable one: hash the file and write it again
+    b2, sha = hashlib.blake2b(digest_size=16), hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda fh=fh: fh.read(8 << 20), b""):
+            b2.update(chunk)
+            sha.update(chunk)
+    out = {"blake2b": b2.hexdigest(), "sha256": sha.hexdigest()}
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(memo, {**stamp, **out})
+    except OSError:
+        pass  # a read-only cache only costs the re-read next time
     return out
+
+
+def _sources_sha256(files: list[str], hashes: list[Any]) -> str | None:
+    """The SHA-256 a result records for its corpus: the file's own, or (several files) that of the `sha256sum`
+    listing of their sorted names; None for sources fingerprinted by size and mtime."""
+    if any(isinstance(h, list) for h in hashes):
+        return None
+    if len(files) == 1:
+        return hashes[0]["sha256"]
+    listing = "".join(f"{h['sha256']}  {os.path.basename(f)}\n" for f, h in sorted(zip(files, hashes, strict=True)))
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def _short(fp: dict[str, Any]) -> str:

@@ -64,6 +64,7 @@ class PreparedData:
 
     root: Path
     meta: dict[str, Any] = field(repr=False)
+    source_sha256: str | None = None  # the local source's SHA-256 (experiments.data.loading.Source.sha256)
 
     @cached_property
     def tokenizer(self) -> ByteTokenizer | HFTokenizer:
@@ -150,7 +151,7 @@ def prepare_data(data_cfg: DataConfig, progress: bool | None = None) -> Prepared
     """
     folder, src, key = prepared_dir(data_cfg)
     if (folder / "meta.json").exists():
-        return _open(folder)
+        return _open(folder, src)
     folder.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(folder.parent / f".{key[:16]}.lock"))
     if progress is None:
@@ -162,7 +163,7 @@ def prepare_data(data_cfg: DataConfig, progress: bool | None = None) -> Prepared
         lock.acquire()
     try:
         if (folder / "meta.json").exists():
-            return _open(folder)
+            return _open(folder, src)
         for stale in folder.parent.glob(f"{folder.name}.tmp-*"):  # left by a killed preparation
             shutil.rmtree(stale, ignore_errors=True)
         tmp = folder.parent / f"{folder.name}.tmp-{os.getpid()}"
@@ -175,12 +176,12 @@ def prepare_data(data_cfg: DataConfig, progress: bool | None = None) -> Prepared
             shutil.rmtree(tmp, ignore_errors=True)
     finally:
         lock.release()
-    return _open(folder)
+    return _open(folder, src)
 
 
-def _open(folder: Path) -> PreparedData:
+def _open(folder: Path, src: Source) -> PreparedData:
     with open(folder / "meta.json") as f:
-        return PreparedData(folder, json.load(f))
+        return PreparedData(folder, json.load(f), src.sha256)
 
 
 def _build(cfg: DataConfig, src: Source, key: str, tmp: Path, progress: bool) -> dict[str, Any]:
@@ -221,6 +222,7 @@ def _build(cfg: DataConfig, src: Source, key: str, tmp: Path, progress: bool) ->
         "key": key,
         "source": src.description,
         "source_kind": src.kind,
+        "source_sha256": src.sha256,
         "text_field": src.text_field,
         "tokenizer": cfg.tokenizer,
         "vocab_size": vocab,
@@ -347,5 +349,6 @@ def describe(prepared: PreparedData) -> str:
     return (f"{prepared.root}\n  source     {m['source']}\n  tokenizer  {m['tokenizer']} (vocab {m['vocab_size']}, "
             f"eot {m['eot_id']}, {m['dtype']})\n  tokens     train {m['tokens']['train']:,}  val "
             f"{m['tokens']['val']:,}\n  documents  train {m['documents']['train']:,}  val {m['documents']['val']:,}"
+            + (f"\n  sha256     {prepared.source_sha256}" if prepared.source_sha256 else "")
             + (f"\n  facts      {m['facts']}" if m.get("facts") else ""))
 

@@ -1,0 +1,399 @@
+"""Per-family peak-LR laws from an LR scan (`method: lr_scan` sweeps; docs/sweeps.md "LR scans").
+
+Per (family, size): the runs' final loss against ln(LR) is fitted by a parabola (least squares over every run of
+the grid LRs around the best seed-mean LR: the 3 nearest, and the next on each side unless its loss is far above
+what a parabola allows, so the asymmetric far side of the loss-vs-LR curve, where runs diverge, does not tilt the
+vertex); the optimum is its vertex, lr* = exp(-b / 2c). Its interval is a seed-cluster
+bootstrap: seeds are drawn with replacement and each drawn seed brings all its runs (a seed fixes the
+initialisation and the data order, so its runs at different LRs share their luck). An optimum is flagged (`edge`)
+when the best seed-mean LR is the smallest or largest of the grid, when the vertex falls outside the grid, or when
+the parabola opens downwards (no minimum): the scan must be extended there, and the size is left out of the law.
+
+Per family: ln lr*(N) = ln A + alpha ln N, least squares over its unflagged sizes (N = active parameters), with a
+bootstrap that draws one seed set per resample and refits every size's vertex from it, then the law: intervals of
+A and alpha and bands of lr*(N). The result, `fitted_rule(...)`, is the file a sweep opts into with
+`isoflop.hparams: fitted` (experiments/hparams.py reads it and refuses a family or a size it does not cover).
+
+Pure numpy on plain arrays; `lr_table` takes the runs table of analysis.collect.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analysis.checks import FitError
+
+MIN_LRS = 3  # a parabola needs three distinct LRs
+WINDOW = 5  # grid LRs around the best one that the parabola may see
+FAR_RATIO = 12.0  # ... when their loss is within this many times the nearest ones' excess over the best
+LEVEL = 0.95
+RULE_KIND = "ultramem-lr-rule"  # experiments/hparams.py FITTED_RULE_KIND reads the same
+RULE_VERSION = 1
+
+
+@dataclass
+class Optimum:
+    """The fitted optimum of one (family, size) scan."""
+
+    family: str
+    n: float  # active parameters
+    lr: float  # the parabola's vertex (nan when it has none)
+    lo: float  # seed-bootstrap interval of lr (nan when it cannot be formed)
+    hi: float
+    loss: float  # the parabola's loss at its vertex
+    best_grid_lr: float  # the grid LR with the lowest seed-mean loss
+    best_grid_loss: float
+    edge: str | None  # None | "low" | "high" | "no-minimum": where the scan must be extended
+    lrs: list[float] = field(default_factory=list)  # the grid
+    window: list[float] = field(default_factory=list)  # the grid LRs the parabola saw
+    seeds: int = 0
+    curvature: float = math.nan  # c of loss = a + b ln(lr) + c ln(lr)^2 (nats per ln-unit squared)
+    reliable: bool = False  # interval from >= half of the resamples, and more than one seed
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Law:
+    """lr*(N) = coef * N ** exponent for one family, with bootstrap intervals."""
+
+    family: str
+    coef: float
+    exponent: float
+    coef_ci: tuple[float, float]
+    exponent_ci: tuple[float, float]
+    n_min: float
+    n_max: float
+    sizes: list[float]  # the sizes the law was fitted on (unflagged optima)
+    band_n: list[float] = field(default_factory=list)
+    band_lo: list[float] = field(default_factory=list)
+    band_hi: list[float] = field(default_factory=list)
+    resamples: int = 0  # bootstrap resamples that gave a law
+    reliable: bool = False
+
+    def predict(self, n: float | np.ndarray) -> float | np.ndarray:
+        return self.coef * np.asarray(n, dtype=float) ** self.exponent
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["coef_ci"], out["exponent_ci"] = list(self.coef_ci), list(self.exponent_ci)
+        return out
+
+
+# ---- one (family, size) ------------------------------------------------------------------------------------
+
+
+def _parabola(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float] | None:
+    """(a, b, c) of y = a + b x + c x^2 by least squares; None with fewer than 3 distinct x."""
+    if len(np.unique(x)) < 3:
+        return None
+    c, b, a = np.polyfit(x, y, 2)
+    return float(a), float(b), float(c)
+
+
+def _vertex(x: np.ndarray, y: np.ndarray) -> float:
+    """ln LR of the parabola's minimum; nan when there is none (fewer than 3 LRs, or c <= 0)."""
+    coefs = _parabola(x, y)
+    if coefs is None or coefs[2] <= 0:
+        return math.nan
+    return -coefs[1] / (2 * coefs[2])
+
+
+def _window(grid: np.ndarray, best: int, width: int) -> np.ndarray:
+    """`width` consecutive grid indices around `best`, shifted inwards at the edges."""
+    width = min(width, len(grid))
+    start = min(max(0, best - width // 2), len(grid) - width)
+    return np.arange(start, start + width)
+
+
+def _window_of(means: np.ndarray, best: int, width: int) -> np.ndarray:
+    """The grid indices the parabola sees: the 3 around the best seed-mean loss, plus those of the `width` around it
+    whose loss exceeds the best by at most FAR_RATIO x the larger excess of the 3 (a parabola's second neighbours
+    lie 4-9x as high as its first ones; a diverged run, nats above, does not)."""
+    core = _window(means, best, 3)
+    excess = means - means[best]
+    cap = FAR_RATIO * excess[core].max()
+    extra = [j for j in _window(means, best, width) if j not in core and excess[j] <= cap]
+    return np.array(sorted({*core.tolist(), *extra}))
+
+
+def _check_grid(lr: np.ndarray, where: str) -> np.ndarray:
+    grid = np.unique(lr)
+    if len(grid) < MIN_LRS:
+        raise FitError(f"{where}: the LR grid has {len(grid)} value(s) ({', '.join(f'{v:.3g}' for v in grid)}); "
+                       f"a parabola in log LR needs at least {MIN_LRS}: add LRs to lr_scan.lr_factors (>= 5, a "
+                       "factor ~2 apart, is the design)")
+    if np.any(grid <= 0):
+        raise FitError(f"{where}: every LR must be > 0, got {grid[grid <= 0][0]:g}")
+    return grid
+
+
+def lr_optimum(lr: Any, loss: Any, seed: Any, *, family: str = "", n: float = math.nan, n_boot: int = 1000,
+               seed_rng: int = 0, window: int = WINDOW, level: float = LEVEL,
+               where: str = "LR scan") -> Optimum:
+    """The optimum of one scan: runs at peak LRs `lr` (several seeds each) that reached `loss`."""
+    lr, loss, seed = (np.asarray(v, dtype=float) for v in (lr, loss, seed))
+    keep = np.isfinite(loss)
+    lr, loss, seed = lr[keep], loss[keep], seed[keep]
+    grid = _check_grid(lr, where)
+    means = np.array([loss[lr == g].mean() for g in grid])
+    best = int(np.argmin(means))
+    win = grid[_window_of(means, best, window)]
+    inside = np.isin(lr, win)
+    x, y, s = np.log(lr[inside]), loss[inside], seed[inside]
+    coefs = _parabola(x, y)
+    v = -coefs[1] / (2 * coefs[2]) if coefs[2] > 0 else math.nan
+    edge = None
+    if not math.isfinite(v):
+        edge = "no-minimum"
+    elif best == 0 or v < math.log(grid[0]):
+        edge = "low"
+    elif best == len(grid) - 1 or v > math.log(grid[-1]):
+        edge = "high"
+    draws = _seed_draws(np.unique(s), n_boot, seed_rng)
+    boot = np.array([_vertex(*_resample(x, y, s, d)) for d in draws]) if len(draws) else np.zeros(0)
+    lo, hi, ok = _interval(boot, level, v, len(np.unique(s)))
+    a, b, c = coefs
+    return Optimum(
+        family=family, n=float(n), lr=math.exp(v) if math.isfinite(v) else math.nan, lo=lo, hi=hi,
+        loss=a + b * v + c * v * v if math.isfinite(v) else math.nan, best_grid_lr=float(grid[best]),
+        best_grid_loss=float(means[best]), edge=edge, lrs=[float(g) for g in grid], window=[float(w) for w in win],
+        seeds=len(np.unique(seed)), curvature=c, reliable=ok and len(np.unique(s)) > 1)
+
+
+def _seed_draws(seeds: np.ndarray, n_boot: int, rng_seed: int) -> list[np.ndarray]:
+    """n_boot draws of len(seeds) seeds with replacement (none with a single seed: nothing to resample)."""
+    if len(seeds) < 2 or n_boot <= 0:
+        return []
+    rng = np.random.default_rng(rng_seed)
+    return [rng.choice(seeds, size=len(seeds), replace=True) for _ in range(n_boot)]
+
+
+def _resample(x: np.ndarray, y: np.ndarray, s: np.ndarray, drawn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every run of every drawn seed (a seed drawn twice counts twice)."""
+    idx = np.concatenate([np.flatnonzero(s == d) for d in drawn]) if len(drawn) else np.zeros(0, dtype=int)
+    return x[idx], y[idx]
+
+
+def _interval(boot: np.ndarray, level: float, center: float, clusters: int) -> tuple[float, float, bool]:
+    """exp of center -+ t(clusters - 1) x the bootstrap's sd x sqrt(S / (S - 1)) over the finite draws; reliable
+    when >= half of them are finite. A percentile interval of a cluster bootstrap covers too little with 3-5
+    seeds (measured: 70% and 85% for a nominal 95% with 3 and 5 seeds); the Student quantile with S - 1
+    degrees of freedom and the (S - 1)/S variance correction are the small-sample remedy (94% at 3 and 5 seeds;
+    90-91% when diverged runs leave the parabola 3-4 LRs; tests/test_lr_scan.py)."""
+    from scipy.stats import t as student_t  # lazy: scipy only when an interval is formed
+
+    finite = boot[np.isfinite(boot)]
+    if len(finite) < 2 or clusters < 2 or not math.isfinite(center):
+        return math.nan, math.nan, False
+    half = student_t.ppf((1 + level) / 2, clusters - 1) * finite.std(ddof=1) * math.sqrt(clusters / (clusters - 1))
+    return math.exp(center - half), math.exp(center + half), len(finite) >= 0.5 * len(boot) and half > 0
+
+
+# ---- the runs table -> optima -> laws ----------------------------------------------------------------------
+
+
+def lr_table(runs: Any) -> list[dict[str, Any]]:
+    """Groups of a runs table (analysis.collect: family, active_params, lr, seed, val_loss): one per
+    (family, active_params), each {family, n, lr, loss, seed} as arrays."""
+    need = ["family", "active_params", "lr", "seed", "val_loss"]
+    missing = [c for c in need if c not in runs.columns]
+    if missing:
+        raise FitError(f"runs table: no column(s) {', '.join(missing)}; an LR scan needs {', '.join(need)}")
+    done = runs[runs["val_loss"].notna() & runs["lr"].notna()]
+    if done.empty:
+        raise FitError("runs table: no finished run with a val_loss and an lr")
+    out = []
+    for (family, n), g in done.groupby(["family", "active_params"], sort=True):
+        budgets = sorted(g["tokens"].dropna().unique()) if "tokens" in g else []
+        if len(budgets) > 1:
+            raise FitError(f"runs table: {family} at N = {n:.4g} has runs of {len(budgets)} token budgets "
+                           f"({', '.join(f'{b:.3g}' for b in budgets)}); an LR scan trains one budget per size: "
+                           "give the runs of one budget (e.g. a table filtered on `tokens`)")
+        out.append({"family": str(family), "n": float(n), "lr": g["lr"].to_numpy(float),
+                    "loss": g["val_loss"].to_numpy(float), "seed": g["seed"].fillna(0).to_numpy(float)})
+    return out
+
+
+def fit_optima(groups: list[dict[str, Any]], n_boot: int = 1000, seed: int = 0) -> list[Optimum]:
+    return [lr_optimum(g["lr"], g["loss"], g["seed"], family=g["family"], n=g["n"], n_boot=n_boot, seed_rng=seed,
+                       where=f"{g['family']} at N = {g['n']:.4g}") for g in groups]
+
+
+def fit_law(family: str, groups: list[dict[str, Any]], optima: list[Optimum], n_boot: int = 1000,
+            seed: int = 0, level: float = LEVEL) -> Law | None:
+    """lr*(N) of one family over its unflagged optima; None with fewer than 2 such sizes."""
+    use = [(g, o) for g, o in zip(groups, optima, strict=True)
+           if g["family"] == family and o.edge is None and math.isfinite(o.lr)]
+    if len(use) < 2:
+        return None
+    ns = np.array([o.n for _, o in use])
+    slope, icept = np.polyfit(np.log(ns), np.log([o.lr for _, o in use]), 1)
+    seeds = np.unique(np.concatenate([g["seed"] for g, _ in use]))
+    draws = _seed_draws(seeds, n_boot, seed)
+    band_n = np.geomspace(ns.min(), ns.max(), 25)
+    fits = []
+    for d in draws:
+        v = []
+        for g, o in use:
+            inside = np.isin(g["lr"], o.window)
+            v.append(_vertex(*_resample(np.log(g["lr"][inside]), g["loss"][inside], g["seed"][inside],
+                                        d[np.isin(d, g["seed"])])))
+        v = np.array(v)
+        ok = np.isfinite(v)
+        if ok.sum() >= 2 and len(np.unique(ns[ok])) >= 2:
+            fits.append(np.polyfit(np.log(ns[ok]), v[ok], 1))
+    law = Law(family=family, coef=float(math.exp(icept)), exponent=float(slope), coef_ci=(math.nan, math.nan),
+              exponent_ci=(math.nan, math.nan), n_min=float(ns.min()), n_max=float(ns.max()),
+              sizes=[float(n) for n in ns], band_n=[float(n) for n in band_n], resamples=len(fits))
+    if len(fits) >= 2:
+        f = np.array(fits)
+        k = len(seeds)
+        e_lo, e_hi, ok = _interval(f[:, 0], level, slope, k)
+        law.exponent_ci = (math.log(e_lo), math.log(e_hi)) if ok else (math.nan, math.nan)
+        law.coef_ci = _interval(f[:, 1], level, icept, k)[:2]
+        curves = f[:, 1:2] + f[:, 0:1] * np.log(band_n)[None, :]  # ln lr*(N) per resample
+        bands = [_interval(curves[:, j], level, icept + slope * math.log(n), k) for j, n in enumerate(band_n)]
+        law.band_lo, law.band_hi = [b[0] for b in bands], [b[1] for b in bands]
+        law.reliable = ok and len(fits) >= 0.5 * len(draws)
+    return law
+
+
+def fit_scan(runs: Any, n_boot: int = 1000, seed: int = 0) -> tuple[list[Optimum], dict[str, Law | None]]:
+    """Optima per (family, size) and the law per family of a runs table."""
+    groups = lr_table(runs)
+    optima = fit_optima(groups, n_boot, seed)
+    families = list(dict.fromkeys(g["family"] for g in groups))
+    return optima, {f: fit_law(f, groups, optima, n_boot, seed) for f in families}
+
+
+def fitted_rule(optima: list[Optimum], laws: dict[str, Law | None], source: str = "") -> dict[str, Any]:
+    """The fitted-rule file (JSON) a sweep opts into: per family its law, fitted range and intervals."""
+    return {
+        "kind": RULE_KIND, "version": RULE_VERSION, "source": source, "level": LEVEL,
+        "families": {f: law.to_dict() for f, law in laws.items() if law is not None},
+        "not_fitted": {f: "fewer than 2 sizes with an optimum inside the grid" for f, law in laws.items()
+                       if law is None},
+        "optima": [o.to_dict() for o in optima],
+    }
+
+
+# ---- figures and report ------------------------------------------------------------------------------------
+
+
+def _rule_loss(group: dict[str, Any], rule_lr: float) -> float:
+    """Seed-mean loss at the grid LR that is the rule's (within 1%); nan when the grid lacks it."""
+    grid = np.unique(group["lr"])
+    hit = grid[np.abs(np.log(grid / rule_lr)) < 0.01] if rule_lr > 0 else []
+    return float(group["loss"][group["lr"] == hit[0]].mean()) if len(hit) else math.nan
+
+
+def plot_scan(groups: list[dict[str, Any]], optima: list[Optimum], laws: dict[str, Law | None],
+              out_dir: Any) -> list[Any]:
+    """figures/loss_vs_lr.{png,svg} (per family: seed-mean loss against LR per size, the parabola, its vertex) and
+    figures/lr_law.{png,svg} (the optima with their intervals and each family's law with its band)."""
+    import matplotlib as mpl  # lazy: matplotlib only when plotting
+
+    from analysis.plots import _figure, color, family_label, marker, save
+
+    families = list(dict.fromkeys(g["family"] for g in groups))
+    fig, axes = _figure(len(families), width=4.2, height=3.6)
+    cmap = mpl.colormaps["viridis"]
+    for ax, fam in zip(axes, families, strict=True):
+        sizes = [(g, o) for g, o in zip(groups, optima, strict=True) if g["family"] == fam]
+        for i, (g, o) in enumerate(sizes):
+            c = cmap(i / max(1, len(sizes) - 1))
+            grid = np.unique(g["lr"])
+            means = [g["loss"][g["lr"] == v].mean() for v in grid]
+            ax.scatter(g["lr"], g["loss"], s=6, color=c, alpha=0.35, linewidths=0)
+            ax.plot(grid, means, "o", color=c, ms=3.5, label=f"N={o.n:.3g}" + (f" ({o.edge})" if o.edge else ""))
+            inside = np.isin(g["lr"], o.window)
+            coefs = _parabola(np.log(g["lr"][inside]), g["loss"][inside])
+            if coefs is not None:
+                xs = np.linspace(math.log(min(o.window)), math.log(max(o.window)), 60)
+                ax.plot(np.exp(xs), coefs[0] + coefs[1] * xs + coefs[2] * xs * xs, "-", color=c, lw=1)
+            if math.isfinite(o.lr):
+                ax.axvline(o.lr, color=c, lw=0.7, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("peak learning rate")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title(family_label(fam))
+        ax.legend()
+    paths = save(fig, Path(out_dir) / "figures", "loss_vs_lr")
+    fig, (ax,) = _figure(1, width=5.5, height=4.0)
+    for fam in families:
+        opt = [o for o in optima if o.family == fam and math.isfinite(o.lr)]
+        ok = [o for o in opt if o.edge is None]
+        if ok:
+            err = np.array([[o.lr - o.lo if math.isfinite(o.lo) else 0 for o in ok],
+                            [o.hi - o.lr if math.isfinite(o.hi) else 0 for o in ok]])
+            ax.errorbar([o.n for o in ok], [o.lr for o in ok], yerr=err, fmt=marker(fam), color=color(fam),
+                        capsize=2, label=family_label(fam))
+        flagged = [o for o in opt if o.edge is not None]
+        if flagged:
+            ax.plot([o.n for o in flagged], [o.lr for o in flagged], marker(fam), mfc="none", color=color(fam),
+                    label=f"{family_label(fam)}: at the grid edge")
+        law = laws.get(fam)
+        if law is not None:
+            ax.plot(law.band_n, law.predict(law.band_n), "-", color=color(fam), lw=1)
+            if law.band_lo:
+                ax.fill_between(law.band_n, law.band_lo, law.band_hi, color=color(fam), alpha=0.15, lw=0)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("active parameters N")
+    ax.set_ylabel("optimal peak LR")
+    ax.legend()
+    return paths + save(fig, Path(out_dir) / "figures", "lr_law")
+
+
+def _g(v: float) -> str:
+    return f"{v:.3g}" if math.isfinite(v) else "-"
+
+
+def report_md(groups: list[dict[str, Any]], optima: list[Optimum], laws: dict[str, Law | None], source: str,
+              rule_lr: Any = None) -> str:
+    """The scan's report: per family the law with intervals, per size the optimum, its interval, whether it sits
+    at the grid's edge (and which way to extend), and the loss at the optimum against the loss at the rule's LR
+    (`rule_lr(N)`, today's shared rule; the grid point at factor 1)."""
+    runs = sum(len(g["lr"]) for g in groups)
+    lines = [f"# LR scan: {source}", "",
+             f"{runs} runs, {len(groups)} (family, size) scans. Per size: a parabola in ln LR over the 3 grid LRs "
+             "around the best seed-mean one and the next on each side unless it is far above what a parabola allows "
+             "(a diverged run); its vertex is lr*, with a seed-cluster bootstrap interval "
+             f"({LEVEL:.0%}, Student t over the seeds). Per family: lr*(N) = A N^alpha by least squares over the "
+             "sizes whose optimum lies inside the grid (analysis/hparams.py).", "",
+             "## Laws", "", "| family | lr*(N) | alpha (95%) | A (95%) | sizes | reliable |", "|---|---|---|---|---|---|"]
+    for fam, law in laws.items():
+        if law is None:
+            lines.append(f"| {fam} | not fitted: fewer than 2 sizes with an optimum inside the grid | | | | |")
+            continue
+        lines.append(f"| {fam} | {law.coef:.4g} N^{law.exponent:.3f} | {law.exponent:.3f} "
+                     f"[{_g(law.exponent_ci[0])}, {_g(law.exponent_ci[1])}] | {law.coef:.3g} [{_g(law.coef_ci[0])}, "
+                     f"{_g(law.coef_ci[1])}] | {len(law.sizes)} ({law.n_min:.3g}-{law.n_max:.3g}) | "
+                     f"{'yes' if law.reliable else 'no'} |")
+    lines += ["", "## Optima per size", "",
+              "| family | N | LR grid | best grid LR | lr* (95%) | edge | loss at lr* | loss at the rule's LR | "
+              "rule - lr* (nats) |", "|---|---|---|---|---|---|---|---|---|"]
+    for g, o in zip(groups, optima, strict=True):
+        rl = _rule_loss(g, float(rule_lr(o.n))) if rule_lr is not None else math.nan
+        gap = rl - o.loss if math.isfinite(rl) and math.isfinite(o.loss) else math.nan
+        lines.append(f"| {o.family} | {o.n:,.0f} | {_g(min(o.lrs))}-{_g(max(o.lrs))} ({len(o.lrs)}) | "
+                     f"{_g(o.best_grid_lr)} | {_g(o.lr)} [{_g(o.lo)}, {_g(o.hi)}] | {o.edge or ''} | {_g(o.loss)} | "
+                     f"{_g(rl)} | {_g(gap)} |")
+    flagged = [o for o in optima if o.edge]
+    if flagged:
+        lines += ["", "## Scans to extend", ""]
+        for o in flagged:
+            how = {"low": f"add LRs below {_g(min(o.lrs))}", "high": f"add LRs above {_g(max(o.lrs))}",
+                   "no-minimum": "the loss does not curve up on both sides: widen the grid both ways"}[o.edge]
+            lines.append(f"- {o.family} at N = {o.n:,.0f}: best grid LR {_g(o.best_grid_lr)}; {how} (left out of "
+                         "the law)")
+    lines += ["", "Figures: `figures/loss_vs_lr.png`, `figures/lr_law.png`. The fitted rule a sweep opts into "
+              "(`isoflop.hparams: fitted`, `isoflop.hparams_file: .../lr_rule.json`): `lr_rule.json`.", ""]
+    return "\n".join(lines)

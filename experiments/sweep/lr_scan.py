@@ -1,0 +1,95 @@
+"""The `lr_scan` sweep method: a size ladder x a grid of peak LRs, each a factor of the current rule's LR at that
+size (docs/sweeps.md "LR scans"; analysed by `ultramem hparams`, analysis/hparams.py).
+
+For each preset of `lr_scan.ladder` (N active parameters) and seed, one run per factor f of `lr_factors`, all at
+D = tokens_per_param x N tokens, with peak LR f x lr(N): lr(N) is the rule of experiments/hparams.py
+(`hparams: ladder`, the rule every run gets) or the IsoFLOP rule (`hparams: isoflop`, which also sets the batch,
+warmup and beta2 that a study with `isoflop.hparams: isoflop` uses, so that the scan measures that study's
+recipe). Everything but the LR is the same across a size's factors, so the loss-vs-LR curve is the rule's own.
+
+`lr_points` is the pure part: points in, points out; experiments/sweep/plan.py resolves and prices them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from experiments import hparams as rules
+from experiments.config import Strict
+from ultramem.config import ConfigError, deep_merge
+
+MIN_FACTORS = 3  # a parabola in log LR needs three LRs (analysis/hparams.py MIN_LRS)
+
+
+class LrScanSpec(Strict):
+    """The `lr_scan:` block of a sweep file with `method: lr_scan`."""
+
+    ladder: list[str] = Field(min_length=1)  # model presets (registered or sweep-local), any families
+    lr_factors: list[float]  # peak LR = factor x the rule's LR at the size; ascending, >= 3 values
+    tokens_per_param: float = Field(20.0, gt=0)  # D = tokens_per_param x N (N: active parameters)
+    hparams: Literal["ladder", "isoflop"] = "ladder"  # the rule whose LR the factors multiply (and, for
+    #                                                   isoflop, whose batch, warmup and beta2 every run takes)
+    batch: Literal["ladder", "steps"] = "ladder"  # with hparams: isoflop, as isoflop.batch
+    target_steps: int = Field(rules.BATCH_TARGET_STEPS, ge=100)  # batch: steps
+
+    @field_validator("lr_factors")
+    @classmethod
+    def _factors(cls, f: list[float]) -> list[float]:
+        if len(set(f)) < MIN_FACTORS:
+            raise ValueError(f"{len(set(f))} distinct LR factor(s) {f}: a parabola in log LR needs at least "
+                             f"{MIN_FACTORS}; give >= 5 a factor ~2 apart, e.g. [0.25, 0.5, 1, 2, 4]")
+        if any(x <= 0 for x in f) or f != sorted(set(f)):
+            raise ValueError(f"list the factors ascending, each > 0 and once, got {f}")
+        return f
+
+    @field_validator("ladder")
+    @classmethod
+    def _ladder(cls, ladder: list[str]) -> list[str]:
+        if len(set(ladder)) != len(ladder):
+            raise ValueError("a preset is listed twice; list each once")
+        return ladder
+
+    @model_validator(mode="after")
+    def _batch(self) -> LrScanSpec:
+        if self.batch == "steps" and self.hparams != "isoflop":
+            raise ValueError("batch: steps is part of the IsoFLOP rule; add hparams: isoflop (or drop batch)")
+        return self
+
+
+_SET_BY_SCAN = ("lr", "tokens", "steps", "branches", "branch_of")
+
+
+def lr_points(points: list[Any], spec: LrScanSpec, resolve: Any, count: Any, path: str) -> list[Any]:
+    """One point per (size, seed) -> one per (size, seed, factor). `resolve(config, where)` gives the resolved
+    config as data and `count(model, seq_len)` (params, flops per token), as the planner's."""
+    # imported here: grid imports the schema, which imports this module
+    from experiments.sweep.grid import Point, describe
+
+    out: list[Point] = []
+    for p in points:
+        where = f"{path} (run {p.index}: {describe(p.values)})"
+        given = p.config.get("train") or {}
+        for key in _SET_BY_SCAN:
+            if key in given:
+                raise ConfigError(f"{where}: train.{key} is set by the lr_scan method (lr_scan.lr_factors and "
+                                  "tokens_per_param give every run its LR and tokens); remove it")
+        data = resolve(p.config, where)
+        params, _ = count(data["model"], data["train"]["seq_len"])
+        n = int(params["active"] if isinstance(params, dict) else params.active)
+        tokens = round(spec.tokens_per_param * n)
+        seq_len = int(data["train"]["seq_len"])
+        nproc = int((p.config.get("parallel") or {}).get("nproc", 1))
+        train: dict[str, Any] = {"tokens": tokens}
+        if spec.hparams == "isoflop":
+            batch = (rules.steps_batch_size(tokens, seq_len, spec.target_steps, nproc) if spec.batch == "steps"
+                     else None)
+            rule = rules.isoflop_hparams(n, seq_len, tokens, nproc, batch)
+            train.update({k: v for k, v in rule.items() if k != "lr" and given.get(k, "auto") == "auto"})
+        base_lr = rules.learning_rate(n)
+        for factor in spec.lr_factors:
+            config = deep_merge(p.config, {"train": {**train, "lr": factor * base_lr}})
+            config["name"] = f"{config.get('name') or p.preset}@lr={factor:g}x"
+            out.append(Point(len(out), {**p.values, "lr_scan.factor": factor}, config, p.preset))
+    return out
