@@ -43,7 +43,7 @@ from analysis.compare import (
     memory_laws,
     scale_estimate,
 )
-from analysis.isoflop import IsoflopStudy, approach2_why, isoflop_study, lnd_why
+from analysis.isoflop import IsoflopStudy, approach2_why, isoflop_study, lnd_why, profile_interval
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BENCH = REPO / "benchmarks" / "results" / "inference.json"
@@ -265,6 +265,10 @@ def report_blocks(a: Analysis, title: str, figure_names: list[str]) -> list[tupl
                    f"{SOLVER_TEXT[a.solver]}"))
     if a.collected.skipped:
         b.append(("p", f"Not included (not finished or unreadable): {', '.join(a.collected.skipped)}."))
+    excluded = excluded_rows(runs)
+    if excluded:  # (a report where every row is used reads as before)
+        b.append(("p", f"Left out of the fits that need the value ({len(excluded)} of {len(runs)} rows; the `runs` "
+                       f"column of each law table counts the rows it used): {'; '.join(excluded)}."))
     b.append(("h", 2, "The paper's claims, checked against these runs"))
     b.append(_table(pd.DataFrame(a.claims, columns=["claim", "measured", "verdict"])))
     b.append(("p", "A small sweep tests these claims weakly: with a few sizes per family the intervals are wide and "
@@ -328,6 +332,41 @@ def report_blocks(a: Analysis, title: str, figure_names: list[str]) -> list[tupl
     return b
 
 
+FIT_COLUMNS = ("val_loss", *SCALING_AXES)  # what the family laws read (analysis.compare.usable)
+
+
+def excluded_rows(runs: pd.DataFrame) -> list[str]:
+    """'run_id (reason)' for each row some family law leaves out (analysis.compare.usable): a state other than
+    done, or a validation loss or scaling axis that is not a positive, finite number (NaN, inf, a diverged run)."""
+    out = []
+    for i in range(len(runs)):
+        row = runs.iloc[i]
+        reasons = []
+        state = row.get("state")
+        if isinstance(state, str) and state != "done":
+            reasons.append(f"state {state}")
+        for col in FIT_COLUMNS:
+            value = pd.to_numeric(pd.Series([row.get(col)]), errors="coerce").iloc[0]
+            if not (np.isfinite(value) and value > 0):
+                reasons.append(f"{col} is {row.get(col)}")
+        if reasons:
+            out.append(f"{row.get('run_id')} ({', '.join(reasons)})")
+    return out
+
+
+def fit_summary(a: Analysis) -> list[str]:
+    """Console lines: the rows each family law used, per axis, and the rows left out with the reason."""
+    runs = a.collected.runs
+    lines = []
+    for x in SCALING_AXES:
+        used = ", ".join(f"{fam} {ff.n_runs}" for fam, ff in a.scaling[x].items())
+        lines.append(f"fit loss vs {x}: rows used per family: {used or 'none'} (of {len(runs)} rows)")
+    excluded = excluded_rows(runs)
+    if excluded:
+        lines.append(f"left out of the fits ({len(excluded)} rows): {'; '.join(excluded)}")
+    return lines
+
+
 def density_blocks(a: Analysis, figure_names: list[str]) -> list[tuple]:
     """The activation-density section (only when some memory family has >= 2 densities at one total size)."""
     pct = f"{a.level:.0%}"
@@ -367,11 +406,13 @@ def isoflop_blocks(st: IsoflopStudy) -> list[tuple]:
     b: list[tuple] = [("h", 2, "IsoFLOP study: L(N, D) per family and the compute-optimal frontier")]
     b.append(("p", "Compute C is the project's training FLOPs (the `flops` column: ultramem.accounting's FLOPs per "
                    "token, attention and head included, times the tokens D), not 6ND; runs within 10% of each other "
-                   "in C share a budget. The runs of one (family, N, D) point are its seeds: every bootstrap "
-                   f"resamples these seed clusters whole ({pct} percentile intervals), within each budget for the "
-                   "IsoFLOP parabolas. Cooldown branches of one WSD trunk share its data order, so their points are "
-                   "not independent of the trunk's; the intervals do not model that. A number whose interval is "
-                   "unreliable, too wide, or whose fit sits at a bound is printed as \"not identified\"."))
+                   "in C share a budget. The independent unit is a size and seed: a WSD trunk with its cooldown "
+                   "branches (which share its initialisation, data order and every step before the branch), or the "
+                   "stand-alone runs of that seed; every bootstrap draws these units whole, across budgets "
+                   f"({pct} percentile intervals), and refits each resample of L(N, D) from several starts (the "
+                   "point estimate, floors E at 25-90% of the lowest loss, the best grid starts), keeping its best "
+                   "fit. A number whose interval is unreliable, too wide, or whose fit sits at a bound is printed "
+                   "as \"not identified\"."))
     b.append(("h", 3, "Approach 3: L(N, D) = E + A/N^α + B/D^β per family"))
     rows = []
     for fam in st.families.values():
@@ -386,6 +427,7 @@ def isoflop_blocks(st: IsoflopStudy) -> list[tuple]:
                 row[label] = fmt_identified(fam.lnd.estimates[name], lnd_why(fam, name))
         rows.append(row)
     b.append(_table(pd.DataFrame(rows).fillna("—")))
+    b += profile_blocks(st)
     b.append(("p", "Training FLOPs per token F(N) = k·N^p fitted per family to its runs: "
                    + "; ".join(f"{f.family} {f.flops_law.formula('N', 'F')}" for f in st.families.values()) + "."))
     b.append(("h", 3, "Approach 2: IsoFLOP parabolas"))
@@ -445,6 +487,35 @@ def isoflop_blocks(st: IsoflopStudy) -> list[tuple]:
     return b
 
 
+def profile_blocks(st: IsoflopStudy) -> list[tuple]:
+    """The profile of L(N, D) over its floor E: α, β (and a, b) with E held at fractions of the lowest loss, and
+    the range of each over the floors a likelihood ratio admits (analysis.chinchilla.profile_over_e)."""
+    fams = [f for f in st.families.values() if f.profile is not None and not f.profile.empty]
+    if not fams:
+        return []
+    b: list[tuple] = [("h", 4, "Profile over the floor E")]
+    b.append(("p", "α and β trade against the floor E: with E fitted at ~0, β is the local slope of L in D over the "
+                   "tokens tried, not an exponent towards an irreducible loss. Each row refits the law with E held "
+                   "at a fraction of the family's lowest loss; `ratio` is its Σ Huber over the best row's. A floor "
+                   f"is admitted at {st.level:.0%} when 2·n·ln(Σ|r| / min Σ|r|) <= χ²₁ (a Laplace likelihood of the "
+                   "log loss, which Huber with δ = 1e-3 nearly is, with n the number of independent units, not "
+                   "runs); the profile interval of an exponent is its range over the admitted floors."))
+    rows = []
+    for fam in fams:
+        ranges = {k: profile_interval(fam, k) for k in ("alpha", "beta", "a", "b")}
+        admitted = fam.profile.loc[fam.profile["admitted"], "E"]
+        rows.append({"family": fam.family, "units": int(fam.points["unit"].nunique()),
+                     "E admitted": f"[{admitted.min():.3g}, {admitted.max():.3g}]" if len(admitted) else "none",
+                     **{f"{k} (profile)": f"[{r[0]:.3g}, {r[1]:.3g}]" if r else "—" for k, r in ranges.items()}})
+    b.append(_table(pd.DataFrame(rows)))
+    long = pd.concat([f.profile.assign(family=f.family) for f in fams])
+    b.append(_table(pd.DataFrame({
+        "family": long["family"], "E / min L": long["floor"], "E": long["E"], "ratio": long["ratio"].round(3),
+        "admitted": np.where(long["admitted"], "yes", "no"), "α": long["alpha"], "β": long["beta"],
+        "a": long["a"], "b": long["b"]})))
+    return b
+
+
 def seed_spread(points: pd.DataFrame) -> dict[str, str]:
     """How far apart the seeds of one (N, D) point land: seeds per point and the median / largest sd of the loss
     over a point's seeds (sample sd), over the points with >= 2 seeds."""
@@ -472,7 +543,10 @@ def isoflop_json(st: IsoflopStudy) -> dict[str, Any]:
             "frontier": {k: v.params() for k, v in fam.frontier.items()} if fam.frontier else None,
             "approach2": {k: v.to_dict(full=True) for k, v in fam.approach2.items()},
             "approach2_reason": fam.why2,
-            "approach2_not_identified": {k: approach2_why(fam, k) for k in ("a", "b") if approach2_why(fam, k)}}
+            "approach2_not_identified": {k: approach2_why(fam, k) for k in ("a", "b") if approach2_why(fam, k)},
+            "units": int(fam.points["unit"].nunique()),
+            "profile_over_E": records(fam.profile) if fam.profile is not None else [],
+            "profile_intervals": {k: profile_interval(fam, k) for k in ("alpha", "beta", "a", "b")}}
     sampled = records(st.sampled) if st.sampled is not None else []
     return {"families": fams, "comparison": records(st.comparison), "multipliers": records(st.multipliers),
             "sampled_minima": sampled}
@@ -514,11 +588,12 @@ def default_out_dir(runs_dir: str | Path) -> Path:
 
 def build_report(source: str | Path, out_dir: str | Path | None = None, *, n_boot: int = 1000, seed: int = 0,
                  level: float = 0.95, bench: str | Path | None = None, title: str | None = None,
-                 solver: str = "lsq") -> Path:
+                 solver: str = "lsq", log: Any = None) -> Path:
     """Collect `source` (runs directory or saved runs table), analyse, write figures, tables and the report.
 
     bench: the inference benchmark JSON; default `<out_dir>/inference.json` if present, else the repository's
     benchmarks/results/inference.json (copied into out_dir so that the report can be regenerated exactly).
+    log: called with each line of `fit_summary` (the rows each fit used and the ones left out), e.g. print.
     Returns the path of report.md.
     """
     source = Path(source)
@@ -540,6 +615,8 @@ def build_report(source: str | Path, out_dir: str | Path | None = None, *, n_boo
         # analyse what was just written, so that re-running on the saved tables reproduces every figure exactly
         collected = Collected(*_reload(out), collected.skipped)
     a = analyse(collected, n_boot=n_boot, seed=seed, level=level, bench=bench_df, solver=solver)
+    for line in fit_summary(a) if log is not None else []:
+        log(line)
     figs = figures(a)
     for stem, fig in figs.items():
         plots.save(fig, out / "figures", stem)

@@ -21,6 +21,7 @@ COMMANDS = {
     "fit": "cli.fit",
     "seeds": "cli.seeds",
     "plots": "cli.plots",
+    "hparams": "cli.hparams",
     "bench": "cli.bench",
 }
 

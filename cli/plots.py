@@ -7,6 +7,8 @@
 
 Writes report.md, report.html, fits.json, runs.csv, curves.csv and figures/*.png|svg (see analysis/report.py).
 The latency figure uses benchmarks/results/inference.json when present (or --bench).
+--wandb also logs the analysis to W&B beside the sweep's runs (same project and group, one run of job_type
+`analysis`: figures, fits and runs tables, the report as a versioned artifact; analysis/wandb_report.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--solver", choices=SOLVERS, default="lsq",
                         help="how the family laws are fitted: lsq (least squares in log space, default), huber "
                              "(robust to an outlying run, e.g. one seed that trained late), porian (Porian et al.)")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the analysis to W&B (the runs' project and group, job_type analysis); "
+                             "mode: $WANDB_MODE, else the runs' wandb.mode, else online")
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -45,21 +50,35 @@ def resolve_source(source: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    src = resolve_source(args.source)  # first: a bad sweep file is refused before pandas and matplotlib load
     # lazy: pandas, scipy and matplotlib load only when plotting (cli/__init__.py)
     from analysis.checks import FitError
     from analysis.report import build_report
 
-    src = resolve_source(args.source)
     if not src.exists():
         hint = " (run the sweep first: ultramem sweep run FILE)" if src != Path(args.source) else ""
         print(f"error: {args.source}: {src} not found{hint}", file=sys.stderr)
         return 2
     try:
         report = build_report(src, args.out, n_boot=args.bootstrap, seed=args.seed, bench=args.bench,
-                              solver=args.solver)
+                              solver=args.solver, log=print)
     except FitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"report: {report}")
     print(f"        {report.with_suffix('.html')}")
+    return _log_to_wandb(report.parent, src) if args.wandb else 0
+
+
+def _log_to_wandb(report_dir: Path, src: Path) -> int:
+    from analysis.wandb_report import log_analysis
+
+    try:
+        where = log_analysis(report_dir, src)
+    except Exception as err:  # W&B's own errors (no API key, no network, ...): the report is written anyway
+        first = str(err).splitlines()[0] if str(err) else ""
+        print(f"error: W&B: {type(err).__name__}: {first} (the report is written; set WANDB_MODE=offline to log "
+              "without a connection and `wandb sync` later)", file=sys.stderr)
+        return 1
+    print(f"W&B:    {where}")
     return 0

@@ -6,12 +6,18 @@
   ultramem sweep run FILE --backend local               ... on this machine without Ray
   ultramem sweep run FILE --seeds 0                     ... only the runs of these seeds (a study in parts)
   ultramem sweep status sweeps/tiny_cpu.yaml            state, step, loss, tokens/s, ETA from the run folders
+  ultramem sweep status FILE --watch                    the live progress view of a sweep started elsewhere
+
+`sweep run` and `status --watch` show live progress (experiments/progress.py): on a terminal a view redrawn in place,
+otherwise one line every --progress-every seconds (first at once): runs done / running / pending / failed, planned
+FLOPs done, throughput, ETA, and per running run its name, step/total and latest loss.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from typing import Any
 
@@ -23,6 +29,9 @@ HELP = "plan, run and watch a sweep of runs (Ray or local)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # (light: the run folder's records and text formats)
+    from experiments.progress import EVERY_S, IDLE_EXIT_S
+
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = sub.add_parser("plan", help="dry run: every run with its size, cost and resources")
     p.add_argument("file", help="sweep YAML")
@@ -43,10 +52,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--seeds", type=_seed_list, default=None, metavar="S[,S...]",
                    help="train only the runs of these seeds (each one of the file's `seeds`), e.g. to run a "
                         "study in parts; run ids are the same as in a run of the whole file")
+    r.add_argument("--progress-every", type=_seconds, default=EVERY_S, metavar="S",
+                   help=f"without a terminal, print a progress line every S seconds (default {EVERY_S:g}; the first "
+                        "at once)")
 
     s = sub.add_parser("status", help="progress of every run, read from the run folders (no Ray needed)")
     s.add_argument("file", help="sweep YAML")
     s.add_argument("--format", choices=("table", "json"), default="table")
+    s.add_argument("--watch", action="store_true",
+                   help="show the live progress view until the sweep ends (every run ended, or none running or "
+                        f"queued for {IDLE_EXIT_S:g} s)")
+    s.add_argument("--progress-every", type=_seconds, default=EVERY_S, metavar="S",
+                   help=f"with --watch and no terminal: a progress line every S seconds (default {EVERY_S:g})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,11 +77,36 @@ def run(args: argparse.Namespace) -> int:
 
         if args.seeds is not None:
             plan = plan.only_seeds(args.seeds)
-        report = run_sweep(plan, backend=args.backend, address=args.address,
-                           max_concurrent=args.max_concurrent, retries=args.retries,
-                           connect_timeout=args.connect_timeout)
+        with _view(plan, args.progress_every, background=True) as view:
+            report = run_sweep(plan, backend=args.backend, address=args.address,
+                               max_concurrent=args.max_concurrent, retries=args.retries,
+                               connect_timeout=args.connect_timeout, log=view.log)
         return 0 if report.ok else 1
+    if args.watch:
+        from experiments.progress import watch
+
+        with _view(plan, args.progress_every, background=False) as view:
+            watch(view)
+        return 0
     return _status(plan, args.format)
+
+
+def _view(plan: Any, every: float, background: bool) -> Any:
+    """The live progress view of `plan`, read from its run folders (experiments/progress.py)."""
+    from experiments.progress import ProgressView, RunSpec, Tracker
+
+    tracker = Tracker([RunSpec.from_planned(r) for r in plan.runs], plan.runs_dir)
+    return ProgressView(plan.sweep.name, tracker, every=every, background=background)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"give a number of seconds > 0, e.g. 30 (got {text!r})")
+    return value
 
 
 def _seed_list(text: str) -> list[int]:
@@ -90,14 +132,18 @@ def _plan(plan: Any, fmt: str) -> int:
 
 def status_rows(plan: Any) -> list[dict[str, Any]]:
     """One row per run of the sweep (and per stray run folder in its output dir), from the run folders only."""
-    from runfolder import RunDir, iter_run_dirs
+    from runfolder import RecordError, RunDir, iter_run_dirs
 
     rows = [_row(RunDir(plan.runs_dir / r.run_id), r.name, int(r.tokens)) for r in plan.runs]
     known = {r.run_id for r in plan.runs}
     for rd in iter_run_dirs(plan.runs_dir):
         if rd.run_id not in known:
-            cfg = rd.read_config() or {}
-            rows.append(_row(rd, "(not in the sweep file)", int((cfg.get("train") or {}).get("tokens") or 0)))
+            try:
+                tokens = ((rd.read_config() or {}).get("train") or {}).get("tokens")
+            except RecordError:  # an unreadable config.yaml: the row still shows the folder's state
+                tokens = None
+            budget = int(tokens) if isinstance(tokens, int | float) and math.isfinite(tokens) else 0
+            rows.append(_row(rd, "(not in the sweep file)", budget))
     return rows
 
 
@@ -118,7 +164,7 @@ def _row(rd: Any, name: str, budget: int) -> dict[str, Any]:
         "run_id": rd.run_id, "name": name, "state": now.state,
         "step": max(status.step or 0, last.get("step", 0)), "total_steps": status.total_steps,
         "loss": last.get("loss"),
-        "val_loss": now.final.val_loss if now.final else evals[-1]["val_loss"] if evals else None,
+        "val_loss": now.final.val_loss if now.final else evals[-1].get("val_loss") if evals else None,
         "tokens": tokens, "budget": budget, "tokens_per_s": tps, "eta_s": eta, "attempts": status.attempts,
         "node": status.node, "error": error.splitlines()[0] if error else None,
     }

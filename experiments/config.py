@@ -70,7 +70,7 @@ class DataConfig(Strict):
     streaming: bool = False  # read documents lazily (hub: no full download); same tokens, one process
     max_documents: int | None = Field(None, ge=1)  # cap on documents read (useful with streaming)
     tokenizer: str = "byte"  # byte | bpe | hf:<name>
-    vocab_size: int | None = None  # bpe: size to train (default 4096); byte (257) / hf: None or a padded size
+    vocab_size: int | None = Field(None, ge=1)  # bpe: size to train (default 4096); byte (257) / hf: None or padded
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)  # held-out fraction of documents for validation
     cache_dir: str | None = None  # token-shard cache; default $ULTRAMEM_CACHE or ~/.cache/ultramem
     num_proc: int = Field(2, ge=1)  # tokenisation worker processes
@@ -96,7 +96,8 @@ class TrainConfig(Strict):
     # wsd trunk: budgets (tokens '2e5' or 'KxN') at which cooldown branches end; the trunk keeps a checkpoint where
     # each branch's cooldown starts, and a sweep adds one run per budget (docs/sweeps.md "Cooldown branches")
     branches: list[float | str] = Field(default_factory=list)
-    branch_of: str | None = None  # a branch: the run id of its trunk (a sibling run folder); set by the planner
+    # a branch: the run id of its trunk, a sibling folder in the same sweep folder (never a path); set by the planner
+    branch_of: str | None = None
     lr_mult_steps: int | None = Field(None, ge=1)  # steps the group LR multipliers' progress runs over; None: steps
     weight_decay: float = Field(0.1, ge=0.0)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
@@ -111,7 +112,7 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
-    threads: int | None = None  # torch intra-op threads on CPU (None = torch default)
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads on CPU (None = torch default)
     knowledge_probe: bool = True  # evaluate fact recall at the end when the corpus has facts
 
     @field_validator("lr")
@@ -124,16 +125,25 @@ class TrainConfig(Strict):
     @field_validator("tokens")
     @classmethod
     def _tokens_positive(cls, v: float | str) -> float | str:
-        if isinstance(v, float) and not v > 0:
-            raise ValueError("must be a number of tokens > 0 ('5e6') or 'KxN' (e.g. '20xN')")
+        if not _positive_budget(v):
+            raise ValueError("must be a number of tokens > 0 ('5e6') or 'KxN' with K > 0 (e.g. '20xN')")
         return v
 
     @field_validator("branches")
     @classmethod
     def _branches_positive(cls, v: list[float | str]) -> list[float | str]:
         for b in v:
-            if isinstance(b, float) and not b > 0:
-                raise ValueError(f"budget {b!r}: must be a number of tokens > 0 ('2e5') or 'KxN' (e.g. '10xN')")
+            if not _positive_budget(b):
+                raise ValueError(f"budget {b!r}: must be a number of tokens > 0 ('2e5') or 'KxN' with K > 0 "
+                                 "(e.g. '10xN')")
+        return v
+
+    @field_validator("branch_of")
+    @classmethod
+    def _branch_of_is_a_run_id(cls, v: str | None) -> str | None:
+        if v is not None and not RUN_ID.fullmatch(v):
+            raise ValueError("must be the run id of the trunk, a sibling run folder (e.g. 'dense-0123456789'), not "
+                             "a path; remove it unless this run is a cooldown branch (the sweep planner sets it)")
         return v
 
     @field_validator("batch_size")
@@ -176,7 +186,7 @@ class ParallelConfig(Strict):
 class RunConfig(Strict):
     name: str | None = None  # human-readable name; the run id is derived from the content
     sweep: str | None = None  # sweep this run belongs to (W&B group)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # NumPy's seed range: larger seeds would alias smaller ones
     model: dict[str, Any] = Field(default_factory=lambda: {"preset": "dense-tiny"})
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -186,16 +196,36 @@ class RunConfig(Strict):
     @field_validator("model")
     @classmethod
     def _model_has_preset_or_family(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if "preset" in v and not (isinstance(v["preset"], str) and v["preset"].strip()):
+            raise ValueError("'preset' is empty; name a preset (see `ultramem models`), or remove it and give a "
+                             "full model with 'family'")
         if "preset" not in v and "family" not in v:
             raise ValueError("needs 'preset: <name>' (see `ultramem models`) or a full model with 'family'")
         return v
+
+
+# A run id, `experiments.config.run_id`: the family (a registry name, or 'run') and 10 hex digits of the hash. It
+# names a run folder, so it never holds a path separator or '..' (train.branch_of is checked against it).
+RUN_ID = re.compile(r"[a-z][a-z0-9_]*-[0-9a-f]{10}")
+
+
+def _positive_budget(v: float | str) -> bool:
+    """A token budget > 0: a number, a numeric string, or 'KxN' with K > 0 (`parse_token_budget` reads it)."""
+    if isinstance(v, str):
+        m = _MULTIPLE.match(v)
+        try:
+            v = float(m.group(1) if m else v)
+        except ValueError:
+            return True  # not a number at all: parse_token_budget names the allowed forms when it is resolved
+    return math.isfinite(v) and v > 0
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration"]
+    """One line per error: `SOURCE: FIELD: what is wrong and the fix (got VALUE)`; several errors follow a header."""
+    lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
@@ -203,8 +233,10 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             msg = "unknown key"
         elif e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
-        lines.append(f"  {loc}: {msg} (got {e.get('input')!r})")
-    return "\n".join(lines)
+        lines.append(f"{loc}: {msg} (got {e.get('input')!r})")
+    if len(lines) == 1:
+        return f"{source}: {lines[0]}"
+    return "\n".join([f"{source}: invalid configuration", *(f"  {line}" for line in lines)])
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -241,15 +273,23 @@ def safe_load(stream: Any, source: str = "<string>") -> Any:
         raise ConfigError(f"{source}: key {err.key!r} is given twice, at line {err.first_line} and at line "
                           f"{err.second_line}; keep one (YAML would silently use the last)") from None
     except yaml.YAMLError as err:  # syntax errors; python/* tags, which a SafeLoader refuses to construct
-        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(err).split())}") from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: file not found")
-    with open(path) as f:
-        data = safe_load(f, str(path)) or {}
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the path of a YAML file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a YAML text file (byte {err.start:,} is not UTF-8: {err.reason}); give the "
+                          "path of a UTF-8 YAML file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it ({err.strerror or err}); check the path and its permissions") from None
+    data = safe_load(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -326,6 +366,7 @@ _ID_SINCE_V1: dict[tuple[str, ...], dict[str, Any]] = {
     ("train",): {"schedule": "cosine", "cooldown": 0.2, "cooldown_shape": "linear", "branch_of": None,
                  "lr_mult_steps": None},
     ("model", "memory"): {"balance_loss_weight": 0.0},
+    ("model", "memory_plus"): {"value_lr_schedule": "constant", "value_clip": "joint"},
 }
 
 

@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -185,10 +186,11 @@ def _attempts(job: Job, rd: RunDir, retries: int, node: str, env: dict[str, str]
         return Outcome(job.run_id, state, 0, node, time.time() - t0)
     launches, failures, error = 0, 0, None
     while failures <= retries:
-        attempt = rd.update_status(attempts=rd.read_status().attempts + 1, node=node).attempts
+        attempt = rd.update_status(attempts=rd.read_status().attempts + 1, node=node, error=None).attempts
         launches += 1
         rc = _launch(job, rd, attempt, node, env)
-        state = rd.read_status().state
+        status = rd.read_status()
+        state = status.state
         if state in TERMINAL:
             return Outcome(job.run_id, state, launches, node, time.time() - t0)
         if rc == EXIT_BUSY:  # trained by a process outside any scheduler (`ultramem train`): wait for it
@@ -196,8 +198,12 @@ def _attempts(job: Job, rd: RunDir, retries: int, node: str, env: dict[str, str]
             time.sleep(CLAIM_POLL_S)
             continue
         failures += 1
+        tail = _log_tail(rd)
         error = f"attempt {launches}: exit code {rc}" + (f" (state left at {state!r})" if rc == 0 else "")
-        error += "\n" + _log_tail(rd)
+        why = run_error(status.error, tail)
+        if why:  # the run's own one-line error first: the console and `sweep status` show the first line
+            error = f"{why} ({error})"
+        error += "\n" + tail
         if rc == EXIT_CONFIG:  # the same config fails the same way: do not retry
             break
     rd.update_status(state="failed", error=error)
@@ -236,6 +242,17 @@ def _die_with_parent(sig: int) -> Callable[[], None] | None:
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork: the child only makes the call
     return lambda: prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+def run_error(status_error: str | None, log_tail: str) -> str | None:
+    """The run's own one-line error after a failed attempt: the first line of the error the trainer wrote into
+    status.json, else the last `error: ...` line the training process printed (train.log)."""
+    if status_error and status_error.strip():
+        return status_error.strip().splitlines()[0]
+    for line in reversed(log_tail.splitlines()):
+        if line.startswith(("error: ", "diverged: ")):
+            return line.split(": ", 1)[1].strip() or None
+    return None
 
 
 def _log_tail(rd: RunDir) -> str:
@@ -606,6 +623,28 @@ class SweepReport:
         return out
 
 
+def check_output_dir(plan: Plan) -> None:
+    """ConfigError (one line: the sweep file, output_dir and the reason) unless the sweep's runs folder can be
+    created and written; what this creates to find out is removed again."""
+    root = plan.runs_dir
+    created = [p for p in (root, *root.parents) if not p.exists() and not p.is_symlink()]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-") as f:
+            f.write(b"ultramem write test\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        for p in created:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        reason = err.strerror or str(err)
+        if isinstance(err, NotADirectoryError | FileExistsError):
+            reason = "a part of the path is a file, not a folder"
+        raise ConfigError(f"{plan.path}: output_dir: cannot create or write the runs folder {root} ({reason}); set "
+                          "output_dir in the sweep file to a writable folder") from None
+
+
 def prepare(plan: Plan) -> tuple[list[Job], list[str]]:
     """Create the run folders (resolved config.yaml, pending status); return the runs still to train."""
     jobs, skipped = [], []
@@ -634,6 +673,13 @@ def run_sweep(plan: Plan, backend: str | Backend = "ray", address: str | None = 
     if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {max_concurrent}: must be >= 1")
     t0 = time.time()
+    if any(not run_state(RunDir(plan.runs_dir / r.run_id)).finished for r in plan.runs):
+        # refuse a bad flag, a dead cluster or an unwritable output_dir before any run folder is written
+        if isinstance(backend, str) and backend == "local" and address:
+            raise ConfigError("--address only applies to --backend ray")
+        if isinstance(backend, str) and backend == "ray" and (address or os.environ.get("RAY_ADDRESS")):
+            probe_address(address or os.environ["RAY_ADDRESS"], connect_timeout)
+        check_output_dir(plan)
     jobs, skipped = prepare(plan)
     # Longest runs first (LPT: the makespan is then at most 4/3 of the optimum on identical slots); runs another
     # scheduler is training go last, so ours start with work nobody else is doing.

@@ -42,14 +42,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from experiments import checkpoint
-from experiments.config import RunConfig, TrainConfig, branch_points, run_id, wsd_cooldown_start
+from experiments import checkpoint, distributed
+from experiments.config import RUN_ID, RunConfig, TrainConfig, branch_points, run_id, wsd_cooldown_start
 from experiments.data import TokenLoader, knowledge_probe, prepare_data
 from experiments.distributed import Parallel, load_sharded, restore_rng, setup_process_group, split_by_mesh
 from experiments.resolve import model_config, resolve_run_config
 from experiments.throughput import ThroughputMeter
 from experiments.tracking import WandbMirror
-from runfolder import EvalRow, Final, RunDir, TrainRow, run_state
+from runfolder import EvalRow, Final, RecordError, RunDir, TrainRow, run_state
 from ultramem import build_model
 from ultramem.accounting import count_params, flops_per_token
 from ultramem.config import ConfigError, ModelConfig
@@ -110,15 +110,38 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> tuple[torch.optim
 
 
 def set_lr(opt: torch.optim.Optimizer, mult_fns: list[Any], step: int, t: TrainConfig) -> float:
-    """Set every group's LR for `step`: schedule(step) * the group's multiplier at progress step/steps, or the
-    group's "fixed_lr" when it has one (Memory+'s value table: a constant LR, no warmup, no decay). The progress
-    runs over `t.lr_mult_steps` when set (a cooldown branch keeps its trunk's clock), else over `t.steps`."""
+    """Set every group's LR for `step`: schedule(step) * the group's multiplier at progress step/steps, or, for a
+    group with a "fixed_lr" (Memory+'s value table), that LR: constant (ByteDance's port: no warmup, no decay), or
+    with "fixed_lr_scheduled" fixed_lr * schedule(step) / t.lr (Meta's lingua, whose LambdaLR scales every group's
+    own LR by the schedule). The progress runs over `t.lr_mult_steps` when set (a cooldown branch keeps its trunk's
+    clock), else over `t.steps`."""
     base = lr_at(step, t)
     progress = step / int(t.lr_mult_steps or t.steps)
     for group, fn in zip(opt.param_groups, mult_fns, strict=True):
         fixed = group.get("fixed_lr")
-        group["lr"] = float(fixed) if fixed is not None else base * (fn(progress) if fn is not None else 1.0)
+        if fixed is None:
+            group["lr"] = base * (fn(progress) if fn is not None else 1.0)
+        else:
+            group["lr"] = float(fixed) * (base / float(t.lr) if group.get("fixed_lr_scheduled") else 1.0)
     return base
+
+
+def clip_gradients(opt: torch.optim.Optimizer, model: torch.nn.Module, max_norm: float,
+                   par: Parallel | None = None) -> torch.Tensor:
+    """Clip `model`'s gradients to `max_norm`; returns their total norm before clipping. Without optimizer groups
+    marked "clip_separately" one norm over all parameters is clipped; with them (Memory+'s value table under
+    value_clip: separate) those groups' parameters are clipped on their own and the rest on theirs, as Meta's train
+    loop does, and the norm returned is sqrt(rest^2 + apart^2), the same total."""
+    apart = {id(p) for g in opt.param_groups if g.get("clip_separately") for p in g["params"]}
+    if not apart and par is None:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if not apart:
+        return par.clip_grad_norm_(model, max_norm)
+    # distributed.clip_grad_norm_ takes a list of plain tensors and DTensors on any meshes (any layout of `par`)
+    clip = torch.nn.utils.clip_grad_norm_ if par is None else distributed.clip_grad_norm_
+    params = list(model.parameters())
+    sets = [[p for p in params if id(p) not in apart], [p for p in params if id(p) in apart]]
+    return torch.linalg.vector_norm(torch.stack([clip(ps, max_norm).float() for ps in sets]))
 
 
 # ---- processes, devices, precision -----------------------------------------------------------------------------
@@ -240,11 +263,9 @@ def train_step(model: torch.nn.Module, raw: torch.nn.Module, opt: torch.optim.Op
             value = value.detach().float()
             aux_parts[name] = value if name not in aux_parts else aux_parts[name] + value
     max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-    if par is None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm)
-    else:
+    if par is not None:
         par.finish_gradients(raw)
-        grad_norm = par.clip_grad_norm_(raw, max_norm)
+    grad_norm = clip_gradients(opt, raw, max_norm, par)
     opt.step()
     opt.zero_grad(set_to_none=True)
     if par is None:
@@ -313,6 +334,9 @@ def train(cfg: RunConfig, run_dir: str | Path, source: str = "<config>", count_a
                 raise RunBusy(f"{rd.path}: another process is training this run ({rd.lock_owner()}); wait for it "
                               "or stop it first")
             now = run_state(rd)
+            if now.state == "unreadable" and env.main:
+                print(f"warning: {now.detail}; resuming the run from its checkpoints, which rewrites it",
+                      file=sys.stderr, flush=True)
             if now.state == "diverged":
                 raise Diverged(f"{rd.path}: this run diverged in an earlier attempt ({now.status.error}); "
                                "a diverged run is final: train a changed config in a new folder")
@@ -331,7 +355,8 @@ def train(cfg: RunConfig, run_dir: str | Path, source: str = "<config>", count_a
             raise
         except BaseException as err:
             if env.main:
-                rd.update_status(state="failed", error=_describe(err, rd.path))
+                with contextlib.suppress(OSError):  # a full disk may refuse this write too: `err` says why
+                    rd.update_status(state="failed", error=_describe(err, rd.path))
             raise
 
 
@@ -343,7 +368,7 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env, par: Parallel) -> dict[str, Any]:
     tokens_per_step = t.batch_size * t.seq_len
 
     if env.main:
-        rd.update_status(state="running", total_steps=t.steps, error=None)
+        rd.update_status(state="running", total_steps=t.steps, error=None, threads=torch.get_num_threads())
     prepared = _prepare_data_once(prepare_data, cfg, env)
 
     seed_everything(cfg.seed)
@@ -366,7 +391,7 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env, par: Parallel) -> dict[str, Any]:
         start = _restore(state, loader, window, env, cfg.seed)
         last_mean, last_val = state["last_mean"], state["last_val"]
         if env.main and from_trunk:  # the branch's curve starts with the trunk's up to the branch step
-            trunk = RunDir(rd.path.parent / t.branch_of)
+            trunk = _trunk_dir(rd, t.branch_of)
             rd.truncate_metrics_after(0)
             for row in trunk.metrics():
                 if row.get("step", 0) <= start:
@@ -473,7 +498,7 @@ def _load_branch_point(cfg: RunConfig, rd: RunDir, raw: torch.nn.Module, opt: to
     optimizer and return its other entries; None (with a note) when the trunk has none, and the branch then trains
     from step 0, which reaches the same state at the branch step at the full cost."""
     t = cfg.train
-    trunk = RunDir(rd.path.parent / str(t.branch_of))
+    trunk = _trunk_dir(rd, str(t.branch_of))
     step = wsd_cooldown_start(t.steps, int(t.warmup), t.cooldown)
     path = trunk.branch_point(step)
     if path is None:
@@ -497,8 +522,30 @@ def _load_branch_point(cfg: RunConfig, rd: RunDir, raw: torch.nn.Module, opt: to
     return state
 
 
+def _trunk_dir(rd: RunDir, branch_of: str) -> RunDir:
+    """The trunk of cooldown branch `rd`: the sibling folder named by its run id, never a path (TrainConfig
+    validates `branch_of` as a run id; checked again here, where it becomes one), and never a link out of the
+    folder that holds both (a trunk's checkpoint is loaded from it)."""
+    if not RUN_ID.fullmatch(branch_of):
+        raise ConfigError(f"{rd.config_path}: train.branch_of {branch_of!r} is not a run id (a sibling run folder); "
+                          "remove it unless this run is a cooldown branch")
+    parent = rd.path.parent
+    trunk = parent / branch_of
+    if trunk.exists() and trunk.resolve().parent != parent.resolve():
+        raise ConfigError(f"{trunk}: the trunk of this cooldown branch (train.branch_of) leads out of {parent} (to "
+                          f"{trunk.resolve()}); a trunk must be a run folder beside its branches, not a link")
+    return RunDir(trunk)
+
+
 def _restore(state: dict[str, Any], loader: Any, window: Window, env: Env, seed: int) -> int:
-    """The rest of a checkpoint once the model and optimizer are loaded; returns its step."""
+    """The rest of a checkpoint once the model and optimizer are loaded; returns its step. Warns when the
+    checkpoint was computed with another torch thread count (CPU reductions then round differently)."""
+    threads, now = state.get("threads"), torch.get_num_threads()
+    if env.main and threads is not None and int(threads) != now and env.device.type == "cpu":
+        print(f"warning: the checkpoint of step {int(state['step'])} was computed with {int(threads)} torch threads, "
+              f"this process has {now}: the resumed run is not bitwise the uninterrupted one (CPU sums round by "
+              f"thread count); set train.threads: {int(threads)} (or OMP_NUM_THREADS={int(threads)}) to resume it "
+              "bitwise", file=sys.stderr, flush=True)
     loader.load_state_dict(state["loader"])
     window.load_state_dict(state["window"])
     restore_rng(state["rng"], env.rank, env.world_size, seed, int(state["step"]), env.device)
@@ -515,7 +562,8 @@ def _save(rd: RunDir, step: int, raw: torch.nn.Module, opt: torch.optim.Optimize
         dist.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
-    extras = {"loader": loader.state_dict(), "window": window.state_dict(), "rng": rngs, **last}
+    extras = {"loader": loader.state_dict(), "window": window.state_dict(), "rng": rngs,
+              "threads": torch.get_num_threads(), **last}  # the thread count: `_restore` warns on a change
     par.save(rd, step, raw, opt, extras, t.keep_checkpoints)
 
 
@@ -558,6 +606,7 @@ def _final_record(cfg: RunConfig, rid: str, mcfg: ModelConfig, params: dict[str,
         seq_len=t.seq_len, lr=t.lr, memory=_memory_summary(mcfg, params), moe=_moe_summary(mcfg), knowledge=None,
         wall_s=wall, tokens_per_s=trained_here / wall if trained_here and wall > 0 else None,
         tokenizer=cfg.data.tokenizer, vocab_size=mcfg.vocab_size, data_source=meta.get("source", cfg.data.source),
+        data_sha256=getattr(prepared, "source_sha256", None),
     )
 
 
@@ -583,10 +632,22 @@ def _start_wandb(cfg: RunConfig, rd: RunDir, rid: str, mcfg: ModelConfig, params
 def write_run_config(rd: RunDir, resolved: RunConfig, force: bool = False) -> None:
     """Write config.yaml (and the run.json marker), refusing a folder that holds a different run or files that
     are not a run's, unless `force`."""
+    check_run_folder(rd, resolved, force)
+    new = resolved.model_dump(mode="json")
+    rd.write_config(new, run_id(new))
+
+
+def check_run_folder(rd: RunDir, resolved: RunConfig, force: bool = False) -> None:
+    """ConfigError unless `rd` is free for this run (absent, empty, or this run's folder), or `force`. Writes
+    nothing: `ultramem train` asks before it creates or locks anything, the trainer again under the lock."""
     new = resolved.model_dump(mode="json")
     rid = run_id(new)
-    if not force:
-        old, marker, foreign = rd.read_config(), rd.read_marker(), rd.foreign_entries()
+    if not force and rd.path.is_dir():
+        try:
+            old, marker, foreign = rd.read_config(), rd.read_marker(), rd.foreign_entries()
+        except RecordError as err:
+            raise ConfigError(f"{err}; {rd.path} is not a folder of this run: choose another output folder (--out), "
+                              "delete the file, or pass --force to overwrite it") from None
         if old is not None and run_id(old) != rid:
             diff = ", ".join(_diff_keys(old, new)) or "content"
             raise ConfigError(f"{rd.path} already holds another run (its config.yaml differs in: {diff}); choose "
@@ -598,7 +659,6 @@ def write_run_config(rd: RunDir, resolved: RunConfig, force: bool = False) -> No
             shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
             raise ConfigError(f"{rd.path} is not empty and is not a run folder (it holds {shown}); choose another "
                               "output folder (--out), or pass --force to write the run into it anyway")
-    rd.write_config(new, rid)
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -632,11 +692,24 @@ def _on_rank0(fn: Any, env: Env) -> Any:
     return value
 
 
+def describe_error(err: BaseException, run_dir: Path | None = None) -> str:
+    """One line for a terminal: the first line of status.json's `error` (`_describe`)."""
+    return _describe(err, run_dir).splitlines()[0]
+
+
+def is_refused_write(err: BaseException) -> bool:
+    """Whether `err` comes from a write the disk refused (full, quota, read-only, I/O error): the user's to fix,
+    so a terminal gets `describe_error`'s one line rather than a traceback."""
+    return _os_error_in_chain(err) is not None
+
+
 def _describe(err: BaseException, run_dir: Path | None = None) -> str:
     """status.json's `error`. A failed write (full disk, quota, permissions) often surfaces as another error (torch:
     "unexpected pos N vs M") with the OSError only in its chain: then the OSError, the file and the fix come first."""
     if isinstance(err, KeyboardInterrupt):
         return "interrupted"
+    if isinstance(err, ConfigError):  # a validation error: its message names the file, the field and the fix
+        return str(err)
     tb = traceback.extract_tb(err.__traceback__)
     where = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
     text = f"{type(err).__name__}: {err}{where}"

@@ -30,7 +30,7 @@ def write(tmp_path: Path, text: str, name: str = "sweep.yaml") -> Path:
     ("name: s\nparameters: {seed: {values: []}}\n", ["parameters.seed", "empty grid"]),
     ("name: s\nparameters: {}\n", ["parameters", "empty grid"]),
     ("name: s\n", ["parameters", "empty grid"]),
-    ("name: s\nmethod: random\nparameters: {seed: {value: 1}}\n", ["method", "'grid', 'list' or 'isoflop'"]),
+    ("name: s\nmethod: random\nparameters: {seed: {value: 1}}\n", ["method", "'grid', 'list', 'isoflop' or 'lr_scan'"]),
     ("name: s\nmethod: isoflop\nparameters: {seed: {value: 1}}\n", ["isoflop", "give both or neither"]),
     ("name: s\nparameters: {seed: {distribution: uniform, min: 0, max: 1}}\n", ["parameters.seed.distribution",
                                                                                "unknown key"]),

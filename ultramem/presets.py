@@ -42,6 +42,8 @@ MoE/UltraMem-151M run 0.35 GFLOPs/token against the dense model's 0.30.
                     paper's advice for small models), swilu, one shared table. 8 heads (Meta: 4), top_m then
                     solved so activated params equal the MoE/UltraMem mean (a replaced FFN leaves those params to
                     the memory: at 4 heads top_m would exceed num_keys), num_keys so total params equal their mean.
+                    Value table: constant value LR 1e-3 and one joint gradient clip, the rules their committed runs
+                    trained with (Meta's are value_lr_schedule: scheduled, value_clip: separate).
   ultramem_v2-tK-x6 UltraMemV2 in every block beside the FFN, the 227M run's recipe scaled to d: 1 head x top-32, key
                     / value / pre-value dim d/4, per-rank queries, ring windows share_ratio 0.5, paper init, value
                     LR 4x -> 1x. As the authors shrink the FFN for iso-compute (4992 vs 5504 at 227M), the FFN
@@ -59,7 +61,8 @@ same parameters, inner 1.5 x 2752 = 4128 (6016 -> 4512 for Memory+, 4992 -> 3744
                           init, value LR 4x -> 1x over training.
   memory_plus-227m        run_memory_plus.sh, ByteDance's port (beside the FFN: replace_ffn false, what the 227M
                           comparison ran): blocks 4,8,12,16, 1138 keys, half-key dim 384 (key_dim 768), value dim
-                          768 = d, 2 heads x top-80, one shared table at the fixed value LR 1e-3.
+                          768 = d, 2 heads x top-80, one shared table at the constant value LR 1e-3 (no warmup
+                          or decay) and clipped with the rest of the model, the port's rules (OLMo's trainer).
   ultramem_v2-227m        README / run.sh: a layer in every block beside the FFN, 360 keys per layer slice (global
                           table 360^2 x 20 rows, share_ratio 0.5 -> 1138 keys per side), key dim 192, 1 head x top-32,
                           value and pre-value dim 192, value LR 4x -> 1x, per-rank queries (the paper's; the script's
@@ -199,6 +202,19 @@ _STUDY = {
 }
 
 
+# The one-shape ladder (issue 26 item 4): one shape rule from ~10k to >1M activated params, so that neighbouring
+# rungs differ in width only (the study ladder alternates 2 and 3 layers, and its 3-layer s4 sits above both of its
+# 2-layer neighbours). Rule: ONE_SHAPE_LAYERS blocks, ONE_SHAPE_HEADS heads, d_model stepping ~1.15-1.33x
+# (params ~1.3-1.6x per rung), UltraMem's memory spanning blocks 1:3 (a two-block skip on every rung), MoE and
+# UltraMem matched to dense as on the study ladder (_ladder_presets). Names oK: dense-o1 ... ultramem-o15-x6.
+ONE_SHAPE_LAYERS = 4
+ONE_SHAPE_HEADS = 2
+ONE_SHAPE_LAYOUT = "1:3"
+ONE_SHAPE_WIDTHS = (12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160)
+_ONE_SHAPE = {f"o{i + 1}": (d, ONE_SHAPE_LAYERS, ONE_SHAPE_HEADS, ONE_SHAPE_LAYOUT)
+              for i, d in enumerate(ONE_SHAPE_WIDTHS)}
+
+
 def _ladder_presets(ladder: dict[str, tuple[int, int, int, str]], pkm: bool) -> dict[str, ModelConfig]:
     """dense, MoE-2inE and UltraMem-x6 (and PKM-x6 if `pkm`) at every size of `ladder`: UltraMem's num_keys gives
     TINY_MULTIPLE x dense's non-embedding params, MoE matches UltraMem's activated and total params."""
@@ -258,8 +274,12 @@ def _tiny_memory_plus_presets(tiny: dict[str, ModelConfig]) -> dict[str, ModelCo
         moe = next(cfg for name, cfg in tiny.items() if name.startswith(f"moe-{size}-"))
         um = count_params(tiny[f"ultramem-{size}-x{TINY_MULTIPLE}"])
         mo = count_params(moe)
+        # the value table's rules as the committed runs of these presets trained (a constant value LR, one joint
+        # clip), so that their run ids keep meaning what they ran; Meta's own rules are value_lr_schedule:
+        # scheduled, value_clip: separate (docs/families.md "Memory+")
         memory = MemoryPlusConfig(layers=_MEMORY_PLUS_TINY_LAYERS[L], replace_ffn=True, key_dim=d // 2,
-                                  heads=MEMORY_PLUS_TINY_HEADS, top_m=32, value_dim=0, qk_norm=True, swilu=True)
+                                  heads=MEMORY_PLUS_TINY_HEADS, top_m=32, value_dim=0, qk_norm=True, swilu=True,
+                                  value_lr_schedule="constant", value_clip="joint")
         out[f"memory_plus-{size}-x{TINY_MULTIPLE}"] = _solve_memory_plus(
             _dense(L, d, nh, TINY_VOCAB, TINY_SEQ_LEN), memory,
             active=(um.active_non_embedding + mo.active_non_embedding) / 2,
@@ -319,7 +339,8 @@ def _official_227m_presets() -> dict[str, ModelConfig]:
         value_lr_mult=4.0, value_lr_decay=1.0))
     memory_plus = _with(base, family="memory_plus", ffn_hidden=swiglu_equivalent(6016), memory_plus=MemoryPlusConfig(
         layers="4,8,12,16", replace_ffn=False, num_keys=1138, key_dim=2 * 384, heads=2, top_m=80, value_dim=0,
-        qk_norm=True, swilu=True, value_lr=1e-3, shared_values=True))
+        qk_norm=True, swilu=True, value_lr=1e-3, value_lr_schedule="constant", value_clip="joint",  # the port's rules
+        shared_values=True))
     ultramem_v2 = _with(base, family="ultramem_v2", ffn_hidden=swiglu_equivalent(4992), memory_v2=UltraMemV2Config(
         num_keys=360, key_dim=192, value_dim=192, pre_value_dim=192, heads=1, top_m=32, tucker_rank=2, num_cores=2,
         query_per_rank=True, share_ratio=0.5, value_lr_mult=4.0, value_lr_decay=1.0, init="official"))
@@ -340,6 +361,7 @@ SOURCE_TABLE1 = "inferred (Table 1 totals)"
 SOURCE_227M = "inferred (227M totals)"
 SOURCE_TINY = "ours (tiny ladder)"
 SOURCE_STUDY = "ours (study ladder)"
+SOURCE_ONE_SHAPE = "ours (one-shape ladder)"
 
 
 def _sources(paper: dict[str, ModelConfig], tiny: dict[str, ModelConfig],
@@ -355,9 +377,11 @@ def _all_presets() -> dict[str, ModelConfig]:
     official = _official_227m_presets()
     tiny_later = {**_tiny_memory_plus_presets(tiny), **_tiny_ultramem_v2_presets(tiny)}
     study = _ladder_presets(_STUDY, pkm=False)
-    presets = {**paper, **tiny, **official, **tiny_later, **study}
+    one_shape = _ladder_presets(_ONE_SHAPE, pkm=False)
+    presets = {**paper, **tiny, **official, **tiny_later, **study, **one_shape}
     PRESET_SOURCES.update(_sources(paper, {**tiny, **tiny_later}, official))
     PRESET_SOURCES.update({name: SOURCE_STUDY for name in study})
+    PRESET_SOURCES.update({name: SOURCE_ONE_SHAPE for name in one_shape})
     aliases = _aliases(presets)
     PRESET_SOURCES.update({alias: SOURCE_TINY for alias in aliases})
     presets.update(aliases)
@@ -375,7 +399,7 @@ PRESETS: dict[str, ModelConfig] = _all_presets()
 
 def preset_source(name: str) -> str:
     """"authors" (the authors' released configuration), "inferred (...)" (solved from published totals) or
-    "ours (tiny ladder)" or "ours (study ladder)"."""
+    "ours (tiny ladder)", "ours (study ladder)" or "ours (one-shape ladder)"."""
     return PRESET_SOURCES[name]
 
 

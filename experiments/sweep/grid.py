@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 from experiments.sweep.schema import ParamSpec, SweepFile
@@ -36,8 +37,8 @@ def expand(sweep: SweepFile, base: dict[str, Any], source: str = "<sweep>") -> l
 
     method isoflop: the ladder's presets are a grid axis (one point per size; experiments/sweep/plan.py gives each
     its budgets)."""
-    if sweep.isoflop is not None:
-        ladder = {"model.preset": ParamSpec(values=list(sweep.isoflop.ladder))}
+    if sweep.isoflop is not None or sweep.lr_scan is not None:
+        ladder = {"model.preset": ParamSpec(values=list((sweep.isoflop or sweep.lr_scan).ladder))}
         points = _grid({**ladder, **sweep.parameters}, "grid")
     else:
         points = _grid(sweep.parameters, sweep.method)
@@ -62,7 +63,7 @@ def _point(index: int, values: dict[str, Any], sweep: SweepFile, base: dict[str,
     cfg = deep_merge(base, expand_dotted(values))
     model = dict(cfg.get("model") or {})
     preset = model.get("preset")
-    if preset in sweep.presets:
+    if isinstance(preset, str) and preset in sweep.presets:  # (anything else: RunConfig validation names it)
         local = expand_dotted(sweep.presets[preset])
         model.pop("preset")
         model = deep_merge(local, model)
@@ -75,13 +76,27 @@ def _point(index: int, values: dict[str, Any], sweep: SweepFile, base: dict[str,
 
 
 def _run_name(values: dict[str, Any], preset: str | None, model: dict[str, Any]) -> str:
-    """The preset (or family), then the swept axes: 'ultramem-t2-x6-num_keys=64-top_m=8-s0'."""
+    """The preset (or family), then the swept axes: 'ultramem-t2-x6-num_keys=64-top_m=8-s0'; a swept data source
+    by its short label ('dense-t1-source=tinyshakespeare-s0'). Names are labels: run ids do not hash them."""
     parts = [str(preset or model.get("family", "run"))]
     for key, value in values.items():
         if key == "model.preset":
             continue
+        if key == "data.source":
+            value = source_label(value)
         parts.append(f"s{value}" if key == "seed" else f"{key.rsplit('.', 1)[-1]}={value}")
     return "-".join(parts)
+
+
+def source_label(source: Any) -> str:
+    """A data source in a run name: a file's or folder's stem ('../shared/data/tinyshakespeare.txt' ->
+    'tinyshakespeare'), a hub dataset's name ('hf:roneneldan/TinyStories' -> 'TinyStories'), a glob's folder
+    ('data/*.txt' -> 'data'); the embedded corpora ('embedded', 'embedded:...') as they are."""
+    text = str(source)
+    if text.startswith("embedded"):
+        return text
+    path = PurePath(text.removeprefix("hf:").replace("\\", "/"))
+    return (path.parent.name if any(c in path.stem for c in "*?[") else path.stem) or text
 
 
 def describe(values: dict[str, Any]) -> str:

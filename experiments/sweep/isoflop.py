@@ -40,8 +40,10 @@ class IsoflopSpec(Strict):
     min_sizes: int = Field(5, ge=3)  # sizes per budget below which the planner warns
     optimum: float = Field(20.0, gt=0)  # tokens per parameter where the optimum is expected (bracketing check)
     branches: bool = True  # one WSD trunk per size, the other budgets as its cooldown branches
-    hparams: Literal["ladder", "isoflop"] = "ladder"  # ladder: experiments.hparams as for any run; isoflop: the
-    #                                                   IsoFLOP rule (experiments.hparams.isoflop_hparams)
+    hparams: Literal["ladder", "isoflop", "fitted"] = "ladder"  # ladder: experiments.hparams as for any run;
+    #   isoflop: the IsoFLOP rule (experiments.hparams.isoflop_hparams); fitted: the IsoFLOP rule with the peak LR of
+    #   each family's fitted law lr*(N) from hparams_file (`ultramem hparams` writes it; experiments.hparams.fitted_lr)
+    hparams_file: str | None = None  # hparams: fitted: the fitted-rule JSON, relative to the sweep file
     batch: Literal["ladder", "steps"] = "ladder"  # with hparams: isoflop, the batch size from the model size
     #   (ladder: OLMo's N^(2/3), capped for >= 100 steps in the shortest run) or from each run's length (steps:
     #   about target_steps optimizer steps, a power of two sequences, at least one); a size whose budgets get
@@ -50,8 +52,11 @@ class IsoflopSpec(Strict):
 
     @model_validator(mode="after")
     def _batch(self) -> IsoflopSpec:
-        if self.batch == "steps" and self.hparams != "isoflop":
+        if self.batch == "steps" and self.hparams == "ladder":
             raise ValueError("batch: steps is part of the IsoFLOP rule; add hparams: isoflop (or drop batch)")
+        if (self.hparams == "fitted") != (self.hparams_file is not None):
+            raise ValueError("hparams: fitted and hparams_file (the fitted-rule JSON that `ultramem hparams` "
+                             "writes, e.g. docs/results/hparams/lr_rule.json) go together; give both or neither")
         return self
 
     @field_validator("budgets")

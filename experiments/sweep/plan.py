@@ -7,6 +7,7 @@ Fast and torch-free: a 1,000-run sweep plans in about a second (benchmarks/bench
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from experiments.config import (
 from experiments.resolve import resolve_run_config
 from experiments.sweep.grid import Point, describe, expand, matches
 from experiments.sweep.isoflop import Cell, IsoflopSpec, Layout, Size, layout
+from experiments.sweep.lr_scan import lr_points
 from experiments.sweep.schema import Resources, SweepFile, load_sweep, runs_dir
 from ultramem.accounting import count_params, flops_per_token
 from ultramem.config import ConfigError, ModelConfig, deep_merge
@@ -149,6 +151,8 @@ def plan_sweep(path: str | Path) -> Plan:
     budgets: dict[int, list[float]] = {}  # isoflop: point index -> the budgets of its run and its branches
     if sweep.isoflop is not None:
         points, budgets, plan.isoflop = _isoflop_points(points, sweep.isoflop, planner, str(path))
+    if sweep.lr_scan is not None:
+        points = lr_points(points, sweep.lr_scan, planner.resolve, planner.count, str(path))
     for point in points:
         run = planner.plan(point, f"{path} (run {point.index}: {describe(point.values)})")
         if not run.fits():
@@ -172,7 +176,43 @@ def plan_sweep(path: str | Path) -> Plan:
         raise ConfigError(f"{path}: {len(too_big)} run(s) do not fit their GPUs (estimated peak per GPU from "
                           "ultramem.accounting.train_memory, at most "
                           f"{pricing.USABLE_GPU_MEMORY:.0%} of resources.gpu_memory_gb):\n  " + "\n  ".join(too_big))
+    check_data_sources(plan)
     return plan
+
+
+def check_data_sources(plan: Plan) -> None:
+    """Before anything trains: every local data source the grid names exists, is readable, holds text the
+    trainer can read (UTF-8, not empty or blank; experiments.data.loading) and at least one sequence of its runs'
+    longest `train.seq_len`. The embedded corpus is generated and hub datasets ('hf:') are not fetched here."""
+    from experiments.config import DataConfig
+    from experiments.data.loading import Source, _builder, _expand_local, check_local_files
+
+    longest: dict[str, tuple[int, PlannedRun]] = {}
+    for run in plan.runs:
+        data = run.config["data"]
+        key = canonical_json({k: data.get(k) for k in ("source", "format", "text_field")})
+        seq_len = int(run.config["train"]["seq_len"])
+        if key not in longest or seq_len > longest[key][0]:
+            longest[key] = (seq_len, run)
+    for seq_len, run in longest.values():
+        cfg = DataConfig.model_validate(run.config["data"])
+        src = cfg.source.strip()
+        if src == "embedded" or src.startswith("hf:"):
+            continue
+        where = f"{plan.path} (run {run.index}: {run.name or run.run_id})"
+        try:
+            files = _expand_local(src)
+            check_local_files(Source("local", "", src, {}, _builder(files, cfg.format), files, cfg.text_field), cfg)
+            size = sum(os.path.getsize(f) for f in files)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        except OSError as err:
+            raise ConfigError(f"{where}: data.source={src!r}: cannot read {err.filename or src} "
+                              f"({err.strerror or err}); check the path and its permissions") from None
+        if size < seq_len + 1:
+            raise ConfigError(f"{where}: data.source={src!r} holds {size} bytes, fewer than one sequence of "
+                              f"train.seq_len {seq_len} (+1) tokens; point data.source at more text or lower "
+                              "train.seq_len")
 
 
 _SET_BY_ISOFLOP = ("tokens", "steps", "branches", "branch_of")
@@ -201,6 +241,7 @@ def _isoflop_points(points: list[Point], spec: IsoflopSpec, planner: _Planner,
             params, fpt = planner.count(data["model"], data["train"]["seq_len"])
             sizes[p.preset] = Size(str(p.preset), data["model"]["family"], _count(params, "active"), fpt)
     grid = layout(spec, list(sizes.values()))
+    fitted = hparams.load_fitted_rule(Path(path).parent / spec.hparams_file) if spec.hparams_file else None
     out: list[Point] = []
     budgets: dict[int, list[float]] = {}
     for p in points:
@@ -214,8 +255,10 @@ def _isoflop_points(points: list[Point], spec: IsoflopSpec, planner: _Planner,
             train = {"tokens": own.tokens}
             if spec.branches:
                 train.update(schedule="wsd", branches=[c.tokens for c in group[:-1]])
-            if spec.hparams == "isoflop":
+            if spec.hparams != "ladder":
                 rule = hparams.isoflop_hparams(own.size.n, seq_len, group[0].tokens, nproc, batch[own.budget])
+                if fitted is not None:
+                    rule["lr"] = hparams.fitted_lr(fitted, own.size.family, own.size.n, f"{path}: {own.size.preset}")
                 given = p.config.get("train") or {}
                 train.update({k: v for k, v in rule.items() if given.get(k, "auto") == "auto"})
             config = deep_merge(p.config, {"train": train})
@@ -232,7 +275,7 @@ def _isoflop_points(points: list[Point], spec: IsoflopSpec, planner: _Planner,
 
 def _cell_batch(spec: IsoflopSpec, cell: Cell, seq_len: int, nproc: int) -> int | None:
     """The batch (sequences) of one (size, budget) cell under `isoflop.batch: steps`; None: the ladder's."""
-    if spec.hparams != "isoflop" or spec.batch != "steps":
+    if spec.hparams == "ladder" or spec.batch != "steps":
         return None
     return hparams.steps_batch_size(cell.tokens, seq_len, spec.target_steps, nproc)
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from experiments.config import RunConfig, Strict, WandbConfig, format_validation_error, load_yaml
 from experiments.pricing import GPU_MEMORY_GB
 from experiments.sweep.isoflop import IsoflopSpec
+from experiments.sweep.lr_scan import LrScanSpec
 from ultramem.config import BLOCKS, ConfigError, ModelConfig, expand_dotted
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -34,7 +35,7 @@ class ParamSpec(Strict):
         if len(given) != 1:
             raise ValueError("give exactly one of 'values: [...]' (a grid axis) or 'value: x' (a constant); "
                              "random/bayes distributions are not supported")
-        if self.values is not None and not self.values:
+        if "values" in self.model_fields_set and not self.values:  # [] or null
             raise ValueError("empty grid: 'values' must list at least one value")
         return self
 
@@ -87,11 +88,12 @@ class ResourceSpec(Strict):
 class SweepFile(Strict):
     name: str
     description: str | None = None
-    method: Literal["grid", "list", "isoflop"] = "grid"
+    method: Literal["grid", "list", "isoflop", "lr_scan"] = "grid"
     base: dict[str, Any] | str = Field(default_factory=dict)
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
     parameters: dict[str, ParamSpec] = Field(default_factory=dict)  # isoflop: optional (the ladder is the grid)
     isoflop: IsoflopSpec | None = None  # method isoflop: budgets and the size ladder (experiments/sweep/isoflop.py)
+    lr_scan: LrScanSpec | None = None  # method lr_scan: sizes x LR factors (experiments/sweep/lr_scan.py)
     conditional: list[Conditional] = Field(default_factory=list)
     seeds: list[int] | None = Field(None, min_length=1)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
@@ -105,14 +107,18 @@ class SweepFile(Strict):
         if (self.method == "isoflop") != (self.isoflop is not None):
             raise ValueError("method: isoflop and the isoflop: block (budgets, ladder) go together; give both or "
                              "neither")
-        if not self.parameters and self.method != "isoflop":
+        if (self.method == "lr_scan") != (self.lr_scan is not None):
+            raise ValueError("method: lr_scan and the lr_scan: block (ladder, lr_factors) go together; give both "
+                             "or neither")
+        if not self.parameters and self.method not in ("isoflop", "lr_scan"):
             raise ValueError("parameters: empty grid; give at least one key with 'values: [...]' or 'value: x'")
-        if self.isoflop is not None:
+        if self.isoflop is not None or self.lr_scan is not None:
             swept = [*self.parameters, *(k for c in self.conditional for k in c.parameters)]
             for key in swept:
                 if key.split(".")[0] == "model":
-                    raise ValueError(f"parameters {key}: the isoflop method takes its models from isoflop.ladder; "
-                                     "list presets there (a changed model is a sweep-local preset under presets:)")
+                    raise ValueError(f"parameters {key}: the {self.method} method takes its models from "
+                                     f"{self.method}.ladder; list presets there (a changed model is a sweep-local "
+                                     "preset under presets:)")
         if self.seeds is not None and "seed" in self.parameters:
             raise ValueError("seeds: given twice (top-level 'seeds' and parameters.seed); keep one")
         return self
