@@ -192,10 +192,15 @@ def test_branches_equal_direct_wsd_runs_and_reruns_skip(tmp_path):
         trunk_val = evals(trd)[b.steps]
         measured[b.steps] = (bf["val_loss"], trunk_val, bf["train_loss"], trains(trd)[b.steps])
     print("branch end vs trunk at that step (val branch, val trunk, train branch, train trunk):", measured)
-    # Cooled down beats the constant-LR trunk at the same step (measured: val 2.683 vs 2.689 at step 150, 2.519 vs
-    # 2.550 at 225; train-loss means of the last 5 steps 2.698 vs 2.741 and 2.638 vs 2.682).
+    # Cooled down beats the constant-LR trunk at the same step on the training loss (the mean of the last 5 steps:
+    # measured 2.698 vs 2.741 at step 150 and 2.638 vs 2.682 at 225 on one machine, 2.719 vs 2.761 and 2.668 vs
+    # 2.681 on another) and, by 225 steps, on the validation loss (2.519 vs 2.550; 2.528 vs 2.563). At step 150 the
+    # validation gap is within what the machine's floating-point order moves it (2.683 vs 2.689 on one machine,
+    # 2.6815 vs 2.6811 on another), so it is not asserted.
     for val_b, val_t, train_b, train_t in measured.values():
-        assert val_b < val_t and train_b < train_t
+        assert train_b < train_t
+    val_b, val_t, _, _ = measured[branch_steps[-1]]
+    assert val_b < val_t
 
     # A re-run trains nothing.
     rerun = run_sweep(plan_sweep(plan.path), backend="local", log=lines.append)
