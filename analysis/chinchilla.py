@@ -230,6 +230,7 @@ def fit_chinchilla_ci(n: object, d: object, loss: object, *, groups: Sequence | 
 # refitted from the point estimate, from the point estimate with its floor moved up (to fractions of the lowest
 # loss), and from the best few Hoffmann grid starts, and keeps the lowest objective.
 
+_MAX_LOG = 709.7  # exp overflows float64 beyond this (ChinchillaLaw.from_theta)
 FLOOR_STARTS = (0.25, 0.5, 0.75, 0.9)  # floors E tried as starts, as fractions of the lowest observed loss
 BOOT_GRID_TOP = 4  # the best-ranked Hoffmann grid starts (on all rows) tried as starts
 
@@ -248,11 +249,14 @@ def bootstrap_starts(law: ChinchillaLaw, logx: np.ndarray, logy: np.ndarray, del
 def refit_resamples(starts: np.ndarray, logx: np.ndarray, logy: np.ndarray, counts: np.ndarray,
                     delta: float) -> tuple[np.ndarray, np.ndarray]:
     """Refit every resample (a row of `counts` [B, n]) from every start [S, P] at once and keep, per resample, the
-    solution with the lowest finite Σ Huber (the first start wins ties).   -> thetas [B, P], objectives [B]"""
+    solution with the lowest finite Σ Huber whose coefficients are finite (the first start wins ties); nan where no
+    start gives one.   -> thetas [B, P], objectives [B]"""
     b, s = len(counts), len(starts)
     thetas, objs = lse.fit_batch(np.tile(starts, (b, 1)), logx, logy, np.repeat(counts, s, axis=0), delta=delta)
     thetas, objs = thetas.reshape(b, s, -1), objs.reshape(b, s)
-    objs = np.where(np.isfinite(objs) & np.all(np.isfinite(thetas), axis=2), objs, np.inf)
+    # a solution whose log-coefficient (a, b or e) overflows exp is a law with an infinite term: not a refit
+    usable = np.isfinite(objs) & np.all(np.isfinite(thetas), axis=2) & np.all(thetas[:, :, :3] < _MAX_LOG, axis=2)
+    objs = np.where(usable, objs, np.inf)
     best = np.argmin(objs, axis=1)
     rows = np.arange(b)
     return thetas[rows, best], np.where(np.isfinite(objs[rows, best]), objs[rows, best], np.nan)
