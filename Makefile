@@ -8,7 +8,7 @@ UM         := $(VENV)/bin/ultramem
 SWEEP      ?= sweeps/tiny_cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint format demo plots bench study study-part study-v1 results clean
+.PHONY: gpu-check setup test test-fast lint format demo plots bench study study-part study-v1 results clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,7 @@ format: setup
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
 # The main job: a small real sweep of dense / MoE / UltraMem on the embedded corpus, through Ray, ending in plots.
+# It shows live progress (runs, FLOPs, ETA, the running runs): redrawn on a terminal, else a line every 30 s.
 demo: setup
 	$(UM) sweep run $(SWEEP)
 	$(UM) plots $(SWEEP)
@@ -64,6 +65,12 @@ study-v1: setup
 STUDY := study_isoflop_v2 study_isoflop $(STUDY_V1)
 results: setup
 	$(foreach s,$(STUDY),$(UM) plots docs/results/$(s)/runs.csv $(PLOTS_$(s)) &&) true
+
+# One NVIDIA GPU, <= 8 min: pytest -m gpu, Triton vs torch (fp32/bf16), training tokens/s + MFU + peak memory of
+# the 151M/227M presets, decode latency vs batch -> benchmarks/results/gpu_check.json (docs/performance.md).
+# Without CUDA it prints what it skipped and exits 0.
+gpu-check: setup
+	$(PY) -m benchmarks.gpu_check
 
 bench: setup
 	$(UM) bench layers

@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -341,8 +342,10 @@ def measure_batch(models: dict[str, torch.nn.Module], B: int, kv: int, args: arg
         with torch.no_grad():
             return models[f](idx, cache=caches[f])
 
-    timings = time_round_robin({f: (lambda f=f: step(f)) for f in models}, device, args.warmup, args.repeats,
-                               args.clock)
+    cases = {f: (lambda f=f: step(f)) for f in models}
+    if "ultramem" in models:  # the bound: UltraMem's step with memory layers that cost nothing
+        cases[FLOOR] = lambda: floor_step(models["ultramem"], lambda: step("ultramem"))
+    timings = time_round_robin(cases, device, args.warmup, args.repeats, args.clock)
     rows = []
     for f, model in models.items():
         t = timings[f]
@@ -356,7 +359,31 @@ def measure_batch(models: dict[str, torch.nn.Module], B: int, kv: int, args: arg
                      "analytic_value_rows_touched": analytic.value_rows_touched,
                      "analytic_table_rows_touched": table_rows or None,
                      "analytic_value_bytes": value_params * BYTES_PER_PARAM})
+        if f == "ultramem" and FLOOR in timings:
+            rows[-1]["floor_latency_ms"] = timings[FLOOR].median
     return rows
+
+
+FLOOR = "ultramem_floor"
+
+
+class _FreeMemory(torch.nn.Module):
+    """A memory layer that returns zeros: no retrieval, no reads (the bound's stand-in)."""
+
+    def forward(self, h: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
+        return torch.zeros_like(h), {}
+
+
+def floor_step(model: torch.nn.Module, step: Callable[[], Any]) -> Any:
+    """One decode step of `model` with its memory layers swapped for `_FreeMemory`: everything but the memory
+    layers (attention over the KV cache, the FFNs, embeddings, LM head) as the UltraMem model runs it. MoE latency /
+    this is the highest MoE/UltraMem ratio any retrieval implementation could reach on this machine."""
+    memories = model.memories
+    model.memories = torch.nn.ModuleList(_FreeMemory() for _ in memories)
+    try:
+        return step()
+    finally:
+        model.memories = memories
 
 
 def model_label(cfg) -> str:  # noqa: ANN001
@@ -377,6 +404,9 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
                 r[f"moe_{f}_latency_ratio"] = moe["latency_ms"] / mem["latency_ms"]
                 r[f"moe_{f}_bytes_ratio"] = moe["bytes_touched"] / mem["bytes_touched"]
                 r[f"moe_{f}_analytic_bytes_ratio"] = moe["analytic_bytes"] / mem["analytic_bytes"]
+        um = by.get((r["batch_size"], "ultramem"))
+        if moe and um and "floor_latency_ms" in um:
+            r["moe_ultramem_bound_ratio"] = moe["latency_ms"] / um["floor_latency_ms"]
 
 
 def crossover(ratios: dict[int, float]) -> dict[str, int | None]:
@@ -405,8 +435,9 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         fr = {r["batch_size"]: r[key] for r in rows if key in r}
         if fr:
             per_family[f] = {"moe_latency_ratio": fr, **crossover(fr)}
+    bound = {r["batch_size"]: r["moe_ultramem_bound_ratio"] for r in rows if "moe_ultramem_bound_ratio" in r}
     judged = [b for b in batches if b >= TARGET_FROM_BATCH]
-    return {"moe_ultramem_latency_ratio": ratios, **crossover(ratios),
+    return {"moe_ultramem_latency_ratio": ratios, "moe_ultramem_bound_ratio": bound, **crossover(ratios),
             "target": {"name": f"MoE/UltraMem decode latency >= {TARGET_RATIO:g}x for every batch >= "
                                f"{TARGET_FROM_BATCH}", "judged_batches": judged,
                        "met": all(ratios[b] >= TARGET_RATIO for b in judged) if judged else None},
@@ -513,6 +544,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"crossover ({get_family(f).title} faster than MoE from batch): {fs['crossover_batch']}; "
               f">= {TARGET_RATIO:g}x from batch: {fs['ratio_2x_from_batch']}")
     print(f"target: {t['name']}: {({True: 'met', False: 'NOT met', None: 'no batch size judged'})[t['met']]}")
+    print("MoE/UltraMem latency (bound: MoE / UltraMem with free memory layers): " + ", ".join(
+        f"{r:.2f}x ({result['moe_ultramem_bound_ratio'].get(b, float('nan')):.2f}x) @{b}"
+        for b, r in result["moe_ultramem_latency_ratio"].items()))
     for w in payload["warnings"]:
         print(f"warning: {w}")
     print(f"wrote {json_path}" + ("" if args.no_plot else f" and {args.out / (NAME + '.png')}"))

@@ -2,7 +2,7 @@
 
   ultramem bench throughput [--size tiny|t1..t6] [--families dense,moe,pkm,ultramem] [--batch-size 16]
                             [--seq-len 256] [--steps 10] [--format table|json] [--out DIR] [--threads 2]
-                            [--repeats 5] [--warmup 1] [--device auto|cpu|cuda] [--clock wall|cpu]
+                            [--repeats 5] [--warmup 1] [--device auto|cpu|cuda] [--clock wall|cpu] [--profile]
 
 One step is what the trainer does per optimizer step without its bookkeeping: forward on a [batch, seq] batch of
 random tokens, loss + auxiliary loss, backward, gradient clipping, AdamW over the model's parameter groups, zero
@@ -11,7 +11,8 @@ the families take turns (round robin, see benchmarks/common.py) so load changes 
 seq x steps / time; FLOPs/s and MFU come from experiments.throughput.ThroughputMeter with
 ultramem.accounting.flops_per_token(training=True) (activated parameters + attention), MFU against the GPU's
 datasheet peak (None on CPU, where no honest peak exists). On CUDA the step runs under bf16 autocast, as the
-trainer's default; on CPU in fp32.
+trainer's default; on CPU in fp32. The JSON's `tokens_per_s_ratio` holds every family's tokens/s over MoE's (when
+MoE is measured); --profile adds the top operators of one step per family (`profiles`, docs/performance.md).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per timed sample (default 10)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also record the top operators of one optimizer step per family (torch.profiler)")
 
 
 def preset_name(family: str, size: str) -> str:
@@ -117,6 +120,21 @@ def time_trainers(trainers: dict[str, Trainer], steps: int, warmup: int, repeats
     return {f: Timing(s) for f, s in samples.items()}
 
 
+def profile_step(trainer: Trainer, top: int = 15) -> list[dict[str, Any]]:
+    """Top operators by self time of one full optimizer step (after the timed runs: warm). On CPU the profiler
+    reports wall time, so on a loaded machine compare rows within one profile more than across runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        trainer.steps(1)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    return [{"op": e.key, "self_ms": getattr(e, key) / 1e3, "calls": e.count, "share": getattr(e, key) / total}
+            for e in events[:top]]
+
+
 def rows_for(trainers: dict[str, Trainer], timings: dict[str, Timing], tokens_per_sample: int, steps: int,
              device: torch.device) -> list[dict[str, Any]]:
     rows = []
@@ -152,7 +170,11 @@ def run(args: argparse.Namespace) -> int:
                 "precision": "bf16 autocast" if device.type == "cuda" else "fp32", "clock": args.clock,
                 "timing": f"{args.clock} clock per sample of --steps optimizer steps (ends with a host sync), median "
                           "and IQR of interleaved repeats"}
-    payload = {**header(NAME, device, settings), "rows": rows, "warnings": [w for w in busy if w][:1]}
+    ratios = {f"{r['family']}_over_moe": r["tokens_per_s"] / moe["tokens_per_s"]
+              for moe in rows if moe["family"] == "moe" for r in rows if r["family"] != "moe"}
+    profiles = {f: profile_step(tr) for f, tr in trainers.items()} if args.profile else {}
+    payload = {**header(NAME, device, settings), "rows": rows, "tokens_per_s_ratio": ratios, "profiles": profiles,
+               "warnings": [w for w in busy if w][:1]}
     json_path = write_json(payload, args.out / f"{NAME}.json")
     if not args.no_plot:
         grouped_bar_plot([r["preset"] for r in rows], {"tokens/s": [r["tokens_per_s"] for r in rows]},
@@ -165,6 +187,10 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows, [("family", "family"), ("preset", "preset"), ("tokens_per_s", "tokens/s"),
                               ("step_ms", "ms/step"), ("sample_ms_iqr", "IQR ms/sample"),
                               ("flops_per_token", "FLOPs/token"), ("flops_per_s", "FLOP/s"), ("mfu", "MFU")]))
+    if ratios:
+        print("tokens/s vs MoE: " + ", ".join(f"{k.removesuffix('_over_moe')} {v:.2f}x" for k, v in ratios.items()))
+    for f, ops in profiles.items():
+        print(f"\nprofile {f}, one step (self ms): " + "; ".join(f"{o['op']} {o['self_ms']:.0f}" for o in ops))
     for w in payload["warnings"]:
         print(f"warning: {w}")
     print(f"wrote {json_path}" + ("" if args.no_plot else f" and {args.out / (NAME + '.png')}"))

@@ -18,6 +18,7 @@ BENCHMARKS = {
     "layers": ("benchmarks.bench_layers", "layer fwd / fwd+bwd / inference time and memory vs lucidrains peers"),
     "inference": ("benchmarks.bench_inference", "decode latency and bytes read vs batch: every family (dense, MoE, UltraMem, UltraMemV2, Memory+)"),
     "throughput": ("benchmarks.bench_throughput", "training tokens/s (and MFU on GPU) per family, tiny presets"),
+    "memsize": ("benchmarks.bench_memsize", "training step time vs value-table size at fixed activated compute (flat?)"),
     "trainer": ("benchmarks.bench_trainer", "trainer overhead vs a bare PyTorch loop, same model/data/steps (<= 10%)"),
     "scheduler": ("benchmarks.bench_scheduler", "sweep planning time and makespan of 12 short runs vs the ideal"),
     "fit": ("benchmarks.bench_fit", "4,500-start Chinchilla fit time (<= 5 s) and bootstrap CI coverage"),

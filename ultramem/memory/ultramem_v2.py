@@ -51,8 +51,8 @@ Initialisation (`cfg.init`):
 
 Departures from the official code (digest §2.7): with query_per_rank every (head, side, rank) has its own query,
 and each head has its own queries (the official helper shares query slot i // 2 between heads and wires ranks to the
-wrong halves); the pure-PyTorch path gathers the pre-value rows ([BT, H*m, Dp]) and pools values with the fused
-`gather_pool` (one chunk weight per core). The key-balance loss follows V2:380-396: per side, over all heads and
+wrong halves); the pure-PyTorch path takes the pre-value dots with `sampled_dot` (fused, no [BT, H*m, Dp] gather, sparse
+backward) and pools values with the fused `gather_pool` (one chunk weight per core). The key-balance loss follows V2:380-396: per side, over all heads and
 tokens, Kn * sum_n f_n p_n on the rank-1 scores (p: mean softmax, f: share of the top-m hits), row + column.
 
 Cost per token per layer (all heads): dense parameters query_proj d*H*2*r'*Dk, keys H*2*n*Dk*r (one matmul), cores
@@ -71,6 +71,7 @@ from torch import nn
 
 from ultramem.errors import ConfigError
 from ultramem.kernels.retrieval import gather_pool
+from ultramem.kernels.sampled import sampled_dot
 from ultramem.memory.query import NORM_EPS
 from ultramem.memory.tdqkr import balance_loss, rank1_vectors, tucker_penalty
 
@@ -121,23 +122,36 @@ class V2Retrieval(nn.Module):
 
     def rank_scores(self, x: torch.Tensor) -> torch.Tensor:
         """x [BT, d] -> per-rank scores of every key S [H, 2, r, BT, n] (S[:, 0] rows, S[:, 1] columns)."""
+        return self._matmul(*self._operands(x))
+
+    def _operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [BT, d] -> normalised queries [H*2*rq, BT, Dk] and keys [H*2*rq, r*n/rq, Dk] of the score matmul."""
         H, r, Dk, n = self.cfg.heads, self.cfg.tucker_rank, self.cfg.key_dim, self.n
         q = self.query_norm(self.query_proj(x).view(-1, H, 2, self.rq, Dk))  # [BT, H, 2, rq, Dk]
         keys = self.key_norm(self.keys.permute(0, 1, 4, 2, 3))  # [H, 2, r, n, Dk]
         BT = q.shape[0]
         q = q.permute(1, 2, 3, 0, 4).reshape(H * 2 * self.rq, BT, Dk)
-        if self.rq == r:  # S^(j) = K^(j) q^(j): one [BT, Dk] x [Dk, n] product per (head, side, rank)
-            return torch.bmm(q, keys.reshape(H * 2 * r, n, Dk).transpose(1, 2)).view(H, 2, r, BT, n)
-        S = torch.bmm(q, keys.reshape(H * 2, r * n, Dk).transpose(1, 2))  # one query for all ranks: [H*2, BT, r*n]
-        return S.view(H, 2, BT, r, n).transpose(2, 3)
+        return q, keys.reshape(H * 2 * self.rq, r * n // self.rq, Dk)
+
+    def _matmul(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The operands of `_operands` -> S [H, 2, r, BT, n]: with rq == r one [BT, Dk] x [Dk, n] product per
+        (head, side, rank), S^(j) = K^(j) q^(j); with one query per (head, side) one product for all ranks."""
+        H, r, n, BT = self.cfg.heads, self.cfg.tucker_rank, self.n, q.shape[1]
+        S = torch.bmm(q, keys.transpose(1, 2))  # [H*2*rq, BT, r*n/rq]
+        return S.view(H, 2, r, BT, n) if self.rq == r else S.view(H, 2, BT, r, n).transpose(2, 3)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [BT, d] -> (virtual slot [BT, H*m] long in [0, n^2), per-core scores [BT, H*m, C], balance loss [])."""
         H, r, m = self.cfg.heads, self.cfg.tucker_rank, self.cfg.top_m
-        S = self.rank_scores(x)  # [H, 2, r, BT, n]
+        balance_grad = self.cfg.balance_loss_weight > 0
+        # S needs a gradient only for the balance loss or with one query for all ranks (the winners' scores get
+        # theirs from `sampled_dot`, which visits only the winners' keys; ultramem/kernels/sampled.py).
+        sparse = not balance_grad and self.rq == r and torch.is_grad_enabled()
+        q, keys = self._operands(x)
+        with torch.set_grad_enabled(not sparse and torch.is_grad_enabled()):
+            S = self._matmul(q, keys)  # [H, 2, r, BT, n]
         BT = S.shape[3]
         uv = torch.stack([self.u, self.v], 1).to(S.dtype)  # [H, 2, r]
-        balance_grad = self.cfg.balance_loss_weight > 0
         s1 = torch.einsum("hsr,hsrtn->hstn", uv, S if balance_grad else S.detach())  # [H, 2, BT, n] rank-1 scores
         with torch.no_grad():  # indices only
             kept = s1.topk(m, dim=-1, sorted=False).indices  # [H, 2, BT, m]: stage 1, rows and columns
@@ -146,7 +160,15 @@ class V2Retrieval(nn.Module):
             grid = sel[:, 0].permute(0, 2, 3, 1) @ csum @ sel[:, 1].transpose(1, 2)  # [H, BT, m, m]
             best = grid.flatten(-2).topk(m, dim=-1, sorted=False).indices  # [H, BT, m] into the m x m grid
             winners = torch.stack([kept[:, 0].gather(2, best // m), kept[:, 1].gather(2, best % m)], 1)  # [H,2,BT,m]
-        W = S.gather(4, winners.unsqueeze(2).expand(H, 2, r, BT, m))  # [H, 2, r, BT, m], differentiable
+        pos = winners.unsqueeze(2).expand(H, 2, r, BT, m)
+        if sparse:
+            with torch.no_grad():
+                values = S.gather(4, pos)  # [H, 2, r, BT, m]
+                idx = pos + torch.arange(H * 2 * r, device=S.device).view(H, 2, r, 1, 1) * self.n  # rows of keys
+            W = sampled_dot(q.reshape(H * 2 * r * BT, -1), keys.reshape(H * 2 * r * self.n, -1),
+                            idx.reshape(-1, m), values.view(-1, m)).view(H, 2, r, BT, m)
+        else:
+            W = S.gather(4, pos)  # [H, 2, r, BT, m], differentiable
         scores = torch.einsum("hatk,chab,hbtk->thkc", W[:, 0], self.cores.to(S.dtype), W[:, 1])  # [BT, H, m, C]
         virtual = (winners[:, 0] * self.n + winners[:, 1]).permute(1, 0, 2).reshape(BT, H * m)
         with torch.set_grad_enabled(balance_grad and torch.is_grad_enabled()):
@@ -266,8 +288,7 @@ def peer_read(values: torch.Tensor, pre_values: torch.Tensor, rows: torch.Tensor
     """The PEER read (Eq. 15): rows [BT, K], per-core scores [BT, K, C], pre-value input p [BT, Dp] -> pooled
     [BT, Dv], chunk c = sum_k act(<p, P[row_k]>) s_kc V[row_k, chunk c] (act: GELU with glu_act, else identity).
     ultramem.parallel.memory_parallel swaps in `ColumnParallelPeerRead` for column-split tables."""
-    pre = F.embedding(rows, pre_values)  # [BT, K, Dp]
-    a = torch.bmm(pre, p.unsqueeze(-1)).squeeze(-1)  # [BT, K]: <p, P[row_k]>
+    a = sampled_dot(p, pre_values, rows)  # [BT, K]: <p, P[row_k]>, no [BT, K, Dp] gather, sparse backward
     if glu_act:
         a = F.gelu(a)
     w = a.unsqueeze(-1) * scores  # [BT, K, C]: core c weights chunk c of the value row

@@ -1,0 +1,78 @@
+"""Issue 23's benchmark additions: `bench memsize`, `bench throughput --profile` ratios, the decode floor."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from benchmarks import bench_inference
+from cli import bench
+from ultramem import build_model
+from ultramem.presets import get_preset
+
+
+def run_bench(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    threads = torch.get_num_threads()
+    try:
+        return bench.run(parser.parse_args(argv))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_memsize_end_to_end_reports_the_ratio_of_largest_to_smallest(tmp_path, capsys):
+    rc = run_bench(["memsize", "--size", "t1", "--families", "ultramem", "--rows", "10,8", "--batch-size", "1",
+                    "--seq-len", "8", "--steps", "1", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path),
+                    "--format", "json"])
+    assert rc == 0
+    data = json.loads((tmp_path / "memsize.json").read_text())
+    assert json.loads(capsys.readouterr().out) == data
+    rows = data["rows"]
+    assert [(r["num_keys"], r["drift_check"]) for r in rows] == [(8, False), (10, False), (8, True)]
+    small, large = rows[0], rows[1]
+    assert large["table_params"] == small["table_params"] * 100 / 64  # k^2 rows of the same width
+    assert small["step_ms"] == pytest.approx(small["fwd_bwd_ms"] + small["optimizer_ms"])
+    r = data["ratios"]["ultramem"]
+    assert r["step_ratio_largest_over_smallest"] == pytest.approx(large["step_ms"] / small["step_ms"])
+    assert (r["rows_smallest"], r["rows_largest"]) == (64, 100)
+
+
+def test_memsize_refuses_bad_rows():
+    with pytest.raises(SystemExit, match="--rows"):
+        run_bench(["memsize", "--rows", "a,b"])
+    with pytest.raises(SystemExit, match="--rows 4 for ultramem: model.memory.top_m"):  # top-16 of 8 keys per side
+        run_bench(["memsize", "--size", "t1", "--families", "ultramem", "--rows", "4"])
+
+
+def test_throughput_profile_and_ratios_vs_moe(tmp_path, capsys):
+    rc = run_bench(["throughput", "--families", "moe,ultramem", "--batch-size", "2", "--seq-len", "16", "--steps",
+                    "1", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path), "--format",
+                    "json", "--no-plot", "--profile"])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    by = {r["family"]: r for r in data["rows"]}
+    assert data["tokens_per_s_ratio"] == {"ultramem_over_moe": by["ultramem"]["tokens_per_s"] / by["moe"]["tokens_per_s"]}
+    for f in ("moe", "ultramem"):
+        ops = data["profiles"][f]
+        assert ops and all(o["self_ms"] >= 0 and 0 <= o["share"] <= 1 for o in ops)
+        assert [o["self_ms"] for o in ops] == sorted((o["self_ms"] for o in ops), reverse=True)
+
+
+def test_decode_floor_is_the_model_with_memory_outputs_zero():
+    """floor_step runs UltraMem's model as if every memory layer returned zeros; the reference: the same model
+    with its value tables zeroed (the memory output is value_proj(pooled rows) = 0). The layers come back after."""
+    torch.manual_seed(0)
+    model = build_model(get_preset("ultramem-tiny")).eval()
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 5))
+    memories = model.memories
+    with torch.no_grad():
+        got = bench_inference.floor_step(model, lambda: model(idx).logits)
+        assert model.memories is memories
+        for layer in memories:
+            layer.values.zero_()
+        want = model(idx).logits
+    torch.testing.assert_close(got, want)
