@@ -197,7 +197,7 @@ def test_branches_equal_direct_wsd_runs_and_reruns_skip(tmp_path):
     # 2.681 on another) and, by 225 steps, on the validation loss (2.519 vs 2.550; 2.528 vs 2.563). At step 150 the
     # validation gap is within what the machine's floating-point order moves it (2.683 vs 2.689 on one machine,
     # 2.6815 vs 2.6811 on another), so it is not asserted.
-    for val_b, val_t, train_b, train_t in measured.values():
+    for _, _, train_b, train_t in measured.values():
         assert train_b < train_t
     val_b, val_t, _, _ = measured[branch_steps[-1]]
     assert val_b < val_t
