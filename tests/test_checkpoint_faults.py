@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from run_helpers import interrupted_after
 
 from experiments import checkpoint
 from experiments.config import ParallelConfig, run_config_from_dict
@@ -40,14 +41,6 @@ def reference(tmp_path_factory, shakespeare_path, cache):
     return rd
 
 
-def _interrupted_after(rd: RunDir, step: int) -> None:
-    """The folder as a run killed right after writing checkpoint `step` leaves it."""
-    for path in rd.checkpoints():
-        if int(path.stem.split("_")[1]) > step:
-            path.unlink()
-            checkpoint.checksum_path(path).unlink(missing_ok=True)
-    rd.final_path.unlink()
-    rd.update_status(state="running", pid=2**22 + 1)  # a writer that is gone
 
 
 def _weights(path) -> dict[str, torch.Tensor]:
@@ -82,7 +75,7 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the
     cfg = _cfg(shakespeare_path, cache)
     rd = RunDir(tmp_path / "run")
     train(cfg, rd.path)
-    _interrupted_after(rd, 6)
+    interrupted_after(rd, 6)
     newest = rd.checkpoint_path(6)
     if damage == "truncated":  # a full disk or a killed copy: torch.load fails ("failed reading zip archive")
         _truncate(newest, newest.stat().st_size // 3)
@@ -107,7 +100,7 @@ def test_a_checkpoint_without_checksum_still_loads_and_the_damaged_ones_are_not_
     cfg = _cfg(shakespeare_path, cache)
     rd = RunDir(tmp_path / "run")
     train(cfg, rd.path)
-    _interrupted_after(rd, 6)
+    interrupted_after(rd, 6)
     for path in rd.checkpoints():  # as written before checksums existed
         checkpoint.checksum_path(path).unlink()
     assert checkpoint.verify(rd.checkpoint_path(6)) is False
@@ -132,7 +125,7 @@ def test_an_unchecked_unreadable_checkpoint_is_moved_aside_too(tmp_path, shakesp
     cfg = _cfg(shakespeare_path, cache)
     rd = RunDir(tmp_path / "run")
     train(cfg, rd.path)
-    _interrupted_after(rd, 6)
+    interrupted_after(rd, 6)
     newest = rd.checkpoint_path(6)
     checkpoint.checksum_path(newest).unlink()
     _truncate(newest, newest.stat().st_size // 2)

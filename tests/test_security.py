@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from run_helpers import interrupted_after
 
 from experiments import checkpoint
 from experiments.config import ParallelConfig
@@ -147,14 +148,6 @@ def _run_args(shakespeare_path: Path, tmp_path: Path, out: Path, *extra: str) ->
             "--set", "train.knowledge_probe=false", *extra]
 
 
-def _interrupt_after(rd: RunDir, step: int) -> None:
-    """The folder as a run killed right after its checkpoint of `step` leaves it."""
-    for path in rd.checkpoints():
-        if int(path.stem.split("_")[1]) > step:
-            path.unlink()
-            checkpoint.checksum_path(path).unlink(missing_ok=True)
-    rd.final_path.unlink()
-    rd.update_status(state="running", pid=2**22 + 1)  # a writer that is gone
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +192,7 @@ def test_a_sharded_checkpoint_loads_without_unpickling_objects(tmp_path):
 def _planted_resume(reference: RunDir, tmp_path: Path, marker: Path, with_checksum: bool) -> RunDir:
     rd = RunDir(tmp_path / "run")
     subprocess.run(["cp", "-a", str(reference.path), str(rd.path)], check=True)
-    _interrupt_after(rd, 2)
+    interrupted_after(rd, 2)
     _plant(rd.checkpoint_path(2), marker, 2)
     if not with_checksum:  # as a checkpoint written before checksums existed
         checkpoint.checksum_path(rd.checkpoint_path(2)).unlink()
@@ -234,7 +227,7 @@ def _old_format(path: Path) -> None:
 def test_an_older_checkpoint_needs_the_opt_in_and_then_resumes_bitwise(tmp_path, shakespeare_path, reference):
     rd = RunDir(tmp_path / "run")
     subprocess.run(["cp", "-a", str(reference.path), str(rd.path)], check=True)
-    _interrupt_after(rd, 2)
+    interrupted_after(rd, 2)
     _old_format(rd.checkpoint_path(2))
     args = _run_args(shakespeare_path, reference.path.parent, rd.path, "--set", "train.threads=1")
 
@@ -344,7 +337,7 @@ def test_a_resume_with_another_thread_count_warns_and_is_recorded(tmp_path, shak
     rd = RunDir(tmp_path / "run")
     subprocess.run(["cp", "-a", str(reference.path), str(rd.path)], check=True)
     assert reference.status()["threads"] == 1
-    _interrupt_after(rd, 2)
+    interrupted_after(rd, 2)
 
     proc = _ultramem(*_run_args(shakespeare_path, reference.path.parent, rd.path, "--set", "train.threads=2"))
 

@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from experiments.config import Strict
+from ultramem.config import ConfigError
 
 MIN_BUDGET_RATIO = 1.25  # consecutive budgets at least this far apart (a branch must end inside its trunk's stable
 #                          phase, and the analysis tells budgets apart by their FLOPs)
@@ -80,9 +81,21 @@ class IsoflopSpec(Strict):
     @field_validator("ladder")
     @classmethod
     def _ladder(cls, ladder: list[str]) -> list[str]:
-        if len(set(ladder)) != len(ladder):
-            raise ValueError("a preset is listed twice; list each once")
-        return ladder
+        return unique_ladder(ladder)
+
+
+def unique_ladder(ladder: list[str]) -> list[str]:
+    """A method block's ladder lists each preset once (isoflop and lr_scan validate theirs with this)."""
+    if len(set(ladder)) != len(ladder):
+        raise ValueError("a preset is listed twice; list each once")
+    return ladder
+
+
+def refuse_method_keys(train: dict, keys: tuple[str, ...], method: str, how: str, where: str) -> None:
+    """A grid point must not set the train fields its sweep method sets itself (`how`: from what)."""
+    for key in keys:
+        if key in train:
+            raise ConfigError(f"{where}: train.{key} is set by the {method} method ({how}); remove it")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from pydantic import Field, field_validator, model_validator
 
 from experiments import hparams as rules
 from experiments.config import Strict
-from ultramem.config import ConfigError, deep_merge
+from experiments.sweep.isoflop import refuse_method_keys, unique_ladder
+from ultramem.config import deep_merge
 
 MIN_FACTORS = 3  # a parabola in log LR needs three LRs (analysis/hparams.py MIN_LRS)
 
@@ -47,9 +48,7 @@ class LrScanSpec(Strict):
     @field_validator("ladder")
     @classmethod
     def _ladder(cls, ladder: list[str]) -> list[str]:
-        if len(set(ladder)) != len(ladder):
-            raise ValueError("a preset is listed twice; list each once")
-        return ladder
+        return unique_ladder(ladder)
 
     @model_validator(mode="after")
     def _batch(self) -> LrScanSpec:
@@ -61,9 +60,9 @@ class LrScanSpec(Strict):
 _SET_BY_SCAN = ("lr", "tokens", "steps", "branches", "branch_of")
 
 
-def lr_points(points: list[Any], spec: LrScanSpec, resolve: Any, count: Any, path: str) -> list[Any]:
+def lr_points(points: list[Any], spec: LrScanSpec, resolve: Any, active: Any, path: str) -> list[Any]:
     """One point per (size, seed) -> one per (size, seed, factor). `resolve(config, where)` gives the resolved
-    config as data and `count(model, seq_len)` (params, flops per token), as the planner's."""
+    config as data and `active(model, seq_len)` the activated parameter count, as the planner's."""
     # imported here: grid imports the schema, which imports this module
     from experiments.sweep.grid import Point, describe
 
@@ -71,13 +70,10 @@ def lr_points(points: list[Any], spec: LrScanSpec, resolve: Any, count: Any, pat
     for p in points:
         where = f"{path} (run {p.index}: {describe(p.values)})"
         given = p.config.get("train") or {}
-        for key in _SET_BY_SCAN:
-            if key in given:
-                raise ConfigError(f"{where}: train.{key} is set by the lr_scan method (lr_scan.lr_factors and "
-                                  "tokens_per_param give every run its LR and tokens); remove it")
+        refuse_method_keys(given, _SET_BY_SCAN, "lr_scan",
+                           "lr_scan.lr_factors and tokens_per_param give every run its LR and tokens", where)
         data = resolve(p.config, where)
-        params, _ = count(data["model"], data["train"]["seq_len"])
-        n = int(params["active"] if isinstance(params, dict) else params.active)
+        n = active(data["model"], data["train"]["seq_len"])
         tokens = round(spec.tokens_per_param * n)
         seq_len = int(data["train"]["seq_len"])
         nproc = int((p.config.get("parallel") or {}).get("nproc", 1))

@@ -25,7 +25,7 @@ from experiments.config import (
 )
 from experiments.resolve import resolve_run_config
 from experiments.sweep.grid import Point, describe, expand, matches
-from experiments.sweep.isoflop import Cell, IsoflopSpec, Layout, Size, layout
+from experiments.sweep.isoflop import Cell, IsoflopSpec, Layout, Size, layout, refuse_method_keys
 from experiments.sweep.lr_scan import lr_points
 from experiments.sweep.schema import Resources, SweepFile, load_sweep, runs_dir
 from ultramem.accounting import count_params, flops_per_token
@@ -152,7 +152,8 @@ def plan_sweep(path: str | Path) -> Plan:
     if sweep.isoflop is not None:
         points, budgets, plan.isoflop = _isoflop_points(points, sweep.isoflop, planner, str(path))
     if sweep.lr_scan is not None:
-        points = lr_points(points, sweep.lr_scan, planner.resolve, planner.count, str(path))
+        points = lr_points(points, sweep.lr_scan, planner.resolve,
+                           lambda m, seq: _count(planner.count(m, seq)[0], "active"), str(path))
     for point in points:
         run = planner.plan(point, f"{path} (run {point.index}: {describe(point.values)})")
         if not run.fits():
@@ -228,10 +229,8 @@ def _isoflop_points(points: list[Point], spec: IsoflopSpec, planner: _Planner,
     for p in points:
         where = f"{path} (run {p.index}: {describe(p.values)})"
         train = p.config.get("train") or {}
-        for key in _SET_BY_ISOFLOP:
-            if key in train:
-                raise ConfigError(f"{where}: train.{key} is set by the isoflop method (isoflop.budgets and the "
-                                  "ladder give every run its tokens and branches); remove it")
+        refuse_method_keys(train, _SET_BY_ISOFLOP, "isoflop",
+                           "isoflop.budgets and the ladder give every run its tokens and branches", where)
         if spec.branches and train.get("schedule", "wsd") != "wsd":
             raise ConfigError(f"{where}: train.schedule is {train['schedule']!r} but isoflop.branches is true "
                               "(cooldown branches of one WSD trunk per size); remove train.schedule or set "
