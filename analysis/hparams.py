@@ -20,6 +20,7 @@ Pure numpy on plain arrays; `lr_table` takes the runs table of analysis.collect.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ class Optimum:
     seeds: int = 0
     curvature: float = math.nan  # c of loss = a + b ln(lr) + c ln(lr)^2 (nats per ln-unit squared)
     reliable: bool = False  # interval from >= half of the resamples, and more than one seed
+    variant: str = ""  # the run name up to its seed and LR ("ultramem-o4-x6", a sweep-local "ultramem-o4-vlr1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -199,9 +201,19 @@ def _interval(boot: np.ndarray, level: float, center: float, clusters: int) -> t
 # ---- the runs table -> optima -> laws ----------------------------------------------------------------------
 
 
+_SEED_LR = re.compile(r"-s\d+(?=@|$)|@lr=[^@]*$")
+
+
+def variant_of(name: Any) -> str:
+    """'ultramem-o4-vlr1-s2@lr=0.5x' -> 'ultramem-o4-vlr1': what a scan varies besides the seed and the LR."""
+    return _SEED_LR.sub("", str(name)) if isinstance(name, str) else ""
+
+
 def lr_table(runs: Any) -> list[dict[str, Any]]:
-    """Groups of a runs table (analysis.collect: family, active_params, lr, seed, val_loss): one per
-    (family, active_params), each {family, n, lr, loss, seed} as arrays."""
+    """Groups of a runs table (analysis.collect: family, active_params, lr, seed, val_loss; name and preset when
+    there): one per (family, active_params, variant), each {family, n, variant, base, lr, loss, seed}, arrays for
+    the last three. `variant` is the run name up to seed and LR; `base` is whether it is the preset itself (a
+    size of the family's law) rather than a sweep-local variant of it (a comparison at that size)."""
     need = ["family", "active_params", "lr", "seed", "val_loss"]
     missing = [c for c in need if c not in runs.columns]
     if missing:
@@ -209,28 +221,37 @@ def lr_table(runs: Any) -> list[dict[str, Any]]:
     done = runs[runs["val_loss"].notna() & runs["lr"].notna()]
     if done.empty:
         raise FitError("runs table: no finished run with a val_loss and an lr")
+    done = done.assign(variant=[variant_of(v) for v in done["name"]] if "name" in done else "")
     out = []
-    for (family, n), g in done.groupby(["family", "active_params"], sort=True):
+    for (family, n, variant), g in done.groupby(["family", "active_params", "variant"], sort=True):
         budgets = sorted(g["tokens"].dropna().unique()) if "tokens" in g else []
         if len(budgets) > 1:
-            raise FitError(f"runs table: {family} at N = {n:.4g} has runs of {len(budgets)} token budgets "
+            raise FitError(f"runs table: {variant or family} at N = {n:.4g} has runs of {len(budgets)} token budgets "
                            f"({', '.join(f'{b:.3g}' for b in budgets)}); an LR scan trains one budget per size: "
                            "give the runs of one budget (e.g. a table filtered on `tokens`)")
-        out.append({"family": str(family), "n": float(n), "lr": g["lr"].to_numpy(float),
+        presets = set(g["preset"].dropna().astype(str)) if "preset" in g else set()
+        out.append({"family": str(family), "n": float(n), "variant": str(variant),
+                    "base": not variant or not presets or variant in presets, "lr": g["lr"].to_numpy(float),
                     "loss": g["val_loss"].to_numpy(float), "seed": g["seed"].fillna(0).to_numpy(float)})
     return out
 
 
 def fit_optima(groups: list[dict[str, Any]], n_boot: int = 1000, seed: int = 0) -> list[Optimum]:
-    return [lr_optimum(g["lr"], g["loss"], g["seed"], family=g["family"], n=g["n"], n_boot=n_boot, seed_rng=seed,
-                       where=f"{g['family']} at N = {g['n']:.4g}") for g in groups]
+    out = []
+    for g in groups:
+        o = lr_optimum(g["lr"], g["loss"], g["seed"], family=g["family"], n=g["n"], n_boot=n_boot, seed_rng=seed,
+                       where=f"{g.get('variant') or g['family']} at N = {g['n']:.4g}")
+        o.variant = g.get("variant", "")
+        out.append(o)
+    return out
 
 
 def fit_law(family: str, groups: list[dict[str, Any]], optima: list[Optimum], n_boot: int = 1000,
             seed: int = 0, level: float = LEVEL) -> Law | None:
-    """lr*(N) of one family over its unflagged optima; None with fewer than 2 such sizes."""
+    """lr*(N) of one family over its unflagged optima of the presets themselves (not sweep-local variants); None
+    with fewer than 2 such sizes."""
     use = [(g, o) for g, o in zip(groups, optima, strict=True)
-           if g["family"] == family and o.edge is None and math.isfinite(o.lr)]
+           if g["family"] == family and g.get("base", True) and o.edge is None and math.isfinite(o.lr)]
     if len(use) < 2:
         return None
     ns = np.array([o.n for _, o in use])
@@ -284,6 +305,82 @@ def fitted_rule(optima: list[Optimum], laws: dict[str, Law | None], source: str 
     }
 
 
+# ---- variants at one size: each at its own best LR, against the size's MoE and its own preset -----------------
+
+
+def _min_loss(x: np.ndarray, y: np.ndarray) -> float:
+    """The parabola's minimum loss over (ln LR, loss); nan when it opens downwards or has < 3 LRs."""
+    coefs = _parabola(x, y)
+    if coefs is None or coefs[2] <= 0:
+        return math.nan
+    a, b, c = coefs
+    return a - b * b / (4 * c)
+
+
+def _best_loss(g: dict[str, Any], o: Optimum, seeds: np.ndarray | None = None) -> float:
+    """A variant's loss at its own optimum: the parabola's minimum over its window (every run of `seeds`, a seed
+    drawn twice counting twice), or the best seed-mean grid loss when the optimum sits at the grid's edge."""
+    lr, y, s = g["lr"], g["loss"], g["seed"]
+    if seeds is not None:
+        idx = np.concatenate([np.flatnonzero(s == d) for d in seeds]) if len(seeds) else np.zeros(0, dtype=int)
+        lr, y = lr[idx], y[idx]
+    if o.edge is None:
+        inside = np.isclose(lr[:, None], np.array(o.window)[None, :], rtol=1e-9).any(1)
+        return _min_loss(np.log(lr[inside]), y[inside])
+    return float(min(y[lr == v].mean() for v in np.unique(lr))) if len(lr) else math.nan
+
+
+def _rung(g: dict[str, Any]) -> str:
+    """The size a variant belongs to: the second part of its name ('ultramem-o4-vlr1' -> 'o4'), else its N."""
+    parts = (g.get("variant") or "").split("-")
+    return parts[1] if len(parts) > 1 else f"{g['n']:.3g}"
+
+
+def _paired(g: dict[str, Any], o: Optimum, ref: tuple[dict[str, Any], Optimum], n_boot: int, seed: int,
+            level: float) -> tuple[float, float, float]:
+    """loss(g) - loss(ref) at their own best LRs, with a paired seed-bootstrap interval (Student t over seeds)."""
+    from scipy.stats import t as student_t  # lazy: scipy only when an interval is formed
+
+    rg, ro = ref
+    common = np.intersect1d(np.unique(g["seed"]), np.unique(rg["seed"]))
+    diff = _best_loss(g, o) - _best_loss(rg, ro)
+    boot = np.array([_best_loss(g, o, d) - _best_loss(rg, ro, d) for d in _seed_draws(common, n_boot, seed)])
+    finite = boot[np.isfinite(boot)]
+    k = len(common)
+    if k < 2 or len(finite) < max(2, len(boot) // 2) or not math.isfinite(diff):
+        return diff, math.nan, math.nan
+    half = student_t.ppf((1 + level) / 2, k - 1) * finite.std(ddof=1) * math.sqrt(k / (k - 1))
+    return diff, diff - half, diff + half
+
+
+def compare_variants(groups: list[dict[str, Any]], optima: list[Optimum], n_boot: int = 1000, seed: int = 0,
+                     level: float = LEVEL) -> list[dict[str, Any]]:
+    """Per size (rung) with more than one variant: each variant's loss at its own best LR (`_best_loss`), and its
+    difference to the rung's MoE preset and, for a sweep-local variant, to its own preset, each with a paired
+    seed-bootstrap interval (the seeds both share are drawn together: a seed fixes the data order, so its runs share
+    their luck). Negative: lower loss than the reference."""
+    pairs = list(zip(groups, optima, strict=True))
+    rows = []
+    for rung in dict.fromkeys(_rung(g) for g in groups):
+        here = [(g, o) for g, o in pairs if _rung(g) == rung]
+        if len(here) < 2:
+            continue
+        moe = next(((g, o) for g, o in here if g["family"] == "moe" and g.get("base", True)), None)
+        for g, o in here:
+            base = None if g.get("base", True) else next(
+                ((b, bo) for b, bo in here if b.get("base", True) and b["family"] == g["family"]), None)
+            row = {"rung": rung, "n": g["n"], "variant": g.get("variant") or g["family"], "family": g["family"],
+                   "seeds": len(np.unique(g["seed"])), "best_lr": o.lr if o.edge is None else o.best_grid_lr,
+                   "edge": o.edge or "", "loss": _best_loss(g, o)}
+            for name, ref in (("moe", moe), ("base", base)):
+                diff, lo, hi = (_paired(g, o, ref, n_boot, seed, level) if ref is not None and ref[0] is not g
+                                else (math.nan, math.nan, math.nan))
+                row |= {f"vs_{name}": (ref[0].get("variant") or ref[0]["family"]) if ref is not None else "",
+                        f"diff_{name}": diff, f"lo_{name}": lo, f"hi_{name}": hi}
+            rows.append(row)
+    return rows
+
+
 # ---- figures and report ------------------------------------------------------------------------------------
 
 
@@ -312,7 +409,8 @@ def plot_scan(groups: list[dict[str, Any]], optima: list[Optimum], laws: dict[st
             grid = np.unique(g["lr"])
             means = [g["loss"][g["lr"] == v].mean() for v in grid]
             ax.scatter(g["lr"], g["loss"], s=6, color=c, alpha=0.35, linewidths=0)
-            ax.plot(grid, means, "o", color=c, ms=3.5, label=f"N={o.n:.3g}" + (f" ({o.edge})" if o.edge else ""))
+            ax.plot(grid, means, "o", color=c, ms=3.5,
+                    label=(o.variant or f"N={o.n:.3g}") + (f" ({o.edge})" if o.edge else ""))
             inside = np.isin(g["lr"], o.window)
             coefs = _parabola(np.log(g["lr"][inside]), g["loss"][inside])
             if coefs is not None:
@@ -352,12 +450,19 @@ def plot_scan(groups: list[dict[str, Any]], optima: list[Optimum], laws: dict[st
     return paths + save(fig, Path(out_dir) / "figures", "lr_law")
 
 
+def _diff(row: dict[str, Any], ref: str) -> str:
+    d, lo, hi = row[f"diff_{ref}"], row[f"lo_{ref}"], row[f"hi_{ref}"]
+    if not math.isfinite(d):
+        return ""
+    return f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" if math.isfinite(lo) else f"{d:+.4f} (no interval)"
+
+
 def _g(v: float) -> str:
     return f"{v:.3g}" if math.isfinite(v) else "-"
 
 
 def report_md(groups: list[dict[str, Any]], optima: list[Optimum], laws: dict[str, Law | None], source: str,
-              rule_lr: Any = None) -> str:
+              rule_lr: Any = None, variants: list[dict[str, Any]] | None = None) -> str:
     """The scan's report: per family the law with intervals, per size the optimum, its interval, whether it sits
     at the grid's edge (and which way to extend), and the loss at the optimum against the loss at the rule's LR
     (`rule_lr(N)`, today's shared rule; the grid point at factor 1)."""
@@ -381,11 +486,24 @@ def report_md(groups: list[dict[str, Any]], optima: list[Optimum], laws: dict[st
               "| family | N | LR grid | best grid LR | lr* (95%) | edge | loss at lr* | loss at the rule's LR | "
               "rule - lr* (nats) |", "|---|---|---|---|---|---|---|---|---|"]
     for g, o in zip(groups, optima, strict=True):
+        if not g.get("base", True):
+            continue  # a sweep-local variant: in the table of variants
         rl = _rule_loss(g, float(rule_lr(o.n))) if rule_lr is not None else math.nan
         gap = rl - o.loss if math.isfinite(rl) and math.isfinite(o.loss) else math.nan
         lines.append(f"| {o.family} | {o.n:,.0f} | {_g(min(o.lrs))}-{_g(max(o.lrs))} ({len(o.lrs)}) | "
                      f"{_g(o.best_grid_lr)} | {_g(o.lr)} [{_g(o.lo)}, {_g(o.hi)}] | {o.edge or ''} | {_g(o.loss)} | "
                      f"{_g(rl)} | {_g(gap)} |")
+    if variants:
+        lines += ["", "## Variants at one size", "",
+                  "Each variant at its own best LR (the parabola's minimum; the best grid point when the optimum sits "
+                  "at the grid's edge), against the rung's MoE preset and, for a sweep-local variant, its own preset: "
+                  f"the difference in nats with a paired seed-bootstrap {LEVEL:.0%} interval (negative: lower loss).",
+                  "", "| rung | variant | N | seeds | best LR | loss | vs MoE (nats) | vs its preset (nats) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in variants:
+            lines.append(f"| {r['rung']} | {r['variant']} | {r['n']:,.0f} | {r['seeds']} | {_g(r['best_lr'])}"
+                         f"{' (' + r['edge'] + ' edge)' if r['edge'] else ''} | {r['loss']:.4f} | "
+                         f"{_diff(r, 'moe')} | {_diff(r, 'base')} |")
     flagged = [o for o in optima if o.edge]
     if flagged:
         lines += ["", "## Scans to extend", ""]
@@ -397,3 +515,90 @@ def report_md(groups: list[dict[str, Any]], optima: list[Optimum], laws: dict[st
     lines += ["", "Figures: `figures/loss_vs_lr.png`, `figures/lr_law.png`. The fitted rule a sweep opts into "
               "(`isoflop.hparams: fitted`, `isoflop.hparams_file: .../lr_rule.json`): `lr_rule.json`.", ""]
     return "\n".join(lines)
+
+
+# ---- refining a scan (`ultramem hparams SWEEP --refine OUT.yaml`) -------------------------------------------------
+
+
+@dataclass
+class ScanAddition:
+    """Runs a scan should add: a preset at these LR factors for these seeds, and why (one `lr_scan.extra` entry)."""
+
+    preset: str
+    lr_factors: list[float]
+    seeds: list[int]
+    why: str
+
+
+def scan_additions(preset: str, optimum: Optimum, runs: list[tuple[float, int]], *, min_seeds: int = 3,
+                   extend: int = 2) -> list[ScanAddition]:
+    """What one (family, size) scan needs next, from its finished runs (factor, seed) and its fitted optimum (fitted
+    on the same runs, so that its `lrs` are `factors` x the rule's LR, in the same order).
+
+    At an edge (`optimum.edge`), `extend` factors beyond it, each 2x further, for every seed of the edge LR (more
+    seeds wait for the next round: the optimum will move). Otherwise up to `min_seeds` seeds at the 3 grid
+    factors around the best seed-mean one: existing seeds first, then new ones (the next integers)."""
+    factors = sorted({f for f, _ in runs})
+    seeds_at = {f: {s for g, s in runs if g == f} for f in factors}
+    label = f"{optimum.family} N={optimum.n:,.0f}"
+    if optimum.edge in ("low", "no-minimum"):
+        new = [factors[0] / 2 ** k for k in range(1, extend + 1)]
+        why = (f"{label}: best seed-mean loss at the lowest LR factor {factors[0]:g}" if optimum.edge == "low"
+               else f"{label}: the loss does not curve up on both sides")
+        out = [ScanAddition(preset, new, sorted(seeds_at[factors[0]]), why + f"; extend below ({_factors(new)})")]
+        if optimum.edge == "low":
+            return out
+    else:
+        out = []
+    if optimum.edge in ("high", "no-minimum"):
+        new = [factors[-1] * 2 ** k for k in range(1, extend + 1)]
+        why = (f"{label}: best seed-mean loss at the highest LR factor {factors[-1]:g}" if optimum.edge == "high"
+               else f"{label}: the loss does not curve up on both sides")
+        return out + [ScanAddition(preset, new, sorted(seeds_at[factors[-1]]), why + f"; extend above "
+                                                                                      f"({_factors(new)})")]
+    best = optimum.lrs.index(optimum.best_grid_lr)  # the grid in LRs, as `factors` in factors (same order)
+    core = [factors[i] for i in _window(np.array(factors), best, 3)]
+    have = sorted({s for f in core for s in seeds_at[f]})
+    wanted = have[:min_seeds] + [s for s in range(max([*have, -1]) + 1, max([*have, -1]) + 1 + min_seeds)][
+        : max(0, min_seeds - len(have))]
+    missing: dict[tuple[int, ...], list[float]] = {}
+    for f in core:
+        lack = tuple(s for s in wanted if s not in seeds_at[f])
+        if lack:
+            missing.setdefault(lack, []).append(f)
+    return [ScanAddition(preset, fs, list(lack), f"{label}: optimum inside the grid near factor {factors[best]:g} "
+                         f"(lr* {_g(optimum.lr)}); {min_seeds} seeds wanted at the 3 LRs around it, "
+                         f"{min(len(seeds_at[f]) for f in fs)} there") for lack, fs in missing.items()]
+
+
+def _factors(fs: list[float]) -> str:
+    return ", ".join(f"{f:g}x" for f in fs)
+
+
+def extra_yaml(text: str, additions: list[ScanAddition], costs: list[str] | None = None) -> str:
+    """The sweep file `text` with `additions` appended to its lr_scan block as `extra:` entries, each under a comment
+    saying why (and its cost). The file's own lines are kept as they are; an existing `extra:` list is extended
+    (it must then be the block's last key)."""
+    import json
+
+    lines = text.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.split("#")[0].rstrip() == "lr_scan:"), None)
+    if start is None:
+        raise FitError("the sweep file has no top-level 'lr_scan:' block (refine works on method: lr_scan sweeps)")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i][:1] not in ("", " ", "#")), len(lines))
+    while end > start + 1 and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
+        end -= 1
+    keys = [i for i in range(start + 1, end) if lines[i].startswith("  ") and lines[i][2:3] not in (" ", "#", "-")
+            and ":" in lines[i]]
+    has_extra = any(lines[i].startswith("  extra:") for i in keys)
+    if has_extra and not lines[keys[-1]].startswith("  extra:"):
+        raise FitError("lr_scan.extra is not the last key of the lr_scan block; move it to the end so that new "
+                       "entries can be appended")
+    if has_extra and lines[keys[-1]].split("#")[0].strip() not in ("extra:",):
+        raise FitError("lr_scan.extra is written inline; write it as a block list ('extra:' then '- {...}' lines)")
+    new = [] if has_extra else ["  extra:"]
+    for i, a in enumerate(additions):
+        new.append(f"    # {a.why}" + (f"; cost: {costs[i]}" if costs else ""))
+        new.append(f"    - {{preset: {a.preset}, lr_factors: [{', '.join(repr(float(f)) for f in a.lr_factors)}], "
+                   f"seeds: [{', '.join(str(s) for s in a.seeds)}], why: {json.dumps(a.why)}}}")
+    return "\n".join(lines[:end] + new + lines[end:]) + "\n"

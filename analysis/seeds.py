@@ -33,7 +33,8 @@ N_BOOT = 2000
 EARLY_STEPS = (25, 50, 100)
 _SEED = re.compile(r"-s\d+(?=@|$)")  # branches are named <trunk name>@<D/N>xN
 _SOURCE = re.compile(r"-source=.*?(?=-\w+=|$)")  # the data source is the `corpus` column, not part of the point
-_SIZE = re.compile(r"-(t\d+)\b")
+_SIZE = re.compile(r"-(t\d+|o\d+)\b")  # a size of the tiny ladder (tK) or of the one-shape ladder (oK)
+_RUNG = re.compile(r"^([a-z_]+)-o(\d+)(?:-(?:\d+in\d+|x\d+))?$")  # a one-shape ladder preset: family, rung
 _SETTING = re.compile(r"-(?=[A-Za-z_][\w.]*=)")  # splits 'p-a=1-lr=1e-3' into 'p', 'a=1', 'lr=1e-3'
 
 
@@ -179,8 +180,9 @@ def _t_half_test(ta: np.ndarray, tb: np.ndarray) -> dict[str, float]:
 
 
 def default_pairs(runs: pd.DataFrame) -> list[tuple[str, str, str]]:
-    """What to compare: each variant point (its preset plus changed settings) with its preset's own point, and each
-    preset's point of a non-dense family with the dense point of the same tiny size (`-tK`), per corpus."""
+    """What to compare: each variant point (its preset plus changed settings) with its preset's own point, each
+    preset's point of a non-dense family with the dense point of the same size (`-tK`, `-oK`), and each rung of the
+    one-shape ladder with the rung below it of its family (`ladder_order`), per corpus."""
     pairs = []
     for corpus, g in runs.groupby("corpus", sort=True):
         points = dict(zip(g["point"], g["preset"], strict=False))
@@ -191,7 +193,40 @@ def default_pairs(runs: pd.DataFrame) -> list[tuple[str, str, str]]:
                 pairs.append((corpus, p, preset))
             elif p == preset and (m := _SIZE.search(p)) and m.group(1) in dense and dense[m.group(1)] != p:
                 pairs.append((corpus, p, dense[m.group(1)]))
+        pairs += [(corpus, a, b) for a, b in _neighbours(list(points))]
     return pairs
+
+
+def _neighbours(points: list[str]) -> list[tuple[str, str]]:
+    """(rung k+1, rung k) of each family among one-shape ladder points, for rungs present next to each other."""
+    rungs: dict[str, dict[int, str]] = {}
+    for p in points:
+        if m := _RUNG.match(p):
+            rungs.setdefault(m.group(1), {})[int(m.group(2))] = p
+    return [(byk[k + 1], byk[k]) for byk in rungs.values() for k in sorted(byk) if k + 1 in byk]
+
+
+def _step(a: str, b: str) -> bool:
+    """Whether point a is the one-shape rung right above point b of the same family."""
+    ma, mb = _RUNG.match(a), _RUNG.match(b)
+    return bool(ma and mb and ma.group(1) == mb.group(1) and int(ma.group(2)) == int(mb.group(2)) + 1)
+
+
+def ladder_order(comp: pd.DataFrame) -> list[str]:
+    """A report paragraph: per family, whether its one-shape rungs order monotonically (each rung lower in mean
+    loss than the one below, at the same tokens), and which neighbour steps are resolved (Welch p < 0.05)."""
+    steps = comp[[_step(a, b) for a, b in zip(comp["a"], comp["b"], strict=True)]]
+    if steps.empty:
+        return []
+    lines = ["## Ladder order", "",
+             "Each one-shape rung against the rung below it (same tokens): a - b < 0 when the larger model is "
+             "better, as a ladder should order.", "",
+             "| family | steps | monotone | resolved (p < 0.05) | largest a - b |", "|---|---|---|---|---|"]
+    for fam, g in steps.groupby(steps["a"].map(lambda a: _RUNG.match(a).group(1)), sort=True):
+        worst = g["mean_diff"].max()
+        lines.append(f"| {fam} | {len(g)} | {'yes' if (g['mean_diff'] < 0).all() else 'no'} | "
+                     f"{int((g['p_mean'] < 0.05).sum())} of {len(g)} | {worst:+.4f} |")
+    return lines + [""]
 
 
 # ---- figures ---------------------------------------------------------------------------------------------------
@@ -305,6 +340,7 @@ def write_report(roots: list[str | Path], out_dir: str | Path) -> Path:
                   *_md_table(comp, {"corpus": "corpus", "a": "a", "b": "b", "mean_diff": "mean a-b",
                                     "p_mean": "p", "sd_ratio": "sd a/b", "p_spread": "p",
                                     "t_half_diff": "t_half a-b", "p_t_half": "p"}), ""]
+    lines += ladder_order(comp)
     lines += _schedule_section(runs, curves, out)
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))

@@ -365,7 +365,7 @@ _TRAIN_NOT_IN_ID = ("log_every", "ckpt_every", "keep_checkpoints", "device", "co
 _ID_SINCE_V1: dict[tuple[str, ...], dict[str, Any]] = {
     ("train",): {"schedule": "cosine", "cooldown": 0.2, "cooldown_shape": "linear", "branch_of": None,
                  "lr_mult_steps": None},
-    ("model", "memory"): {"balance_loss_weight": 0.0},
+    ("model", "memory"): {"balance_loss_weight": 0.0, "value_weight_decay": None},
     ("model", "memory_plus"): {"value_lr_schedule": "constant", "value_clip": "joint"},
 }
 

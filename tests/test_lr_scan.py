@@ -17,7 +17,18 @@ import pytest
 import yaml
 
 from analysis.checks import FitError
-from analysis.hparams import fit_law, fit_optima, fitted_rule, lr_optimum, lr_table
+from analysis.hparams import (
+    ScanAddition,
+    compare_variants,
+    extra_yaml,
+    fit_law,
+    fit_optima,
+    fitted_rule,
+    lr_optimum,
+    lr_table,
+    scan_additions,
+    variant_of,
+)
 from experiments.hparams import fitted_lr, load_fitted_rule
 from experiments.sweep import plan_sweep
 from ultramem.config import ConfigError
@@ -227,7 +238,7 @@ def test_lr_scan_plans_factors_of_the_rule():
 def test_the_real_scan_plans():
     plan = plan_sweep(SWEEPS / "hparams_scan.yaml")
     assert {r.family for r in plan.runs} == {"dense", "moe", "ultramem"}
-    assert len({r.preset for r in plan.runs}) == 12 and len(plan.runs) == 12 * 5 * 3
+    assert len({r.preset for r in plan.runs}) == 12 and len(plan.runs) == 12 * 5  # seed 0; more by --refine
     assert all(r.config["data"]["source"].endswith("english_mix.txt") for r in plan.runs)
     by_size: dict[tuple, list] = {}
     for r in plan.runs:
@@ -268,6 +279,126 @@ def test_hparams_refuses_a_two_lr_table(tmp_path):
     assert out.returncode == 2 and "needs at least 3" in out.stderr and "dense at N = 1e+04" in out.stderr
 
 
+# ---- variants at one size (issue 26 item 3) --------------------------------------------------------------------
+
+
+def test_variant_names_drop_seed_and_lr():
+    assert variant_of("ultramem-o4-vlr1-s2@lr=0.5x") == "ultramem-o4-vlr1"
+    assert variant_of("dense-o4-s0@lr=1x") == "dense-o4" and variant_of(None) == ""
+
+
+def test_variants_compare_at_their_own_best_lr_with_paired_intervals():
+    """Three variants at one rung with known minima (2.00, 2.10, 2.05) at different optimal LRs, sharing per-seed
+    offsets (a seed's data order): each difference is the known one, its paired interval covers it and is narrower
+    than the seed spread, and the law uses the presets only (a sweep-local variant is a comparison)."""
+    rng = np.random.default_rng(7)
+    grid = 3e-3 * 2.0 ** np.arange(-2, 3)
+    offsets = rng.normal(0, 0.05, 4)  # larger than the differences' noise: pairing must remove it
+    rows = []
+    for name, preset, family, star, floor in [("ultramem-o4-x6", "ultramem-o4-x6", "ultramem", 3e-3, 2.10),
+                                              ("ultramem-o4-vlr1", "ultramem-o4-x6", "ultramem", 6e-3, 2.00),
+                                              ("moe-o4-2in9", "moe-o4-2in9", "moe", 1.5e-3, 2.05)]:
+        for s, off in enumerate(offsets):
+            for lr in grid:
+                loss = floor + 0.08 * math.log(lr / star) ** 2 + off + rng.normal(0, 0.004)
+                rows.append({"family": family, "active_params": 49_000 if family != "moe" else 50_200, "lr": lr,
+                             "seed": s, "val_loss": loss, "name": f"{name}-s{s}@lr={lr / 3e-3:g}x",
+                             "preset": preset})
+    groups = lr_table(pd.DataFrame(rows))
+    assert [(g["variant"], g["base"]) for g in groups] == [
+        ("moe-o4-2in9", True), ("ultramem-o4-vlr1", False), ("ultramem-o4-x6", True)]
+    optima = fit_optima(groups, n_boot=300)
+    out = {r["variant"]: r for r in compare_variants(groups, optima, n_boot=300)}
+    assert out["ultramem-o4-x6"]["diff_moe"] == pytest.approx(0.05, abs=0.01)
+    assert out["ultramem-o4-vlr1"]["diff_moe"] == pytest.approx(-0.05, abs=0.01)
+    assert out["ultramem-o4-vlr1"]["diff_base"] == pytest.approx(-0.10, abs=0.01)
+    assert out["ultramem-o4-vlr1"]["vs_base"] == "ultramem-o4-x6" and out["ultramem-o4-x6"]["vs_base"] == ""
+    for r, known in ((out["ultramem-o4-x6"], 0.05), (out["ultramem-o4-vlr1"], -0.05)):
+        assert r["lo_moe"] <= known <= r["hi_moe"] and r["hi_moe"] - r["lo_moe"] < 0.05
+    assert math.isnan(out["moe-o4-2in9"]["diff_moe"])
+    assert fit_law("ultramem", groups, optima) is None  # one preset size: the variant is no second size
+
+
+# ---- refining a scan (lr_scan.extra, `ultramem hparams --refine`) ---------------------------------------------
+
+FACTORS = [0.25, 0.5, 1.0, 2.0, 4.0]
+
+
+def _scan(rng, lr_star_factor: float, seeds: int, **kw) -> tuple[object, list[tuple[float, int]]]:
+    runs = surface(rng, lr_star_factor * 3e-3, 3e-3 * np.array(FACTORS), seeds, **kw)
+    opt = lr_optimum(runs["lr"], runs["val_loss"], runs["seed"], family="dense", n=1e4, n_boot=100)
+    return opt, [(lr / 3e-3, int(s)) for lr, s in zip(runs["lr"], runs["seed"], strict=True)]
+
+
+def test_refine_adds_seeds_at_the_three_lrs_around_an_inside_optimum():
+    """One seed, optimum at 2x the rule: seeds 1 and 2 at 1x, 2x and 4x, nothing elsewhere."""
+    opt, runs = _scan(np.random.default_rng(1), 2.0, 1, noise=0.002)
+    assert opt.edge is None
+    adds = scan_additions("dense-o1", opt, runs, min_seeds=3)
+    assert [(a.lr_factors, a.seeds) for a in adds] == [([1.0, 2.0, 4.0], [1, 2])]
+    assert "optimum inside the grid near factor 2" in adds[0].why
+
+
+@pytest.mark.parametrize(("star", "edge", "new"), [(16.0, "high", [8.0, 16.0]), (0.03, "low", [0.125, 0.0625])])
+def test_refine_extends_the_grid_beyond_an_edge(star, edge, new):
+    opt, runs = _scan(np.random.default_rng(2), star, 2, noise=0.002)
+    assert opt.edge == edge
+    adds = scan_additions("dense-o1", opt, runs, min_seeds=3)
+    assert [(a.lr_factors, a.seeds) for a in adds] == [(new, [0, 1])]  # the edge's own seeds; more seeds later
+
+
+def test_refine_of_a_resolved_scan_adds_nothing():
+    opt, runs = _scan(np.random.default_rng(3), 1.0, 3, noise=0.002)
+    assert scan_additions("dense-o1", opt, runs, min_seeds=3) == []
+
+
+def _with_extra(tmp_path: Path, entries: list[ScanAddition]) -> Path:
+    path = tmp_path / "scan.yaml"
+    text = (SWEEPS / "lr_scan_tiny.yaml").read_text()  # data relative to the checkout, the cwd here
+    path.write_text(extra_yaml(text, entries, ["cost"] * len(entries)))
+    return path
+
+
+def test_extra_runs_keep_the_grid_run_ids_and_add_their_own(tmp_path):
+    grid = plan_sweep(SWEEPS / "lr_scan_tiny.yaml")
+    path = _with_extra(tmp_path, [ScanAddition("dense-s1", [1.0, 4.0], [2, 3], "more seeds"),
+                                  ScanAddition("dense-s2", [16.0], [0], "beyond the edge")])
+    assert "    # more seeds; cost: cost" in path.read_text()
+    refined = plan_sweep(path)
+    old = [r.run_id for r in grid.runs]
+    assert [r.run_id for r in refined.runs[:len(old)]] == old
+    new = refined.runs[len(old):]
+    assert len(new) == 5 and not {r.run_id for r in new} & set(old)
+    assert sorted((r.preset, r.config["seed"], r.values["lr_scan.factor"]) for r in new) == [
+        ("dense-s1", 2, 1.0), ("dense-s1", 2, 4.0), ("dense-s1", 3, 1.0), ("dense-s1", 3, 4.0), ("dense-s2", 0, 16.0)]
+    for r in new:  # the same recipe as the grid's runs of that size: only the seed or the LR differs
+        twin = next(g for g in grid.runs if g.preset == r.preset)
+        assert r.config["train"]["lr"] == pytest.approx(r.values["lr_scan.factor"] * 3e-3)
+        assert r.tokens == twin.tokens and r.config["train"]["batch_size"] == twin.config["train"]["batch_size"]
+    # appending to an existing extra list works too, and still keeps every earlier id
+    again = tmp_path / "again.yaml"
+    again.write_text(extra_yaml(path.read_text(), [ScanAddition("dense-s2", [0.125], [1], "below")]))
+    assert [r.run_id for r in plan_sweep(again).runs[:len(refined.runs)]] == [r.run_id for r in refined.runs]
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    (ScanAddition("dense-s1", [1.0], [0], "dup"), "already a run of the grid"),
+    (ScanAddition("dense-s9", [1.0], [5], "not in the ladder"), "is not in lr_scan.ladder"),
+])
+def test_a_bad_extra_entry_is_exit_2(tmp_path, entry, message):
+    out = ultramem("sweep", "plan", str(_with_extra(tmp_path, [entry])))
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_refine_needs_finished_runs_and_a_free_output(tmp_path):
+    env = {"ULTRAMEM_RUNS_DIR": str(tmp_path / "runs")}
+    out = ultramem("hparams", "sweeps/lr_scan_tiny.yaml", "--refine", str(tmp_path / "r.yaml"), env=env)
+    assert out.returncode == 2 and "no finished runs" in out.stderr and not (tmp_path / "r.yaml").exists()
+    (tmp_path / "r.yaml").write_text("x")
+    out = ultramem("hparams", "sweeps/lr_scan_tiny.yaml", "--refine", str(tmp_path / "r.yaml"), env=env)
+    assert out.returncode == 2 and "--force" in out.stderr
+
+
 @pytest.mark.slow
 def test_lr_scan_tiny_end_to_end(tmp_path):
     """The tiny scan trains through the scheduler (local backend) and `ultramem hparams` writes the rule, the
@@ -294,3 +425,15 @@ def test_lr_scan_tiny_end_to_end(tmp_path):
 
     shakespeare = (REPO.parent / "shared" / "data" / "tinyshakespeare.txt").read_bytes()
     assert final["data_sha256"] == hashlib.sha256(shakespeare).hexdigest()
+    # refine: 3 seeds wanted around each optimum; the refined file trains only the added runs, in the same folder
+    finals = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "lr-scan-tiny").glob("*/final.json")}
+    refined = tmp_path / "refined.yaml"
+    out = ultramem("hparams", "sweeps/lr_scan_tiny.yaml", "--refine", str(refined), env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    added = plan_sweep(refined).runs[12:]
+    assert added and "runs" in out.stdout and "TFLOPs added" in out.stdout
+    out = ultramem("sweep", "run", str(refined), "--backend", "local", env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "lr-scan-tiny").glob("*/final.json")}
+    assert {p: after[p] for p in finals} == finals  # nothing trained twice
+    assert {p.parent.name for p in set(after) - set(finals)} == {r.run_id for r in added}

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ultramem import build_model
-from ultramem.config import ModelConfig
+from ultramem.config import ConfigError, ModelConfig
 from ultramem.optim import value_lr_multiplier
 
 MEMORY = dict(num_keys=6, key_dim=8, value_dim=16, heads=2, top_m=4)
@@ -145,6 +145,15 @@ def test_param_groups_cover_every_parameter_once_and_boost_values():
     assert value_lr_multiplier(0.1, 10.0, 1.0) == pytest.approx(9.1)
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "lr_mult_fn"} for g in groups], lr=1e-3)
     assert len(opt.param_groups) == 3
+
+
+def test_value_weight_decay_sets_the_value_group_alone():
+    """model.memory.value_weight_decay (issue 26 item 3): the value tables' own decay; unset, the run's (official)."""
+    model = build_model(small("ultramem", memory={"value_weight_decay": 0.0}))
+    by_name = {g["name"]: g for g in model.param_groups(weight_decay=0.1)}
+    assert by_name["values"]["weight_decay"] == 0.0 and by_name["decay"]["weight_decay"] == 0.1
+    with pytest.raises(ConfigError, match="value_weight_decay"):
+        build_model(small("ultramem", memory={"value_weight_decay": -1.0}))
 
 
 def test_on_optimizer_step_refreshes_rank1_vectors():

@@ -9,12 +9,14 @@ import pytest
 from ultramem.accounting import count_params
 from ultramem.presets import PRESETS, get_preset, preset_source
 
-RUNGS = sorted((name for name in PRESETS if name.startswith("dense-o")), key=lambda n: int(n.split("-o")[1]))
+RUNGS = sorted((name for name in PRESETS if name.startswith("dense-o") and not name.endswith("-wide")),
+               key=lambda n: int(n.split("-o")[1]))
 VOCAB = 256
 
 
 def family_preset(family: str, rung: str) -> str:
-    (name,) = [n for n in PRESETS if n.startswith(f"{family}-{rung}-") or n == f"{family}-{rung}"]
+    (name,) = [n for n in PRESETS if (n.startswith(f"{family}-{rung}-") or n == f"{family}-{rung}")
+               and not n.endswith("-wide")]
     return name
 
 
@@ -57,3 +59,16 @@ def test_moe_and_ultramem_are_matched_as_on_the_study_ladder():
         step = 8 * 4 * 2 * 2 * cfg.d_model
         assert abs(moe.active_non_embedding - um.active_non_embedding) <= step, rung
         assert cfg.memory.layers == "1:3" and cfg.n_layers == 4
+
+
+def test_the_wide_dense_control_has_moes_activated_ffn():
+    """dense-oK-wide: dense with an FFN as wide as MoE's two active experts together (closed form: the MLP of a
+    block is 2 d f), so it matches MoE in activated params up to the router (d x experts per block)."""
+    for rung in (n.split("-")[1] for n in RUNGS):
+        wide, moe, dense = (get_preset(n) for n in (f"dense-{rung}-wide", family_preset("moe", rung),
+                                                    f"dense-{rung}"))
+        assert wide.ffn_inner == moe.moe.top_k * moe.moe.expert_hidden
+        d, layers = dense.d_model, dense.n_layers
+        assert count_params(wide).active - count_params(dense).active == layers * 2 * d * (wide.ffn_inner - 4 * d)
+        router = layers * d * moe.moe.num_experts
+        assert count_params(moe).active - count_params(wide).active == router, rung

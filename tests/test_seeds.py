@@ -10,7 +10,16 @@ import pandas as pd
 import pytest
 
 from analysis.schedules import branch_vs_trunk, summarise, wsd_vs_cosine
-from analysis.seeds import compare_points, default_pairs, point_of, read_runs, seed_runs, seed_table, t_half
+from analysis.seeds import (
+    compare_points,
+    default_pairs,
+    ladder_order,
+    point_of,
+    read_runs,
+    seed_runs,
+    seed_table,
+    t_half,
+)
 from cli.main import main
 from runfolder import EvalRow, Final, RunDir
 
@@ -138,3 +147,23 @@ def test_figure_labels_keep_only_the_changed_setting():
 
     assert short_labels(["p-a=1-b=2", "p-a=9-b=2", "p-a=1-b=7", "q-t1"]) == ["p-ref", "p-a=9", "p-b=7", "q-t1"]
     assert short_labels(["p-lr=1e-3-b=2", "p-lr=3e-3-b=2", "p-lr=3e-3-b=5"]) == ["p-lr=1e-3", "p-ref", "p-b=5"]
+
+
+def test_one_shape_rungs_are_compared_with_the_rung_below():
+    """Neighbouring rungs of a family (o3 < o4 < o5), and each non-dense rung with dense of that rung; the ladder
+    paragraph says monotone only when every larger rung has the lower mean (here MoE's o5 does not)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    means = {"dense-o3": 2.30, "dense-o4": 2.20, "dense-o5": 2.10, "moe-o3-2in9": 2.20, "moe-o4-2in9": 2.10,
+             "moe-o5-2in10": 2.15}
+    for point, mu in means.items():
+        for _ in range(4):
+            rows.append({"corpus": "english_mix", "point": point, "preset": point,
+                         "family": point.split("-")[0], "val_loss": mu + rng.normal(0, 0.005), "t_half": 10.0})
+    runs = pd.DataFrame(rows)
+    pairs = default_pairs(runs)
+    assert ("english_mix", "dense-o4", "dense-o3") in pairs and ("english_mix", "moe-o5-2in10", "moe-o4-2in9") in pairs
+    assert ("english_mix", "moe-o4-2in9", "dense-o4") in pairs and ("english_mix", "dense-o5", "dense-o3") not in pairs
+    text = "\n".join(ladder_order(compare_points(runs, pairs)))
+    assert "| dense | 2 | yes | 2 of 2 | -0.09" in text or "| dense | 2 | yes | 2 of 2 | -0.10" in text
+    assert "| moe | 2 | no | 2 of 2 | +0.05" in text or "| moe | 2 | no | 2 of 2 | +0.04" in text

@@ -78,6 +78,8 @@ class MemoryConfig:
     init: str = "paper"  # paper: V ~ N(0, E/(2 m H L)) + score calibration; official: released code; xlm: PKM's
     value_lr_mult: float = 4.0  # value-table LR multiplier at step 0 (official code 4; v1 explainers 10)
     value_lr_decay: float = 1.0  # fraction of training over which that multiplier decays linearly to 1
+    # weight decay of the value tables; None: the run's train.weight_decay, as the official code (values decay)
+    value_weight_decay: float | None = None
     dropout: float = 0.0  # dropout on the memory output
 
     @property
@@ -113,6 +115,8 @@ class MemoryConfig:
         _check(0.0 <= self.dropout < 1.0, f"{path}.dropout", self.dropout, "a fraction in [0, 1)")
         _check(self.value_lr_mult >= 1.0, f"{path}.value_lr_mult", self.value_lr_mult, "a number >= 1")
         _check(0.0 < self.value_lr_decay <= 1.0, f"{path}.value_lr_decay", self.value_lr_decay, "a fraction in (0, 1]")
+        _check(self.value_weight_decay is None or self.value_weight_decay >= 0.0, f"{path}.value_weight_decay",
+               self.value_weight_decay, "null (the run's weight_decay) or a number >= 0")
         _check(self.query_conv >= 0, f"{path}.query_conv", self.query_conv, "0 (off) or a kernel size >= 1")
 
 

@@ -5,7 +5,7 @@ Groups (each a dict torch optimizers accept, plus "name" and "lr_mult_fn"):
   no_decay  norm weights and other 1-dim parameters
   values    memory value tables (the `parallel.value_params` of every family's `parallel.value_module`: `values`
             of PKM and UltraMem layers and of Memory+ tables, `values` and `pre_values` of the UltraMemV2 table),
-            with weight decay, at base LR x lr_mult_fn(progress), or, when the group has a "fixed_lr" (Memory+'s
+            with weight decay (the run's, or model.memory.value_weight_decay), at base LR x lr_mult_fn(progress), or, when the group has a "fixed_lr" (Memory+'s
             value_lr), at that LR: constant (no warmup, no decay), or with "fixed_lr_scheduled" scaled by the
             run's schedule, fixed_lr x schedule(step) / peak LR (the trainer's set_lr). With "clip_separately"
             its gradients are clipped on their own (Memory+'s value_clip: separate; the trainer's clip_gradients)
@@ -57,7 +57,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         else:
             no_decay.append(p)
     rule = value_lr(getattr(model, "cfg", None))
-    value_group = {"name": "values", "params": values, "weight_decay": weight_decay,
+    value_decay = weight_decay if rule.weight_decay is None else rule.weight_decay
+    value_group = {"name": "values", "params": values, "weight_decay": value_decay,
                    "lr_mult_fn": LinearDecayMultiplier(rule.mult, rule.decay)}
     if rule.fixed is not None:
         value_group["fixed_lr"] = rule.fixed
@@ -83,4 +84,5 @@ def value_lr(cfg: object) -> ValueLR:
     if fam.value_lr is not None:
         return fam.value_lr(cfg)
     mem = getattr(cfg, "memory", None)
-    return ValueLR(mem.value_lr_mult, mem.value_lr_decay) if mem is not None else ValueLR()
+    return (ValueLR(mem.value_lr_mult, mem.value_lr_decay, weight_decay=mem.value_weight_decay) if mem is not None
+            else ValueLR())

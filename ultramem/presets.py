@@ -206,7 +206,8 @@ _STUDY = {
 # rungs differ in width only (the study ladder alternates 2 and 3 layers, and its 3-layer s4 sits above both of its
 # 2-layer neighbours). Rule: ONE_SHAPE_LAYERS blocks, ONE_SHAPE_HEADS heads, d_model stepping ~1.15-1.33x
 # (params ~1.3-1.6x per rung), UltraMem's memory spanning blocks 1:3 (a two-block skip on every rung), MoE and
-# UltraMem matched to dense as on the study ladder (_ladder_presets). Names oK: dense-o1 ... ultramem-o15-x6.
+# UltraMem matched to dense as on the study ladder (_ladder_presets). Names oK: dense-o1 ... ultramem-o15-x6, and
+# dense-oK-wide (dense with MoE's activated FFN width: the wide-FFN control).
 ONE_SHAPE_LAYERS = 4
 ONE_SHAPE_HEADS = 2
 ONE_SHAPE_LAYOUT = "1:3"
@@ -215,9 +216,12 @@ _ONE_SHAPE = {f"o{i + 1}": (d, ONE_SHAPE_LAYERS, ONE_SHAPE_HEADS, ONE_SHAPE_LAYO
               for i, d in enumerate(ONE_SHAPE_WIDTHS)}
 
 
-def _ladder_presets(ladder: dict[str, tuple[int, int, int, str]], pkm: bool) -> dict[str, ModelConfig]:
+def _ladder_presets(ladder: dict[str, tuple[int, int, int, str]], pkm: bool,
+                    wide: bool = False) -> dict[str, ModelConfig]:
     """dense, MoE-2inE and UltraMem-x6 (and PKM-x6 if `pkm`) at every size of `ladder`: UltraMem's num_keys gives
-    TINY_MULTIPLE x dense's non-embedding params, MoE matches UltraMem's activated and total params."""
+    TINY_MULTIPLE x dense's non-embedding params, MoE matches UltraMem's activated and total params. With `wide`,
+    also dense-<size>-wide: dense with MoE's activated FFN width (top_k x expert width), the control that tells
+    expert sparsity from a wider FFN (issue 26 item 3; it matches MoE in activated params, not in total)."""
     out = {}
     for size, (d, L, nh, layout) in ladder.items():
         dense = _dense(L, d, nh, TINY_VOCAB, TINY_SEQ_LEN)
@@ -227,6 +231,8 @@ def _ladder_presets(ladder: dict[str, tuple[int, int, int, str]], pkm: bool) -> 
         out[f"dense-{size}"] = dense
         out[f"moe-{size}-2in{moe.moe.num_experts}"] = moe
         out[f"ultramem-{size}-x{TINY_MULTIPLE}"] = ultramem
+        if wide:
+            out[f"dense-{size}-wide"] = _with(dense, ffn_hidden=moe.moe.top_k * moe.moe.expert_hidden)
         if pkm:
             total = count_params(ultramem).non_embedding
             out[f"pkm-{size}-x{TINY_MULTIPLE}"] = _solve_num_keys(
@@ -377,7 +383,7 @@ def _all_presets() -> dict[str, ModelConfig]:
     official = _official_227m_presets()
     tiny_later = {**_tiny_memory_plus_presets(tiny), **_tiny_ultramem_v2_presets(tiny)}
     study = _ladder_presets(_STUDY, pkm=False)
-    one_shape = _ladder_presets(_ONE_SHAPE, pkm=False)
+    one_shape = _ladder_presets(_ONE_SHAPE, pkm=False, wide=True)
     presets = {**paper, **tiny, **official, **tiny_later, **study, **one_shape}
     PRESET_SOURCES.update(_sources(paper, {**tiny, **tiny_later}, official))
     PRESET_SOURCES.update({name: SOURCE_STUDY for name in study})

@@ -7,6 +7,10 @@ D = tokens_per_param x N tokens, with peak LR f x lr(N): lr(N) is the rule of ex
 warmup and beta2 that a study with `isoflop.hparams: isoflop` uses, so that the scan measures that study's
 recipe). Everything but the LR is the same across a size's factors, so the loss-vs-LR curve is the rule's own.
 
+`extra` adds runs to the grid, each entry a ladder preset at some LR factors for some seeds (more seeds near an
+optimum, LRs beyond an edge): `ultramem hparams SWEEP --refine OUT.yaml` writes them (analysis/hparams.py
+`scan_additions`), each with why. An entry that repeats a grid run is an error; the grid's run ids do not change.
+
 `lr_points` is the pure part: points in, points out; experiments/sweep/plan.py resolves and prices them.
 """
 
@@ -19,9 +23,32 @@ from pydantic import Field, field_validator, model_validator
 from experiments import hparams as rules
 from experiments.config import Strict
 from experiments.sweep.isoflop import refuse_method_keys, unique_ladder
-from ultramem.config import deep_merge
+from ultramem.config import ConfigError, deep_merge
 
 MIN_FACTORS = 3  # a parabola in log LR needs three LRs (analysis/hparams.py MIN_LRS)
+
+
+class LrScanExtra(Strict):
+    """One entry of `lr_scan.extra`: runs of a ladder preset at these LR factors for these seeds."""
+
+    preset: str
+    lr_factors: list[float] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
+    why: str = ""  # the reason `ultramem hparams --refine` gives (a label: not in the run id)
+
+    @field_validator("lr_factors")
+    @classmethod
+    def _positive(cls, f: list[float]) -> list[float]:
+        if any(x <= 0 for x in f) or len(set(f)) != len(f):
+            raise ValueError(f"each factor > 0 and once, got {f}")
+        return f
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, s: list[int]) -> list[int]:
+        if any(x < 0 for x in s) or len(set(s)) != len(s):
+            raise ValueError(f"each seed >= 0 and once, got {s}")
+        return s
 
 
 class LrScanSpec(Strict):
@@ -34,6 +61,7 @@ class LrScanSpec(Strict):
     #                                                   isoflop, whose batch, warmup and beta2 every run takes)
     batch: Literal["ladder", "steps"] = "ladder"  # with hparams: isoflop, as isoflop.batch
     target_steps: int = Field(rules.BATCH_TARGET_STEPS, ge=100)  # batch: steps
+    extra: list[LrScanExtra] = Field(default_factory=list)  # runs added to the grid (`ultramem hparams --refine`)
 
     @field_validator("lr_factors")
     @classmethod
@@ -54,6 +82,10 @@ class LrScanSpec(Strict):
     def _batch(self) -> LrScanSpec:
         if self.batch == "steps" and self.hparams != "isoflop":
             raise ValueError("batch: steps is part of the IsoFLOP rule; add hparams: isoflop (or drop batch)")
+        for i, e in enumerate(self.extra):
+            if e.preset not in self.ladder:
+                raise ValueError(f"extra[{i}].preset {e.preset!r} is not in lr_scan.ladder; an extra entry adds "
+                                 "LRs or seeds to a size of the ladder (add the preset to the ladder for a new size)")
         return self
 
 
@@ -61,8 +93,35 @@ _SET_BY_SCAN = ("lr", "tokens", "steps", "branches", "branch_of")
 
 
 def lr_points(points: list[Any], spec: LrScanSpec, resolve: Any, active: Any, path: str) -> list[Any]:
-    """One point per (size, seed) -> one per (size, seed, factor). `resolve(config, where)` gives the resolved
-    config as data and `active(model, seq_len)` the activated parameter count, as the planner's."""
+    """One point per (size, seed) -> one per (size, seed, factor), then the `extra` entries' runs.
+    `resolve(config, where)` gives the resolved config as data and `active(model, seq_len)` the activated
+    parameter count, as the planner's."""
+    out = _scan_points(points, spec, resolve, active, path, spec.lr_factors)
+    grid = {(p.preset, p.values.get("seed"), p.values["lr_scan.factor"]) for p in out}
+    for i, e in enumerate(spec.extra):
+        template = next(p for p in points if p.preset == e.preset)
+        for seed in e.seeds:
+            for factor in e.lr_factors:
+                if (e.preset, seed, factor) in grid:
+                    raise ConfigError(f"{path}: lr_scan.extra[{i}] ({e.preset}, seed {seed}, factor {factor:g}) "
+                                      "is already a run of the grid (or of an earlier entry); drop it from the entry")
+                grid.add((e.preset, seed, factor))
+        clones = [_with_seed(template, seed, i) for seed in e.seeds]
+        for q in _scan_points(clones, spec, resolve, active, path, e.lr_factors):
+            out.append(type(q)(len(out), q.values, q.config, q.preset))
+    return out
+
+
+def _with_seed(p: Any, seed: int, entry: int) -> Any:
+    """A copy of a ladder point at another seed (the name says the seed, as the grid's do), marked with the index
+    of its `extra` entry."""
+    config = {**p.config, "seed": seed, "name": f"{p.preset}-s{seed}"}
+    values = {**p.values, "seed": seed, "lr_scan.extra": entry}
+    return type(p)(p.index, values, config, p.preset)
+
+
+def _scan_points(points: list[Any], spec: LrScanSpec, resolve: Any, active: Any, path: str,
+                 factors: list[float]) -> list[Any]:
     # imported here: grid imports the schema, which imports this module
     from experiments.sweep.grid import Point, describe
 
@@ -84,7 +143,7 @@ def lr_points(points: list[Any], spec: LrScanSpec, resolve: Any, active: Any, pa
             rule = rules.isoflop_hparams(n, seq_len, tokens, nproc, batch)
             train.update({k: v for k, v in rule.items() if k != "lr" and given.get(k, "auto") == "auto"})
         base_lr = rules.learning_rate(n)
-        for factor in spec.lr_factors:
+        for factor in factors:
             config = deep_merge(p.config, {"train": {**train, "lr": factor * base_lr}})
             config["name"] = f"{config.get('name') or p.preset}@lr={factor:g}x"
             out.append(Point(len(out), {**p.values, "lr_scan.factor": factor}, config, p.preset))

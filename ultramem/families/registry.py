@@ -67,6 +67,7 @@ class ValueLR:
     fixed: float | None = None  # an LR of their own instead: no multiplier (Memory+'s value_lr) ...
     fixed_scheduled: bool = False  # ... constant (False: ByteDance's port) or scaled by the run's schedule (Meta's)
     separate_clip: bool = False  # their gradients are clipped to train.grad_clip on their own (Meta's Memory+)
+    weight_decay: float | None = None  # their weight decay; None: the run's (the official code decays values)
 
 
 @dataclass(frozen=True)
