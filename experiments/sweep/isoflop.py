@@ -13,14 +13,24 @@ budget is a cooldown branch of it; with `branches: false` each (size, budget) is
 A budget is warned about when fewer than `min_sizes` sizes serve it, or when its sizes do not bracket its expected
 optimum: none at or below `optimum / 2` tokens per parameter or none at or above `2 x optimum` (the parabola in
 ln N needs sizes on both sides of its vertex; analysis/isoflop.py rejects a vertex outside the sampled sizes).
+
+`extra` adds runs to the grid by hand (or as `ultramem sweep refine` writes them, analysis/refine.py): each entry
+trains one preset, which may lie outside the ladder (a size beyond an edge), at some of the study's budgets for some
+seeds, each run with D = C / F tokens and the hyperparameters and batch a grid run of that cell would get, without
+the tokens/param window. An entry is a WSD trunk per seed over its own budgets (`branches: true`) or one run per
+budget: never a branch of a main-grid trunk, whose checkpoint at a new branch point a finished trunk does not hold,
+so the main grid's runs (and ids) are the same with and without `extra` and adding an entry only trains it.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from experiments.config import Strict
 from ultramem.config import ConfigError
@@ -28,6 +38,29 @@ from ultramem.config import ConfigError
 MIN_BUDGET_RATIO = 1.25  # consecutive budgets at least this far apart (a branch must end inside its trunk's stable
 #                          phase, and the analysis tells budgets apart by their FLOPs)
 BRACKET = 2.0  # a budget brackets its optimum with sizes at <= optimum/BRACKET and >= optimum*BRACKET tokens/param
+
+
+class IsoflopExtra(Strict):
+    """One entry of `isoflop.extra`: a preset at some of the study's budgets, for some seeds, and why."""
+
+    preset: str  # a registered or sweep-local preset of a family in the ladder
+    budgets: list[float] = Field(min_length=1)  # each one of isoflop.budgets
+    seeds: list[int] = Field(min_length=1)
+    why: str = ""  # shown by `sweep plan --format json` (values isoflop.why)
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets_once(cls, b: list[float]) -> list[float]:
+        if len(set(b)) != len(b):
+            raise ValueError(f"list each budget once, got {b}")
+        return b
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, s: list[int]) -> list[int]:
+        if any(x < 0 for x in s) or len(set(s)) != len(s):
+            raise ValueError(f"each seed >= 0 and once, got {s}")
+        return s
 
 
 class IsoflopSpec(Strict):
@@ -50,6 +83,7 @@ class IsoflopSpec(Strict):
     #   about target_steps optimizer steps, a power of two sequences, at least one); a size whose budgets get
     #   different batches is one WSD trunk per batch
     target_steps: int = Field(4096, ge=100)  # batch: steps (experiments.hparams.BATCH_TARGET_STEPS; measured)
+    extra: list[IsoflopExtra] = Field(default_factory=list)  # runs added beside the grid (`ultramem sweep refine`)
 
     @model_validator(mode="after")
     def _batch(self) -> IsoflopSpec:
@@ -70,6 +104,25 @@ class IsoflopSpec(Strict):
                 raise ValueError(f"budgets {lo:g} and {hi:g}: list them ascending, each at least "
                                  f"{MIN_BUDGET_RATIO}x the one before")
         return b
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_budgets(cls, extra: list[IsoflopExtra], info: ValidationInfo) -> list[IsoflopExtra]:
+        """Every budget of an entry is one of `budgets` (snapped to its value: 1e12 and 1.0e+12 are one budget)."""
+        budgets = info.data.get("budgets")
+        if budgets is None:  # budgets itself is invalid; its own error says why
+            return extra
+        for i, e in enumerate(extra):
+            snapped = []
+            for c in e.budgets:
+                match = [b for b in budgets if math.isclose(b, c, rel_tol=1e-9)]
+                if not match:
+                    raise ValueError(f"entry {i} ({e.preset}): budget {c:g} is not one of isoflop.budgets "
+                                     f"[{', '.join(f'{b:g}' for b in budgets)}]; an added run is a point of a "
+                                     "budget of the study: pick one of those (or add it to budgets)")
+                snapped.append(match[0])
+            e.budgets = snapped
+        return extra
 
     @field_validator("tokens_per_param")
     @classmethod
@@ -185,3 +238,73 @@ def layout(spec: IsoflopSpec, sizes: list[Size]) -> Layout:
                             f"(C / (F N) = {spec.budgets[0] / (s.flops_per_token * s.n):.3g} to "
                             f"{spec.budgets[-1] / (s.flops_per_token * s.n):.3g}); not trained")
     return out
+
+
+# ---- isoflop.extra in a sweep file's text (`ultramem sweep refine`) ----------------------------------------------
+
+_TOP_ISOFLOP = re.compile(r"^isoflop:[ \t]*(#.*)?$")
+
+
+def yaml_float(x: float) -> str:
+    """The shortest text YAML (1.1, PyYAML) reads back as the float `x`: '1.0e+12', '6.9e+10' (a mantissa with a
+    point and a signed exponent; '1e12' would be read as a string)."""
+    for digits in range(1, 18):
+        text = f"{x:.{digits}e}"
+        if float(text) == x:
+            return text
+    return f"{x:.17e}"
+
+
+def extra_entry_text(entry: dict, comment: str) -> str:
+    """One `isoflop.extra` item as YAML lines (add_extra_text indents them): a `# comment` line, then the entry
+    (preset, budgets, seeds, why) as a flow mapping."""
+    body = ", ".join(f"{k}: " + (json.dumps(v) if isinstance(v, str) else
+                                 "[" + ", ".join(yaml_float(x) if isinstance(x, float) else str(x) for x in v) + "]")
+                     for k, v in entry.items())
+    return f"# {' '.join(comment.split())}\n- {{{body}}}\n"
+
+
+def add_extra_text(text: str, items: list[str], source: str) -> str:
+    """`text` (a sweep file) with `items` (extra_entry_text) appended to its
+    `isoflop.extra` list, which is created at the end of the `isoflop:` block when it has none; every other line
+    stays as it was. The block must be a block mapping (not `isoflop: {...}`), and an existing `extra:` a block
+    list (or `[]`)."""
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    start = next((i for i, line in enumerate(lines) if _TOP_ISOFLOP.match(line.rstrip("\n"))), None)
+    if start is None:
+        raise ConfigError(f"{source}: no `isoflop:` block mapping at the top level (a flow mapping `isoflop: {{...}}` "
+                          "cannot be extended line by line); write it as a block, one key per line")
+    content = [i for i in range(start + 1, len(lines)) if lines[i].strip() and not lines[i].lstrip().startswith("#")]
+    block = []
+    for i in content:
+        if not lines[i].startswith((" ", "\t")):
+            break
+        block.append(i)
+    if not block:
+        raise ConfigError(f"{source}: the isoflop: block is empty")
+    ind = lines[block[0]][:len(lines[block[0]]) - len(lines[block[0]].lstrip())]
+    key = re.compile(rf"^{re.escape(ind)}extra:[ \t]*(\[\])?[ \t]*(#.*)?$")
+    at = next((i for i in block if key.match(lines[i].rstrip("\n"))), None)
+    if at is None:
+        if any(lines[i].startswith(f"{ind}extra:") for i in block):
+            raise ConfigError(f"{source}: isoflop.extra is a flow list; write it as a block list (one `- ` item per "
+                              "line) so that entries can be appended")
+        end = block[-1] + 1
+        return "".join(lines[:end] + [f"{ind}extra:\n"] + [_reindent(t, ind + "  ") for t in items] + lines[end:])
+    lines[at] = f"{ind}extra:\n"  # `extra: []` becomes a block list
+    end, item = at + 1, ind + "  "
+    for i in (i for i in block if i > at):
+        line = lines[i]
+        deeper = len(line) - len(line.lstrip()) > len(ind)
+        if not (deeper or line.startswith(f"{ind}- ")):
+            break
+        if line.lstrip().startswith("- ") and end == at + 1:
+            item = line[:len(line) - len(line.lstrip())]
+        end = i + 1
+    return "".join(lines[:end] + [_reindent(t, item) for t in items] + lines[end:])
+
+
+def _reindent(item: str, indent: str) -> str:
+    return "".join(indent + line.lstrip(" ") for line in item.splitlines(keepends=True))

@@ -223,53 +223,133 @@ _ISOFLOP_RULE = ("batch_size", "lr", "warmup", "beta2")  # what isoflop.hparams:
 def _isoflop_points(points: list[Point], spec: IsoflopSpec, planner: _Planner,
                     path: str) -> tuple[list[Point], dict[int, list[float]], Layout]:
     """One point per size of the ladder (and seed) -> its runs: a WSD trunk at the largest budget it serves with
-    the others as cooldown branches (`branches: true`), or one run per budget. Returns the points, each point's
-    budgets (its branches' first, ascending, then its own) and the layout with its warnings."""
+    the others as cooldown branches (`branches: true`), or one run per budget; then the runs of `isoflop.extra`.
+    Returns the points, each point's budgets (its branches' first, ascending, then its own) and the layout of the
+    main grid with its warnings."""
     sizes: dict[str, Size] = {}
     for p in points:
         where = f"{path} (run {p.index}: {describe(p.values)})"
-        train = p.config.get("train") or {}
-        refuse_method_keys(train, _SET_BY_ISOFLOP, "isoflop",
-                           "isoflop.budgets and the ladder give every run its tokens and branches", where)
-        if spec.branches and train.get("schedule", "wsd") != "wsd":
-            raise ConfigError(f"{where}: train.schedule is {train['schedule']!r} but isoflop.branches is true "
-                              "(cooldown branches of one WSD trunk per size); remove train.schedule or set "
-                              "isoflop.branches: false")
+        _check_train(p, spec, where)
         if p.preset not in sizes:
-            data = planner.resolve(p.config, where)
-            params, fpt = planner.count(data["model"], data["train"]["seq_len"])
-            sizes[p.preset] = Size(str(p.preset), data["model"]["family"], _count(params, "active"), fpt)
+            sizes[p.preset] = _size(planner, p, where)
     grid = layout(spec, list(sizes.values()))
     fitted = hparams.load_fitted_rule(Path(path).parent / spec.hparams_file) if spec.hparams_file else None
     out: list[Point] = []
     budgets: dict[int, list[float]] = {}
     for p in points:
-        cells = grid.served(str(p.preset))
-        seq_len = planner.resolve(p.config, path)["train"]["seq_len"]
-        nproc = int((p.config.get("parallel") or {}).get("nproc", 1))
-        batch = {c.budget: _cell_batch(spec, c, seq_len, nproc) for c in cells}
-        runs = _trunks(cells, batch) if spec.branches else [[c] for c in cells]
-        for group in runs:
-            own = group[-1]
-            train = {"tokens": own.tokens}
-            if spec.branches:
-                train.update(schedule="wsd", branches=[c.tokens for c in group[:-1]])
-            if spec.hparams != "ladder":
-                rule = hparams.isoflop_hparams(own.size.n, seq_len, group[0].tokens, nproc, batch[own.budget])
-                if fitted is not None:
-                    rule["lr"] = hparams.fitted_lr(fitted, own.size.family, own.size.n, f"{path}: {own.size.preset}")
-                given = p.config.get("train") or {}
-                train.update({k: v for k, v in rule.items() if given.get(k, "auto") == "auto"})
-            config = deep_merge(p.config, {"train": train})
+        runs = _cell_runs(p, grid.served(str(p.preset)), spec, planner, fitted, path)
+        for config, group in runs:
             if len(runs) > 1:
-                config["name"] = f"{config.get('name') or p.preset}@C={own.budget:.3g}"
+                config["name"] = f"{config.get('name') or p.preset}@C={group[-1].budget:.3g}"
             index = len(out)
-            out.append(Point(index, {**p.values, "isoflop.budget": own.budget}, config, p.preset))
+            out.append(Point(index, {**p.values, "isoflop.budget": group[-1].budget}, config, p.preset))
             budgets[index] = [c.budget for c in group[:-1]]
     if not out:
         raise ConfigError(f"{path}: isoflop: no size of the ladder serves any budget within tokens_per_param "
                           f"{list(spec.tokens_per_param)}:\n  " + "\n  ".join(grid.warnings))
+    taken = {_cell_key(p, c.budget, planner.resolve(p.config, path)["seed"]): "the main grid"
+             for p in points for c in grid.served(str(p.preset))}
+    families = {s.family for s in sizes.values()}
+    for i, entry in enumerate(spec.extra):
+        where = f"{path}: isoflop.extra[{i}] ({entry.preset})"
+        for p in _preset_points(planner, entry.preset, entry.seeds, path):
+            _check_train(p, spec, where)
+            size = _size(planner, p, where)
+            if size.family not in families:
+                raise ConfigError(f"{where}: preset: family {size.family} is not in isoflop.ladder (families "
+                                  f"{', '.join(sorted(families))}); add a preset of one of those")
+            cells = [Cell(size, c, round(c / size.flops_per_token)) for c in entry.budgets]
+            seed = planner.resolve(p.config, where)["seed"]
+            for c in cells:
+                if spec.max_tokens is not None and c.tokens > spec.max_tokens:
+                    raise ConfigError(f"{where}: at budget {c.budget:g} it trains {c.tokens:,} tokens, more than "
+                                      f"isoflop.max_tokens ({spec.max_tokens:g}); drop that budget")
+                key = _cell_key(p, c.budget, seed)
+                if key in taken:
+                    raise ConfigError(f"{where}: budget {c.budget:g}, seed {seed} is already a run of "
+                                      f"{taken[key]}; drop that budget or seed")
+                taken[key] = f"isoflop.extra[{i}]"
+            for config, group in _cell_runs(p, cells, spec, planner, fitted, path):
+                config["name"] = f"{config.get('name') or p.preset}@C={group[-1].budget:.3g}@extra{i}"
+                index = len(out)
+                out.append(Point(index, {**p.values, "isoflop.budget": group[-1].budget, "isoflop.extra": i,
+                                         "isoflop.why": entry.why}, config, p.preset))
+                budgets[index] = [c.budget for c in group[:-1]]
     return out, budgets, grid
+
+
+def _cell_key(p: Point, budget: float, seed: int) -> tuple[str, float, int, str]:
+    """A grid cell: preset, budget, seed and the point's other swept values (a sweep with `parameters` axes lays
+    each cell once per combination)."""
+    rest = {k: v for k, v in p.values.items() if k not in ("model.preset", "seed")}
+    return str(p.preset), budget, seed, canonical_json(rest)
+
+
+def _check_train(p: Point, spec: IsoflopSpec, where: str) -> None:
+    """A point's train block must leave the method's fields to it (and be WSD when the method branches)."""
+    train = p.config.get("train") or {}
+    refuse_method_keys(train, _SET_BY_ISOFLOP, "isoflop",
+                       "isoflop.budgets and the ladder give every run its tokens and branches", where)
+    if spec.branches and train.get("schedule", "wsd") != "wsd":
+        raise ConfigError(f"{where}: train.schedule is {train['schedule']!r} but isoflop.branches is true "
+                          "(cooldown branches of one WSD trunk per size); remove train.schedule or set "
+                          "isoflop.branches: false")
+
+
+def _size(planner: _Planner, point: Point, where: str) -> Size:
+    """The rung a point trains: its preset, family, active parameters N and training FLOPs per token F."""
+    data = planner.resolve(point.config, where)
+    params, fpt = planner.count(data["model"], data["train"]["seq_len"])
+    return Size(str(point.preset), data["model"]["family"], _count(params, "active"), fpt)
+
+
+def _preset_points(planner: _Planner, preset: str, seeds: list[int], path: str) -> list[Point]:
+    """The grid points of one preset for `seeds`, expanded as the ladder's are (base, parameters, conditional
+    blocks, sweep-local presets), so that an added run is configured as a grid run of that preset would be."""
+    sweep = planner.sweep
+    assert sweep.isoflop is not None
+    one = sweep.model_copy(update={"isoflop": sweep.isoflop.model_copy(update={"ladder": [preset], "extra": []}),
+                                   "seeds": seeds})
+    return expand(one, planner.base, path)
+
+
+def _cell_runs(p: Point, cells: list[Cell], spec: IsoflopSpec, planner: _Planner, fitted: Any,
+               path: str) -> list[tuple[dict[str, Any], list[Cell]]]:
+    """The run configs of one point over its cells (ascending in budget), each with the cells it serves: WSD
+    trunks (the last cell its own, the others cooldown branches) or one run per cell, with the method's tokens and,
+    unless `hparams: ladder`, the IsoFLOP rule's hyperparameters (a value the file sets itself wins)."""
+    seq_len = planner.resolve(p.config, path)["train"]["seq_len"]
+    nproc = int((p.config.get("parallel") or {}).get("nproc", 1))
+    batch = {c.budget: _cell_batch(spec, c, seq_len, nproc) for c in cells}
+    groups = _trunks(cells, batch) if spec.branches else [[c] for c in cells]
+    out = []
+    for group in groups:
+        own = group[-1]
+        train = {"tokens": own.tokens}
+        if spec.branches:
+            train.update(schedule="wsd", branches=[c.tokens for c in group[:-1]])
+        if spec.hparams != "ladder":
+            rule = hparams.isoflop_hparams(own.size.n, seq_len, group[0].tokens, nproc, batch[own.budget])
+            if fitted is not None:
+                rule["lr"] = hparams.fitted_lr(fitted, own.size.family, own.size.n, f"{path}: {own.size.preset}")
+            given = p.config.get("train") or {}
+            train.update({k: v for k, v in rule.items() if given.get(k, "auto") == "auto"})
+        out.append((deep_merge(p.config, {"train": train}), group))
+    return out
+
+
+def isoflop_sizes(path: str | Path, presets: list[str]) -> dict[str, Size]:
+    """N (active) and F of presets as the isoflop sweep at `path` would train them (its base, parameters, data
+    and seq_len), for the presets that resolve there: the rungs `isoflop.extra` can add (analysis/refine.py)."""
+    sweep, base = load_sweep(path)
+    planner = _Planner(sweep, base)
+    out = {}
+    for name in presets:
+        try:
+            out[name] = _size(planner, _preset_points(planner, name, [0], str(path))[0], f"{path}: {name}")
+        except ConfigError:
+            continue  # not a model this sweep can train (e.g. another vocabulary's preset): not a rung of it
+    return out
 
 
 def _cell_batch(spec: IsoflopSpec, cell: Cell, seq_len: int, nproc: int) -> int | None:
