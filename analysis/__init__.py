@@ -10,7 +10,9 @@ build_report("runs/tiny-cpu")                          # what `ultramem plots` r
 
 Modules: checks (input errors), lse (the log-sum-exp law family, robust objectives, batched solver), fit
 (single-variable laws), chinchilla (L(N, D) and its frontier), isoflop (Approach 2), bootstrap (CIs over runs),
-collect (run folders -> tables), compare (families, compute multiplier, memory law, knowledge), seeds (seed
+collect (run folders -> tables), compare (families, compute multiplier, memory law, knowledge), holdout (L(N, D)
+refitted without its largest budget or size, predicting those runs), refine (where an IsoFLOP study's next runs
+go, `ultramem sweep refine`), hparams (LR scans: optima, lr*(N), variants, `ultramem hparams`), seeds (seed
 distributions per configuration, `ultramem seeds`), schedules (WSD branches vs cosine at equal steps), synthetic
 (run folders drawn from known laws, for checks), plots, report, wandb_report (the report logged to W&B, `ultramem
 plots --wandb`). matplotlib loads only with plots/report

@@ -35,6 +35,7 @@ from analysis.chinchilla import (
     profile_over_e,
 )
 from analysis.fit import PurePowerLaw, fit_pure_power_law
+from analysis.holdout import predict_family
 
 
 def isoflop_optima(df: pd.DataFrame, *, flops_col: str = "flops", n_col: str = "n", loss_col: str = "loss",
@@ -199,6 +200,7 @@ class FamilyStudy:
     lnd: LawFit | None = None  # Approach 3: E, A, B, alpha, beta, a, b, and a_C, b_C over the budgets' range
     why3: str = ""
     profile: pd.DataFrame | None = None  # Approach 3 with E held at fractions of the lowest loss (profile_over_e)
+    holdouts: list = field(default_factory=list)  # analysis.holdout.Holdout: refits without a slice, predicting it
 
     @property
     def n_range(self) -> tuple[float, float]:
@@ -300,6 +302,7 @@ def study_family(runs: pd.DataFrame, family: str, *, n_boot: int = 1000, seed: i
         return fam
     fam.profile = profile_over_e(pts["n"], pts["d"], pts["loss"], n_units=pts["unit"].nunique(), level=level,
                                  source=f"{family} runs")
+    fam.holdouts = predict_family(pts, family, n_boot=n_boot, seed=seed, level=level)
     return fam
 
 

@@ -484,6 +484,37 @@ def isoflop_blocks(st: IsoflopStudy) -> list[tuple]:
             "ΔL": [Estimate(r.dL, r.lo, r.hi).fmt(3) for r in sm.itertuples()], "edge": sm["edge"]})))
     b.append(("img", "figures/lnd_slices.png", "L(N, D) slices per family: loss vs tokens at each size, with the "
                                                "fitted law"))
+    b += holdout_blocks(st)
+    return b
+
+
+def holdout_blocks(st: IsoflopStudy) -> list[tuple]:
+    """Each family's L(N, D) refitted without its largest budget, then without its largest size, predicting the
+    held-out points (analysis/holdout.py): predicted vs measured with the prediction interval."""
+    hs = [h for f in st.families.values() for h in f.holdouts]
+    if not hs:
+        return []
+    b: list[tuple] = [("h", 3, "Predicting what the law did not see")]
+    b.append(("p", "Each family's L(N, D) is refitted as above (Huber, multi-start, trunk-unit bootstrap) without its "
+                   "largest budget, and separately without its largest size, and predicts the seed mean of every "
+                   "held-out (N, D) point. The interval joins, on each side in quadrature, the refits' percentile "
+                   "band at that point and the noise of a k-seed mean (t x pooled seed sd / sqrt(k)). A point "
+                   "outside its interval is where the law fails to extrapolate."))
+    summary = [{"family": h.family, "held out": h.held_out, "fitted runs": h.fitted_points,
+                "points predicted": len(h.table), "inside the interval": (f"{int(h.table['covered'].sum())} of "
+                                                                          f"{len(h.table)}" if len(h.table) else "—"),
+                "mean |measured − predicted|": f"{h.mean_abs_error:.4f}" if len(h.table) else "—",
+                "why not": h.why or ""} for h in hs]
+    b.append(_table(pd.DataFrame(summary)))
+    rows = pd.concat([h.table for h in hs if len(h.table)], ignore_index=True) if any(len(h.table) for h in hs) \
+        else pd.DataFrame()
+    if not rows.empty:
+        b.append(_table(pd.DataFrame({
+            "family": rows["family"], "held out": rows["held out"], "budget C": rows["budget"], "N": rows["n"],
+            "D": rows["d"], "seeds": rows["seeds"], "measured": rows["measured"].round(4),
+            "predicted": rows["predicted"].round(4), "interval": [f"[{lo:.4f}, {hi:.4f}]" for lo, hi in
+                                                                  zip(rows["lo"], rows["hi"], strict=True)],
+            "inside": np.where(rows["covered"], "yes", "no")})))
     return b
 
 
@@ -546,7 +577,10 @@ def isoflop_json(st: IsoflopStudy) -> dict[str, Any]:
             "approach2_not_identified": {k: approach2_why(fam, k) for k in ("a", "b") if approach2_why(fam, k)},
             "units": int(fam.points["unit"].nunique()),
             "profile_over_E": records(fam.profile) if fam.profile is not None else [],
-            "profile_intervals": {k: profile_interval(fam, k) for k in ("alpha", "beta", "a", "b")}}
+            "profile_intervals": {k: profile_interval(fam, k) for k in ("alpha", "beta", "a", "b")},
+            "holdouts": [{"held_out": h.held_out, "fitted_points": h.fitted_points, "why": h.why,
+                          "coverage": h.coverage, "mean_abs_error": h.mean_abs_error,
+                          "points": records(h.table)} for h in fam.holdouts]}
     sampled = records(st.sampled) if st.sampled is not None else []
     return {"families": fams, "comparison": records(st.comparison), "multipliers": records(st.multipliers),
             "sampled_minima": sampled}
