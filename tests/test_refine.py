@@ -283,6 +283,27 @@ def test_extra_leaves_the_main_grid_alone_and_lays_its_runs_as_the_grid_would(tm
         assert r.family == "dense" and r.preset == "dense-o8"
 
 
+def test_an_added_seed_at_one_budget_trains_with_the_grids_recipe(tmp_path):
+    """Seeds added at one budget of a size form a trunk of that budget alone, but train with the recipe its grid
+    seeds got there (warmup, batch, LR, beta2, tokens): the IsoFLOP rule's warmup is capped by the trunk's shortest
+    run, so the entry takes the main-grid trunk's (a new seed must differ from the others in its seed only)."""
+    def study(extra: str = "", name: str = "study.yaml") -> Path:  # ~20,000 steps: one batch, one trunk per size
+        path = write_study(tmp_path, extra, name=name)
+        path.write_text(path.read_text().replace("target_steps: 200", "target_steps: 20000"))
+        return path
+
+    plain = plan_sweep(study())
+    trunk = next(r for r in plain.runs if r.preset == "dense-o5" and r.config["train"].get("branches"))
+    top = trunk.values["isoflop.budget"]  # a trunk with a shorter branch, which caps its warmup
+    plan = plan_sweep(study(f"extra:\n  - {{preset: dense-o5, budgets: [{yaml_float(top)}], seeds: [7]}}\n",
+                            "extra.yaml"))
+    (added,) = [r for r in plan.runs if "isoflop.extra" in r.values]
+    grid = next(r for r in plain.runs if r.preset == "dense-o5" and r.values["isoflop.budget"] == top
+                and r.config["seed"] == 0)
+    keys = ("warmup", "batch_size", "lr", "beta2", "tokens")
+    assert {k: added.config["train"][k] for k in keys} == {k: grid.config["train"][k] for k in keys}
+
+
 def test_extra_for_a_size_with_a_finished_trunk_is_its_own_trunk(tmp_path):
     """New budgets of a (preset, seed) that the main grid trains are never branches of its trunk (a finished
     trunk holds no checkpoint at a new branch point): the entry's runs form their own WSD trunk(s), and the main

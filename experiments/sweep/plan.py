@@ -269,13 +269,30 @@ def _isoflop_points(points: list[Point], spec: IsoflopSpec, planner: _Planner,
                     raise ConfigError(f"{where}: budget {c.budget:g}, seed {seed} is already a run of "
                                       f"{taken[key]}; drop that budget or seed")
                 taken[key] = f"isoflop.extra[{i}]"
-            for config, group in _cell_runs(p, cells, spec, planner, fitted, path):
+            for config, group in _cell_runs(p, cells, spec, planner, fitted, path,
+                                            _grid_shortest(p, grid.served(str(p.preset)), spec, planner, path)):
                 config["name"] = f"{config.get('name') or p.preset}@C={group[-1].budget:.3g}@extra{i}"
                 index = len(out)
                 out.append(Point(index, {**p.values, "isoflop.budget": group[-1].budget, "isoflop.extra": i,
                                          "isoflop.why": entry.why}, config, p.preset))
                 budgets[index] = [c.budget for c in group[:-1]]
     return out, budgets, grid
+
+
+def _grid_shortest(p: Point, cells: list[Cell], spec: IsoflopSpec, planner: _Planner, path: str) -> dict[int, int]:
+    """batch -> the shortest run (tokens) of the main grid's trunk of that batch for this point's size (none when
+    the size is not in the main grid)."""
+    if not cells:
+        return {}
+    seq_len = planner.resolve(p.config, path)["train"]["seq_len"]
+    nproc = int((p.config.get("parallel") or {}).get("nproc", 1))
+    batch = {c.budget: _cell_batch(spec, c, seq_len, nproc) for c in cells}
+    groups = _trunks(cells, batch) if spec.branches else [[c] for c in cells]
+    out: dict[int, int] = {}
+    for g in groups:
+        b = batch[g[-1].budget]
+        out[b] = min(out.get(b, g[0].tokens), g[0].tokens)
+    return out
 
 
 def _cell_key(p: Point, budget: float, seed: int) -> tuple[str, float, int, str]:
@@ -314,10 +331,12 @@ def _preset_points(planner: _Planner, preset: str, seeds: list[int], path: str) 
 
 
 def _cell_runs(p: Point, cells: list[Cell], spec: IsoflopSpec, planner: _Planner, fitted: Any,
-               path: str) -> list[tuple[dict[str, Any], list[Cell]]]:
+               path: str, shortest: dict[int, int] | None = None) -> list[tuple[dict[str, Any], list[Cell]]]:
     """The run configs of one point over its cells (ascending in budget), each with the cells it serves: WSD
     trunks (the last cell its own, the others cooldown branches) or one run per cell, with the method's tokens and,
-    unless `hparams: ladder`, the IsoFLOP rule's hyperparameters (a value the file sets itself wins)."""
+    unless `hparams: ladder`, the IsoFLOP rule's hyperparameters (a value the file sets itself wins). The rule's
+    warmup depends on the trunk's shortest run: `shortest` (batch -> tokens) gives an extra entry's runs the
+    shortest run of the main-grid trunk of their size and batch, so that its added seeds train as the grid's did."""
     seq_len = planner.resolve(p.config, path)["train"]["seq_len"]
     nproc = int((p.config.get("parallel") or {}).get("nproc", 1))
     batch = {c.budget: _cell_batch(spec, c, seq_len, nproc) for c in cells}
@@ -329,7 +348,8 @@ def _cell_runs(p: Point, cells: list[Cell], spec: IsoflopSpec, planner: _Planner
         if spec.branches:
             train.update(schedule="wsd", branches=[c.tokens for c in group[:-1]])
         if spec.hparams != "ladder":
-            rule = hparams.isoflop_hparams(own.size.n, seq_len, group[0].tokens, nproc, batch[own.budget])
+            short = min(group[0].tokens, (shortest or {}).get(batch[own.budget], group[0].tokens))
+            rule = hparams.isoflop_hparams(own.size.n, seq_len, short, nproc, batch[own.budget])
             if fitted is not None:
                 rule["lr"] = hparams.fitted_lr(fitted, own.size.family, own.size.n, f"{path}: {own.size.preset}")
             given = p.config.get("train") or {}
