@@ -138,8 +138,8 @@ def refine(args: argparse.Namespace) -> int:
                 continue  # not enough finished yet (or not run): nothing to refine from
             f = [r.values["lr_scan.factor"] for r in mine]
             seeds = [int(r.values.get("seed", 0)) for r in mine]
-            opt = lr_optimum(f, [done[r.run_id] for r in mine], seeds, family=mine[0].family,
-                             n=mine[0].active_params, n_boot=200, where=f"{src}: {preset}")
+            opt = lr_optimum([r.config["train"]["lr"] for r in mine], [done[r.run_id] for r in mine], seeds,
+                             family=mine[0].family, n=mine[0].active_params, n_boot=200, where=f"{src}: {preset}")
             additions += scan_additions(str(preset), opt, list(zip(f, seeds, strict=True)),
                                         min_seeds=args.min_seeds)
     except (ConfigError, FitError) as err:
