@@ -375,7 +375,8 @@ def compare_variants(groups: list[dict[str, Any]], optima: list[Optimum], n_boot
             for name, ref in (("moe", moe), ("base", base)):
                 diff, lo, hi = (_paired(g, o, ref, n_boot, seed, level) if ref is not None and ref[0] is not g
                                 else (math.nan, math.nan, math.nan))
-                row |= {f"vs_{name}": (ref[0].get("variant") or ref[0]["family"]) if ref is not None else "",
+                named = ref is not None and ref[0] is not g
+                row |= {f"vs_{name}": (ref[0].get("variant") or ref[0]["family"]) if named else "",
                         f"diff_{name}": diff, f"lo_{name}": lo, f"hi_{name}": hi}
             rows.append(row)
     return rows
