@@ -99,6 +99,11 @@ class TrainConfig(Strict):
     # a branch: the run id of its trunk, a sibling folder in the same sweep folder (never a path); set by the planner
     branch_of: str | None = None
     lr_mult_steps: int | None = Field(None, ge=1)  # steps the group LR multipliers' progress runs over; None: steps
+    # wsd trunk: the clock of its branches' group LR multipliers (UltraMem's value LR, 4x -> 1x over the run): trunk
+    # (each branch keeps the trunk's clock: the trunk's run cooled down) or own (from its branch step on, a branch
+    # takes the multiplier a stand-alone run of its own budget has there; issue 26 item 3). Branch ids differ between
+    # the two; the trunk's does not (like `branches`, it changes only which runs follow the trunk)
+    branch_clock: Literal["trunk", "own"] = "trunk"
     weight_decay: float = Field(0.1, ge=0.0)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
@@ -359,7 +364,7 @@ def canonical_json(data: Any) -> str:
 # Fields that never change what a run computes, and so are left out of its id.
 _NOT_IN_ID = ("name", "sweep", "wandb", "parallel")  # the layout changes how a run is computed, not what
 _TRAIN_NOT_IN_ID = ("log_every", "ckpt_every", "keep_checkpoints", "device", "compile", "threads",
-                    "branches")  # a trunk's branch list changes which checkpoints it keeps, not what it computes
+                    "branches", "branch_clock")  # a trunk's branch list changes which checkpoints it keeps, not what it computes
 # Fields added after the first run ids were issued enter the id only when set away from their default, so that
 # every earlier run keeps its id (and a finished sweep is still skipped): block path -> {field: default}.
 _ID_SINCE_V1: dict[tuple[str, ...], dict[str, Any]] = {
@@ -415,10 +420,13 @@ def branch_points(train: dict[str, Any]) -> list[tuple[int, int, int]]:
 def branch_config(trunk: dict[str, Any], tokens: int) -> dict[str, Any]:
     """The resolved config of the trunk's cooldown branch to `tokens` (a budget from `branch_points`): the trunk's
     config with that budget, no branches of its own, `branch_of` = the trunk's run id, and the group LR multipliers
-    kept on the trunk's clock (`lr_mult_steps`), so the branch is the trunk's run cooled down at its branch step."""
+    kept on the trunk's clock (`lr_mult_steps`), so the branch is the trunk's run cooled down at its branch step;
+    with the trunk's `branch_clock: own` they run over the branch's own steps instead (a stand-alone run's value LR
+    from the branch step on)."""
     t = trunk["train"]
     steps = int(tokens) // (int(t["batch_size"]) * int(t["seq_len"]))
     out = json.loads(json.dumps(trunk))
+    own = t.get("branch_clock", "trunk") == "own"
     out["train"].update(tokens=int(tokens), steps=steps, branches=[], branch_of=run_id(trunk),
-                        lr_mult_steps=t.get("lr_mult_steps") or int(t["steps"]))
+                        lr_mult_steps=None if own else t.get("lr_mult_steps") or int(t["steps"]))
     return out

@@ -121,6 +121,43 @@ def test_branch_ids_are_a_function_of_trunk_and_budget_and_the_trunk_keeps_its_i
     assert wsd_cooldown_start(40, 4, 0.2) == 32
 
 
+def _value_lr(config: dict, steps: range) -> list[float]:
+    """The value tables' LR at each step, through the trainer's own optimizer and set_lr, for a resolved config."""
+    from experiments.config import RunConfig
+    from experiments.resolve import model_config
+    from experiments.trainer import build_optimizer, set_lr
+    from ultramem.model import build_model
+
+    cfg = RunConfig.model_validate(config)
+    opt, fns = build_optimizer(build_model(model_config(cfg)), cfg.train)
+    (values,) = [i for i, g in enumerate(opt.param_groups) if g.get("name") == "values"]
+    out = []
+    for s in steps:
+        set_lr(opt, fns, s, cfg.train)
+        out.append(opt.param_groups[values]["lr"])
+    return out
+
+
+def test_branch_clock_own_gives_a_branch_the_value_lr_of_a_stand_alone_run(tmp_path):
+    """UltraMem's value LR (4x -> 1x over the run): with `branch_clock: own` a branch's cooldown has the value LR of
+    a stand-alone WSD run of its budget (the reference: that run's plain config), with `trunk` the trunk's clock
+    (the reference: the closed form 1 + 3 (1 - step / trunk steps)); the trunk's id is the same under both."""
+    def body(steps: int, branches: list[int], clock: str) -> str:
+        return trunk_body(steps, branches).replace("parameters:", "parameters:\n          model.preset: {value: "
+                                                   f"ultramem-tiny}}\n          train.branch_clock: {{value: {clock}}}")
+
+    (trunk_t,), (br_t,) = split(plan_sweep(write_sweep(tmp_path, body(40, [20], "trunk"), name="ct")))
+    (trunk_o,), (br_o,) = split(plan_sweep(write_sweep(tmp_path, body(40, [20], "own"), name="co")))
+    assert trunk_t.run_id == trunk_o.run_id and br_t.run_id != br_o.run_id
+    alone = plan_sweep(write_sweep(tmp_path, body(20, [], "trunk"), name="alone")).runs[0]
+    cooldown = range(br_o.branch_step, br_o.steps)
+    assert _value_lr(br_o.config, cooldown) == pytest.approx(_value_lr(alone.config, cooldown), rel=1e-12)
+    tb = TrainConfig.model_validate(br_t.config["train"])
+    expect = [lr_at(s, tb) * (1 + 3 * (1 - s / 40)) for s in cooldown]
+    assert _value_lr(br_t.config, cooldown) == pytest.approx(expect, rel=1e-12)
+    assert _value_lr(br_o.config, cooldown)[0] < _value_lr(br_t.config, cooldown)[0]  # 4x at 16/20 = 1.6 vs 2.8
+
+
 @pytest.mark.parametrize("body, message", [
     (trunk_body(40, [40]), "not below the trunk's own budget"),
     (trunk_body(40, [20, 20]), "round to the same"),
