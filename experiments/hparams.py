@@ -38,7 +38,9 @@ length instead of the model's size, for tiny models whose short runs the ladder 
 The fitted rule (`isoflop.hparams: fitted` + `isoflop.hparams_file`; load_fitted_rule, fitted_lr) keeps the IsoFLOP
 rule's batch, warmup and beta2 and takes the peak LR from a per-family law lr*(N) = coef x N^exponent that an LR
 scan measured (`method: lr_scan`, `ultramem hparams`, analysis/hparams.py; docs/sweeps.md "LR scans"). It refuses
-a family the file has no law for and a size outside the range the law was fitted on.
+a family the file has no law for and a size outside the range the law was fitted on, unless the sweep allows a
+stated extrapolation (`isoflop.hparams_extrapolate`: the largest factor in N beyond the range; the plan lists each
+extrapolated size).
 """
 
 from __future__ import annotations
@@ -187,8 +189,9 @@ def load_fitted_rule(path: str | Path) -> dict[str, Any]:
     return {**rule, "path": str(path)}
 
 
-def fitted_lr(rule: dict[str, Any], family: str, active_params: int, where: str) -> float:
-    """Peak LR coef x N^exponent of `family`'s fitted law, for N inside the range of sizes it was fitted on."""
+def fitted_lr(rule: dict[str, Any], family: str, active_params: int, where: str, extrapolate: float = 1.0) -> float:
+    """Peak LR coef x N^exponent of `family`'s fitted law, for N inside the range of sizes it was fitted on, or up
+    to `extrapolate` times beyond it (`isoflop.hparams_extrapolate`; 1: none; `extrapolation` says by how much)."""
     laws = rule["families"]
     if family not in laws:
         raise ConfigError(f"{where}: {rule['path']} has no fitted LR law for family {family!r} (it has "
@@ -196,12 +199,25 @@ def fitted_lr(rule: dict[str, Any], family: str, active_params: int, where: str)
                           "hparams`) or drop it from isoflop.ladder")
     law = laws[family]
     lr = float(law["coef"] * active_params ** law["exponent"])
-    lo, hi = law["n_min"], law["n_max"]
-    if not lo * (1 - 1e-9) <= active_params <= hi * (1 + 1e-9):
-        side, edge = ("above", hi) if active_params > hi else ("below", lo)
+    factor = extrapolation(rule, family, active_params)
+    if factor > extrapolate * (1 + 1e-9):
+        lo, hi = law["n_min"], law["n_max"]
+        side = "above" if active_params > hi else "below"
         raise ConfigError(
             f"{where}: N = {active_params:,} active parameters is {side} the range {family}'s LR law was fitted on "
             f"in {rule['path']} ({lo:,.0f}-{hi:,.0f}); using it would extrapolate lr*(N) = {law['coef']:.4g} x "
-            f"N^{law['exponent']:.4g} by {max(active_params / edge, edge / active_params):.3g}x in N (to "
-            f"{lr:.3g}); scan that size too, or remove it from isoflop.ladder")
+            f"N^{law['exponent']:.4g} by {factor:.3g}x in N (to {lr:.3g}); scan that size too, remove it from "
+            f"isoflop.ladder, or allow it with isoflop.hparams_extrapolate: {math.ceil(factor * 10) / 10:g} (`sweep "
+            "plan` then lists each extrapolated size)")
     return lr
+
+
+def extrapolation(rule: dict[str, Any], family: str, active_params: int) -> float:
+    """How far N lies outside `family`'s fitted range, as a factor in N: 1 inside it, hi_or_lo ratio outside."""
+    law = rule["families"][family]
+    lo, hi = float(law["n_min"]), float(law["n_max"])
+    if active_params > hi * (1 + 1e-9):
+        return active_params / hi
+    if active_params < lo * (1 - 1e-9):
+        return lo / active_params
+    return 1.0

@@ -216,6 +216,41 @@ def test_a_fitted_rule_that_misses_a_family_or_a_size_is_exit_2(tmp_path):
     assert out.returncode == 2 and "would extrapolate" in out.stderr and "above the range" in out.stderr
 
 
+def test_an_allowed_extrapolation_uses_the_law_beyond_its_range_and_says_so(tmp_path):
+    """`isoflop.hparams_extrapolate: k` lets the law serve sizes up to k x beyond its fitted range (with the law's own
+    value, coef N^exponent) and the plan names each such size; k below the factor needed is exit 2 naming it."""
+    narrow = write_rule(tmp_path / "narrow.json", {f: (0.05, -0.2, 1e5, 3e5) for f in ("dense", "moe", "ultramem")})
+    laws = json.loads(narrow.read_text())["families"]
+    sweep = yaml.safe_load(fitted_copy(tmp_path, narrow).read_text())
+    plan = plan_sweep(SWEEPS / "isoflop_tiny.yaml")
+    need = max(max(r.active_params / laws[r.family]["n_max"], laws[r.family]["n_min"] / r.active_params)
+               for r in plan.runs)
+    assert need > 1.2  # the tiny ladder leaves this rule's range
+    sweep["isoflop"]["hparams_extrapolate"] = round(need, 1) + 0.1
+    path = tmp_path / "extrapolated.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    allowed = plan_sweep(path)
+    for r in allowed.runs:
+        law = laws[r.family]
+        assert r.config["train"]["lr"] == pytest.approx(law["coef"] * r.active_params ** law["exponent"])
+    outside = {r.preset for r in allowed.runs
+               if not law_range(laws[r.family])[0] <= r.active_params <= law_range(laws[r.family])[1]}
+    named = {w.split(":")[0] for w in allowed.warnings if "LR extrapolated" in w}
+    assert outside and named == outside
+    sweep["isoflop"]["hparams_extrapolate"] = 1.1
+    path.write_text(yaml.safe_dump(sweep))
+    out = ultramem("sweep", "plan", str(path))
+    assert out.returncode == 2 and "isoflop.hparams_extrapolate:" in out.stderr and "would extrapolate" in out.stderr
+    sweep["isoflop"].update(hparams="isoflop", hparams_file=None, hparams_extrapolate=2.0)
+    path.write_text(yaml.safe_dump(sweep))
+    out = ultramem("sweep", "plan", str(path))
+    assert out.returncode == 2 and "hparams_extrapolate applies to hparams: fitted only" in out.stderr
+
+
+def law_range(law: dict) -> tuple[float, float]:
+    return law["n_min"] * (1 - 1e-9), law["n_max"] * (1 + 1e-9)
+
+
 # ---- the lr_scan sweep method ------------------------------------------------------------------------------
 
 

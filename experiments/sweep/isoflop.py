@@ -78,6 +78,9 @@ class IsoflopSpec(Strict):
     #   isoflop: the IsoFLOP rule (experiments.hparams.isoflop_hparams); fitted: the IsoFLOP rule with the peak LR of
     #   each family's fitted law lr*(N) from hparams_file (`ultramem hparams` writes it; experiments.hparams.fitted_lr)
     hparams_file: str | None = None  # hparams: fitted: the fitted-rule JSON, relative to the sweep file
+    # hparams: fitted: how far beyond the sizes a family's law was fitted on it may be used, as a factor in N (1:
+    # not at all, a size outside is an error naming the factor it would need); `sweep plan` lists each such size
+    hparams_extrapolate: float = Field(1.0, ge=1.0)
     batch: Literal["ladder", "steps"] = "ladder"  # with hparams: isoflop, the batch size from the model size
     #   (ladder: OLMo's N^(2/3), capped for >= 100 steps in the shortest run) or from each run's length (steps:
     #   about target_steps optimizer steps, a power of two sequences, at least one); a size whose budgets get
@@ -92,6 +95,8 @@ class IsoflopSpec(Strict):
         if (self.hparams == "fitted") != (self.hparams_file is not None):
             raise ValueError("hparams: fitted and hparams_file (the fitted-rule JSON that `ultramem hparams` "
                              "writes, e.g. docs/results/hparams/lr_rule.json) go together; give both or neither")
+        if self.hparams_extrapolate != 1.0 and self.hparams != "fitted":
+            raise ValueError("hparams_extrapolate applies to hparams: fitted only; drop it or use the fitted rule")
         return self
 
     @field_validator("budgets")

@@ -234,6 +234,12 @@ def _isoflop_points(points: list[Point], spec: IsoflopSpec, planner: _Planner,
             sizes[p.preset] = _size(planner, p, where)
     grid = layout(spec, list(sizes.values()))
     fitted = hparams.load_fitted_rule(Path(path).parent / spec.hparams_file) if spec.hparams_file else None
+    for s in sizes.values() if fitted is not None else []:
+        factor = hparams.extrapolation(fitted, s.family, s.n) if s.family in fitted["families"] else 1.0
+        if factor > 1 and grid.served(s.preset):
+            grid.warnings.append(f"{s.preset}: LR extrapolated {factor:.3g}x in N beyond the {s.family} law's fitted "
+                                 f"range in {spec.hparams_file} (isoflop.hparams_extrapolate: "
+                                 f"{spec.hparams_extrapolate:g})")
     out: list[Point] = []
     budgets: dict[int, list[float]] = {}
     for p in points:
@@ -351,7 +357,8 @@ def _cell_runs(p: Point, cells: list[Cell], spec: IsoflopSpec, planner: _Planner
             short = min(group[0].tokens, (shortest or {}).get(batch[own.budget], group[0].tokens))
             rule = hparams.isoflop_hparams(own.size.n, seq_len, short, nproc, batch[own.budget])
             if fitted is not None:
-                rule["lr"] = hparams.fitted_lr(fitted, own.size.family, own.size.n, f"{path}: {own.size.preset}")
+                rule["lr"] = hparams.fitted_lr(fitted, own.size.family, own.size.n, f"{path}: {own.size.preset}",
+                                               spec.hparams_extrapolate)
             given = p.config.get("train") or {}
             train.update({k: v for k, v in rule.items() if given.get(k, "auto") == "auto"})
         out.append((deep_merge(p.config, {"train": train}), group))
