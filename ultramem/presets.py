@@ -211,8 +211,11 @@ _STUDY = {
 ONE_SHAPE_LAYERS = 4
 ONE_SHAPE_HEADS = 2
 ONE_SHAPE_LAYOUT = "1:3"
-ONE_SHAPE_WIDTHS = (12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160)
-_ONE_SHAPE = {f"o{i + 1}": (d, ONE_SHAPE_LAYERS, ONE_SHAPE_HEADS, ONE_SHAPE_LAYOUT)
+# o0 (d_model 8, added for study v3: MoE and UltraMem need a rung below o1's ~19k activated params to bracket the
+# smallest budget's optimum; 10 would leave an odd head_dim) is numbered so that o1-o15 keep their names; its step
+# to o1 is 1.5x in width (1.6x in MoE's and UltraMem's activated params, 1.9x in dense's).
+ONE_SHAPE_WIDTHS = (8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160)
+_ONE_SHAPE = {f"o{i}": (d, ONE_SHAPE_LAYERS, ONE_SHAPE_HEADS, ONE_SHAPE_LAYOUT)
               for i, d in enumerate(ONE_SHAPE_WIDTHS)}
 
 
