@@ -66,6 +66,7 @@ STUDY := study_isoflop_v2 study_isoflop $(STUDY_V1)
 results: setup
 	$(foreach s,$(STUDY),$(UM) plots docs/results/$(s)/runs.csv $(PLOTS_$(s)) &&) true
 	$(UM) hparams docs/results/hparams/runs.csv
+	$(UM) hparams docs/results/hparams/footing/runs.csv
 
 # One NVIDIA GPU, <= 8 min: pytest -m gpu, Triton vs torch (fp32/bf16), training tokens/s + MFU + peak memory of
 # the 151M/227M presets, decode latency vs batch -> benchmarks/results/gpu_check.json (docs/performance.md).

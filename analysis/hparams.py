@@ -511,8 +511,8 @@ def report_md(groups: list[dict[str, Any]], optima: list[Optimum], laws: dict[st
         for o in flagged:
             how = {"low": f"add LRs below {_g(min(o.lrs))}", "high": f"add LRs above {_g(max(o.lrs))}",
                    "no-minimum": "the loss does not curve up on both sides: widen the grid both ways"}[o.edge]
-            lines.append(f"- {o.family} at N = {o.n:,.0f}: best grid LR {_g(o.best_grid_lr)}; {how} (left out of "
-                         "the law)")
+            who = f"{o.family} at N = {o.n:,.0f}" + (f" ({o.variant})" if o.variant else "")
+            lines.append(f"- {who}: best grid LR {_g(o.best_grid_lr)}; {how} (left out of the law)")
     lines += ["", "Figures: `figures/loss_vs_lr.png`, `figures/lr_law.png`. The fitted rule a sweep opts into "
               "(`isoflop.hparams: fitted`, `isoflop.hparams_file: .../lr_rule.json`): `lr_rule.json`.", ""]
     return "\n".join(lines)
