@@ -358,15 +358,21 @@ def compare_variants(groups: list[dict[str, Any]], optima: list[Optimum], n_boot
     """Per size (rung) with more than one variant: each variant's loss at its own best LR (`_best_loss`), and its
     difference to the rung's MoE preset and, for a sweep-local variant, to its own preset, each with a paired
     seed-bootstrap interval (the seeds both share are drawn together: a seed fixes the data order, so its runs share
-    their luck). Negative: lower loss than the reference."""
+    their luck). A sweep-local variant is set against the sweep-local MoE of the same recipe when there is one.
+    Negative: lower loss than the reference."""
     pairs = list(zip(groups, optima, strict=True))
     rows = []
     for rung in dict.fromkeys(_rung(g) for g in groups):
         here = [(g, o) for g, o in pairs if _rung(g) == rung]
         if len(here) < 2:
             continue
-        moe = next(((g, o) for g, o in here if g["family"] == "moe" and g.get("base", True)), None)
+        moe_base = next(((g, o) for g, o in here if g["family"] == "moe" and g.get("base", True)), None)
         for g, o in here:
+            # a sweep-local variant meets the MoE trained the same way when there is one (the same name after the
+            # rung: ultramem-o4-b4 and moe-o4-b4), else the rung's MoE preset
+            moe = moe_base if g.get("base", True) else next(
+                ((m, mo) for m, mo in here if m["family"] == "moe" and not m.get("base", True)
+                 and _recipe(m) == _recipe(g)), moe_base)
             base = None if g.get("base", True) else next(
                 ((b, bo) for b, bo in here if b.get("base", True) and b["family"] == g["family"]), None)
             row = {"rung": rung, "n": g["n"], "variant": g.get("variant") or g["family"], "family": g["family"],
@@ -380,6 +386,12 @@ def compare_variants(groups: list[dict[str, Any]], optima: list[Optimum], n_boot
                         f"diff_{name}": diff, f"lo_{name}": lo, f"hi_{name}": hi}
             rows.append(row)
     return rows
+
+
+def _recipe(group: dict[str, Any]) -> str:
+    """What a sweep-local variant's name says after its family and rung ("b4" of ultramem-o4-b4)."""
+    parts = str(group.get("variant") or "").split("-", 2)
+    return parts[2] if len(parts) == 3 else ""
 
 
 # ---- figures and report ------------------------------------------------------------------------------------
@@ -497,7 +509,9 @@ def report_md(groups: list[dict[str, Any]], optima: list[Optimum], laws: dict[st
     if variants:
         lines += ["", "## Variants at one size", "",
                   "Each variant at its own best LR (the parabola's minimum; the best grid point when the optimum sits "
-                  "at the grid's edge), against the rung's MoE preset and, for a sweep-local variant, its own preset: "
+                  "at the grid's edge), against the rung's MoE (a sweep-local variant: the sweep-local MoE of the same "
+                  "recipe, e.g. ultramem-o4-b4 against moe-o4-b4, when there is one) and, for a sweep-local variant, "
+                  "its own preset: "
                   f"the difference in nats with a paired seed-bootstrap {LEVEL:.0%} interval (negative: lower loss).",
                   "", "| rung | variant | N | seeds | best LR | loss | vs MoE (nats) | vs its preset (nats) |",
                   "|---|---|---|---|---|---|---|---|"]

@@ -354,6 +354,33 @@ def test_variants_compare_at_their_own_best_lr_with_paired_intervals():
     assert fit_law("ultramem", groups, optima) is None  # one preset size: the variant is no second size
 
 
+def test_a_recipe_variant_meets_the_moe_of_its_own_recipe():
+    """ultramem-o4-b4 and moe-o4-b4 (one recipe, e.g. another batch) beside the presets: the UltraMem variant's "vs
+    MoE" is against moe-o4-b4 (known difference +0.03), not the preset MoE (+0.13); a variant with no MoE of its
+    recipe (ultramem-o4-vlr1) still meets the preset MoE."""
+    rng = np.random.default_rng(3)
+    grid = 3e-3 * 2.0 ** np.arange(-1, 2)
+    rows = []
+    for name, preset, family, floor in [("moe-o4-2in9", "moe-o4-2in9", "moe", 2.00),
+                                        ("moe-o4-b4", "moe-o4-2in9", "moe", 2.10),
+                                        ("ultramem-o4-x6", "ultramem-o4-x6", "ultramem", 2.08),
+                                        ("ultramem-o4-b4", "ultramem-o4-x6", "ultramem", 2.13),
+                                        ("ultramem-o4-vlr1", "ultramem-o4-x6", "ultramem", 2.09)]:
+        for s in range(3):
+            for lr in grid:
+                loss = floor + 0.08 * math.log(lr / 3e-3) ** 2 + rng.normal(0, 0.003)
+                rows.append({"family": family, "active_params": 49_000 if family != "moe" else 50_200, "lr": lr,
+                             "seed": s, "val_loss": loss, "name": f"{name}-s{s}@lr={lr / 3e-3:g}x",
+                             "preset": preset})
+    groups = lr_table(pd.DataFrame(rows))
+    out = {r["variant"]: r for r in compare_variants(groups, fit_optima(groups, n_boot=100), n_boot=100)}
+    assert out["ultramem-o4-b4"]["vs_moe"] == "moe-o4-b4"
+    assert out["ultramem-o4-b4"]["diff_moe"] == pytest.approx(0.03, abs=0.01)
+    assert out["ultramem-o4-vlr1"]["vs_moe"] == "moe-o4-2in9"
+    assert out["ultramem-o4-vlr1"]["diff_moe"] == pytest.approx(0.09, abs=0.01)
+    assert out["moe-o4-b4"]["vs_moe"] == "" and out["moe-o4-b4"]["vs_base"] == "moe-o4-2in9"
+
+
 # ---- refining a scan (lr_scan.extra, `ultramem hparams --refine`) ---------------------------------------------
 
 FACTORS = [0.25, 0.5, 1.0, 2.0, 4.0]
