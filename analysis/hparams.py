@@ -177,10 +177,22 @@ def _seed_draws(seeds: np.ndarray, n_boot: int, rng_seed: int) -> list[np.ndarra
     return [rng.choice(seeds, size=len(seeds), replace=True) for _ in range(n_boot)]
 
 
+def _drawn(s: np.ndarray, drawn: np.ndarray) -> np.ndarray:
+    """Indices of every run of every drawn seed (a seed drawn twice counts twice)."""
+    return np.concatenate([np.flatnonzero(s == d) for d in drawn]) if len(drawn) else np.zeros(0, dtype=int)
+
+
 def _resample(x: np.ndarray, y: np.ndarray, s: np.ndarray, drawn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every run of every drawn seed (a seed drawn twice counts twice)."""
-    idx = np.concatenate([np.flatnonzero(s == d) for d in drawn]) if len(drawn) else np.zeros(0, dtype=int)
+    idx = _drawn(s, drawn)
     return x[idx], y[idx]
+
+
+def _t_half(finite: np.ndarray, clusters: int, level: float) -> float:
+    """t(clusters - 1) x the bootstrap draws' sd x sqrt(S / (S - 1)): the half-width `_interval` explains."""
+    from scipy.stats import t as student_t  # lazy: scipy only when an interval is formed
+
+    return float(student_t.ppf((1 + level) / 2, clusters - 1) * finite.std(ddof=1) * math.sqrt(clusters / (clusters - 1)))
 
 
 def _interval(boot: np.ndarray, level: float, center: float, clusters: int) -> tuple[float, float, bool]:
@@ -189,12 +201,10 @@ def _interval(boot: np.ndarray, level: float, center: float, clusters: int) -> t
     seeds (measured: 70% and 85% for a nominal 95% with 3 and 5 seeds); the Student quantile with S - 1
     degrees of freedom and the (S - 1)/S variance correction are the small-sample remedy (94% at 3 and 5 seeds;
     90-91% when diverged runs leave the parabola 3-4 LRs; tests/test_lr_scan.py)."""
-    from scipy.stats import t as student_t  # lazy: scipy only when an interval is formed
-
     finite = boot[np.isfinite(boot)]
     if len(finite) < 2 or clusters < 2 or not math.isfinite(center):
         return math.nan, math.nan, False
-    half = student_t.ppf((1 + level) / 2, clusters - 1) * finite.std(ddof=1) * math.sqrt(clusters / (clusters - 1))
+    half = _t_half(finite, clusters, level)
     return math.exp(center - half), math.exp(center + half), len(finite) >= 0.5 * len(boot) and half > 0
 
 
@@ -404,11 +414,10 @@ def rule_gap(group: dict[str, Any], opt: Optimum, rule_lr: float, n_boot: int = 
     parabola on the drawn seeds' runs and takes their runs at the rule's LR; Student t over the seeds, as for lr*).
     (nan, nan, nan) where the grid lacks the rule's LR or the parabola has no minimum."""
     lr, loss, s = (np.asarray(group[k], dtype=float) for k in ("lr", "loss", "seed"))
-    grid = np.unique(lr)
-    hit = grid[np.abs(np.log(grid / rule_lr)) < 0.01] if rule_lr > 0 else []
-    if not len(hit) or not math.isfinite(opt.loss):
+    hit = _rule_grid_lr(lr, rule_lr)
+    if hit is None or not math.isfinite(opt.loss):
         return math.nan, math.nan, math.nan
-    at_rule, inside = lr == hit[0], np.isin(lr, opt.window)
+    at_rule, inside = lr == hit, np.isin(lr, opt.window)
 
     def gap(idx: np.ndarray) -> float:
         win, rule = idx[inside[idx]], idx[at_rule[idx]]
@@ -420,23 +429,25 @@ def rule_gap(group: dict[str, Any], opt: Optimum, rule_lr: float, n_boot: int = 
 
     center = gap(np.arange(len(lr)))
     seeds = np.unique(s)
-    boot = np.array([gap(np.concatenate([np.flatnonzero(s == d) for d in drawn]))
-                     for drawn in _seed_draws(seeds, n_boot, seed)])
+    boot = np.array([gap(_drawn(s, drawn)) for drawn in _seed_draws(seeds, n_boot, seed)])
     finite = boot[np.isfinite(boot)] if len(boot) else boot
     if len(finite) < 2 or not math.isfinite(center):
         return center, math.nan, math.nan
-    from scipy.stats import t as student_t  # lazy: scipy only when an interval is formed
-
-    k = len(seeds)
-    half = student_t.ppf((1 + level) / 2, k - 1) * finite.std(ddof=1) * math.sqrt(k / (k - 1))
+    half = _t_half(finite, len(seeds), level)
     return center, center - half, center + half
 
 
-def _rule_loss(group: dict[str, Any], rule_lr: float) -> float:
-    """Seed-mean loss at the grid LR that is the rule's (within 1%); nan when the grid lacks it."""
-    grid = np.unique(group["lr"])
+def _rule_grid_lr(lr: Any, rule_lr: float) -> float | None:
+    """The grid LR that is the rule's (within 1%); None when the grid lacks it."""
+    grid = np.unique(lr)
     hit = grid[np.abs(np.log(grid / rule_lr)) < 0.01] if rule_lr > 0 else []
-    return float(group["loss"][group["lr"] == hit[0]].mean()) if len(hit) else math.nan
+    return float(hit[0]) if len(hit) else None
+
+
+def _rule_loss(group: dict[str, Any], rule_lr: float) -> float:
+    """Seed-mean loss at the grid LR that is the rule's; nan when the grid lacks it."""
+    hit = _rule_grid_lr(group["lr"], rule_lr)
+    return float(group["loss"][group["lr"] == hit].mean()) if hit is not None else math.nan
 
 
 def plot_scan(groups: list[dict[str, Any]], optima: list[Optimum], laws: dict[str, Law | None],
