@@ -250,6 +250,40 @@ def load_collected(path: str | Path) -> Collected:
     return Collected(*_frames(runs.to_dict("records"), curves.to_dict("records")))
 
 
+def merge_collected(parts: list[tuple[str, Collected]]) -> tuple[Collected, list[str]]:
+    """One table from several sources (a study trained in parts: the committed table of the parts done so far plus
+    the run folders of the part just trained). A run id found in more than one source is taken from the last one
+    (its runs row and its curve), so re-collecting a part that was already merged changes nothing; the returned
+    notes say how many rows each later source replaced, and which runs had a different val_loss there."""
+    if len(parts) == 1:
+        return parts[0][1], []
+    runs, curves, skipped, notes = [], [], [], []
+    seen: dict[str, tuple[str, float]] = {}
+    for label, c in parts:
+        ids = set(c.runs["run_id"].astype(str))
+        clash = sorted(ids & set(seen))
+        if clash:
+            moved = [r for r in clash if not _same_loss(seen[r][1], c.runs.loc[c.runs["run_id"].astype(str) == r,
+                                                                                 "val_loss"].iloc[0])]
+            notes.append(f"{label}: replaces {len(clash)} run(s) of {', '.join(sorted({seen[r][0] for r in clash}))}"
+                         + (f"; val_loss differs for {', '.join(moved[:5])}{' ...' if len(moved) > 5 else ''}"
+                            if moved else " (same val_loss)"))
+            runs = [df[~df["run_id"].astype(str).isin(clash)] for df in runs]
+            curves = [df[~df["run_id"].astype(str).isin(clash)] for df in curves]
+        seen.update({r: (label, v) for r, v in zip(c.runs["run_id"].astype(str), c.runs["val_loss"], strict=True)})
+        runs.append(c.runs)
+        curves.append(c.curves)
+        skipped += c.skipped
+    merged = pd.concat([r for r in runs if not r.empty] or [runs[0]], ignore_index=True)
+    merged_curves = pd.concat([c for c in curves if not c.empty] or [curves[0]], ignore_index=True)
+    return Collected(*_frames(merged.to_dict("records"), merged_curves.to_dict("records")), skipped), notes
+
+
+def _same_loss(a: Any, b: Any) -> bool:
+    fa, fb = _num(a), _num(b)
+    return (math.isnan(fa) and math.isnan(fb)) or fa == fb
+
+
 def collect_wandb(path: str) -> Collected:
     """Runs of a W&B project ("entity/project") through the public API; needs network access and a login.
 

@@ -16,6 +16,7 @@ import html
 import json
 import math
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,13 @@ import pandas as pd
 from analysis import plots
 from analysis.bootstrap import Estimate, LawFit, fmt_identified
 from analysis.checks import FitError
-from analysis.collect import Collected, load_collected, read_inference_benchmark, save_collected
+from analysis.collect import (
+    Collected,
+    load_collected,
+    merge_collected,
+    read_inference_benchmark,
+    save_collected,
+)
 from analysis.compare import (
     AXES,
     DensityLaw,
@@ -620,31 +627,39 @@ def default_out_dir(runs_dir: str | Path) -> Path:
     return runs_dir.parent / f"{runs_dir.name}_report"
 
 
-def build_report(source: str | Path, out_dir: str | Path | None = None, *, n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95, bench: str | Path | None = None, title: str | None = None,
+def build_report(source: str | Path | Sequence[str | Path], out_dir: str | Path | None = None, *, n_boot: int = 1000,
+                 seed: int = 0, level: float = 0.95, bench: str | Path | None = None, title: str | None = None,
                  solver: str = "lsq", log: Any = None) -> Path:
-    """Collect `source` (runs directory or saved runs table), analyse, write figures, tables and the report.
+    """Collect `source` (runs directory or saved runs table, or several: merged, a run id found twice taken from the
+    later source), analyse, write figures, tables and the report.
 
     bench: the inference benchmark JSON; default `<out_dir>/inference.json` if present, else the repository's
     benchmarks/results/inference.json (copied into out_dir so that the report can be regenerated exactly).
     log: called with each line of `fit_summary` (the rows each fit used and the ones left out), e.g. print.
     Returns the path of report.md.
     """
-    source = Path(source)
-    name = source.stem if source.is_file() else source.name
-    out = Path(out_dir) if out_dir is not None else (
-        source.parent if source.is_file() else default_out_dir(source))
-    collected = load_collected(source)
+    sources = [Path(s) for s in ([source] if isinstance(source, str | Path) else source)]
+    if not sources:
+        raise FitError("no source to analyse: give a runs directory or a runs table")
+    first = sources[0]
+    name = first.stem if first.is_file() else first.name
+    if out_dir is None and len(sources) > 1:
+        raise FitError("several sources: give --out, the folder the merged tables and the report go to")
+    out = Path(out_dir) if out_dir is not None else (first.parent if first.is_file() else default_out_dir(first))
+    collected, notes = merge_collected([(str(s), load_collected(s)) for s in sources])
+    for line in notes if log is not None else []:
+        log(line)
     if collected.runs.empty:  # before creating `out`: a failed call leaves no empty report folder behind
-        raise FitError(f"{source}: no finished runs (no final.json) to analyse"
+        raise FitError(f"{', '.join(map(str, sources))}: no finished runs (no final.json) to analyse"
                        + (f"; not finished: {', '.join(collected.skipped)}" if collected.skipped else ""))
+    in_place = len(sources) == 1 and first.is_file() and first.parent.resolve() == out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     bench_path = Path(bench) if bench is not None else (
         out / "inference.json" if (out / "inference.json").exists() else DEFAULT_BENCH)
     bench_df = read_inference_benchmark(bench_path)
     if bench_df is not None and bench_path.resolve() != (out / "inference.json").resolve():
         shutil.copyfile(bench_path, out / "inference.json")
-    if not (source.is_file() and source.parent.resolve() == out.resolve()):
+    if not in_place:
         save_collected(collected, out)
         # analyse what was just written, so that re-running on the saved tables reproduces every figure exactly
         collected = Collected(*_reload(out), collected.skipped)

@@ -4,6 +4,10 @@
   ultramem plots runs/tiny-cpu --out DIR       a runs directory (report in DIR)
   ultramem plots docs/results/study/runs.csv   a saved runs table (curves.csv beside it): regenerates the committed
                                                figures and report in that folder, byte for byte
+  ultramem plots docs/results/study_v3/runs.csv sweeps/study_v3.yaml --out docs/results/study_v3
+                                               several sources, merged: a study trained in parts over several
+                                               sessions (the committed table of the parts so far + the run folders
+                                               of the part just trained; a run id found twice comes from the later)
 
 Writes report.md, report.html, fits.json, runs.csv, curves.csv and figures/*.png|svg (see analysis/report.py).
 The latency figure uses benchmarks/results/inference.json when present (or --bench).
@@ -23,8 +27,9 @@ HELP = "regenerate the plots and the Markdown/HTML report of a sweep"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", metavar="SWEEP_FILE_OR_RUNS_DIR",
-                        help="sweep YAML, runs directory, or saved runs table (runs.csv / runs.parquet)")
+    parser.add_argument("source", metavar="SWEEP_FILE_OR_RUNS_DIR", nargs="+",
+                        help="sweep YAML, runs directory, or saved runs table (runs.csv / runs.parquet); several are "
+                             "merged (a run id found twice is taken from the later one; --out required)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default <runs_dir>/../<name>_report, or the table's folder)")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="K",
@@ -50,24 +55,31 @@ def resolve_source(source: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    src = resolve_source(args.source)  # first: a bad sweep file is refused before pandas and matplotlib load
+    # first: a bad sweep file is refused before pandas and matplotlib load
+    srcs = [resolve_source(s) for s in args.source]
     # lazy: pandas, scipy and matplotlib load only when plotting (cli/__init__.py)
     from analysis.checks import FitError
     from analysis.report import build_report
 
-    if not src.exists():
-        hint = " (run the sweep first: ultramem sweep run FILE)" if src != Path(args.source) else ""
-        print(f"error: {args.source}: {src} not found{hint}", file=sys.stderr)
+    for given, src in zip(args.source, srcs, strict=True):
+        if not src.exists():
+            hint = " (run the sweep first: ultramem sweep run FILE)" if src != Path(given) else ""
+            print(f"error: {given}: {src} not found{hint}", file=sys.stderr)
+            return 2
+    if len(srcs) > 1 and args.out is None:
+        print("error: several sources: give --out DIR, the folder the merged tables and the report go to",
+              file=sys.stderr)
         return 2
     try:
-        report = build_report(src, args.out, n_boot=args.bootstrap, seed=args.seed, bench=args.bench,
+        report = build_report(srcs, args.out, n_boot=args.bootstrap, seed=args.seed, bench=args.bench,
                               solver=args.solver, log=print)
     except FitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"report: {report}")
     print(f"        {report.with_suffix('.html')}")
-    return _log_to_wandb(report.parent, src) if args.wandb else 0
+    # the W&B project and group come from run folders where one source has them
+    return _log_to_wandb(report.parent, next((s for s in srcs if s.is_dir()), srcs[0])) if args.wandb else 0
 
 
 def _log_to_wandb(report_dir: Path, src: Path) -> int:

@@ -14,6 +14,7 @@ from analysis.collect import (
     final_to_row,
     load_collected,
     load_table,
+    merge_collected,
     read_inference_benchmark,
     save_collected,
     unflatten,
@@ -100,6 +101,36 @@ def test_saved_tables_read_back_to_the_same_numbers(runs_dir, tmp_path):
         pd.testing.assert_series_equal(back.runs[col], c.runs[col], check_dtype=False)
     assert len(back.curves) == len(c.curves)
     assert len(load_collected(tmp_path / "out").runs) == 2  # a folder holding runs.csv
+
+
+def test_a_study_in_parts_merges_the_committed_table_with_new_run_folders(runs_dir, tmp_path):
+    # part 1 was committed as tables (its run folders are gone); part 2 trained one new run and, again, dense-xyz
+    save_collected(collect_runs(runs_dir, cache=False), tmp_path / "part1")
+    part2 = tmp_path / "part2"
+    _write(part2, "moe-new", {**FINAL, "run_id": "moe-new", "family": "moe", "memory": None, "val_loss": 2.7},
+           config={"model": {"family": "moe", "n_layers": 2, "d_model": 64}},
+           metrics=[{"kind": "eval", "step": 5, "tokens": 5e4, "flops": 5e10, "val_loss": 2.8}])
+    _write(part2, "dense-xyz", {**FINAL, "run_id": "dense-xyz", "family": "dense", "memory": None, "val_loss": 2.8},
+           config={"model": {"family": "dense", "n_layers": 2, "d_model": 64}})
+    merged, notes = merge_collected([("part1", load_collected(tmp_path / "part1" / "runs.csv")),
+                                     ("part2", collect_runs(part2, cache=False))])
+    by_id = merged.runs.set_index("run_id")
+    assert sorted(by_id.index) == ["dense-xyz", "moe-new", "ultramem-abc"]  # no run twice
+    assert by_id.loc["dense-xyz", "val_loss"] == 2.8  # the later source wins
+    assert by_id.loc["ultramem-abc", "val_loss"] == 2.47  # the committed part is kept
+    assert sorted(set(merged.curves["run_id"])) == ["moe-new", "ultramem-abc"]
+    assert notes == ["part2: replaces 1 run(s) of part1; val_loss differs for dense-xyz"]
+    again, notes = merge_collected([("all", merged), ("part2", collect_runs(part2, cache=False))])
+    pd.testing.assert_frame_equal(again.runs, merged.runs)  # merging a part twice changes nothing
+    assert notes == ["part2: replaces 2 run(s) of all (same val_loss)"]
+
+
+def test_plots_cli_wants_an_out_folder_for_several_sources(runs_dir, tmp_path, capsys):
+    from cli.main import main
+
+    save_collected(collect_runs(runs_dir, cache=False), tmp_path / "part1")
+    assert main(["plots", str(tmp_path / "part1" / "runs.csv"), str(runs_dir)]) == 2
+    assert "several sources: give --out" in capsys.readouterr().err
 
 
 def test_wandb_summary_round_trip_gives_the_same_row():
