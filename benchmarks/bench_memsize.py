@@ -27,6 +27,7 @@ import torch
 
 from benchmarks.bench_throughput import preset_name
 from benchmarks.common import add_common_arguments, format_table, header, load_warning, setup, write_json
+from experiments.trainer import fused_adamw
 from ultramem import build_model
 from ultramem.accounting import count_params
 from ultramem.errors import ConfigError
@@ -61,7 +62,7 @@ def time_case(cfg, args: argparse.Namespace, device: torch.device) -> dict[str, 
     torch.manual_seed(0)
     model = build_model(cfg, device=device).train()
     groups = [{k: v for k, v in g.items() if k != "lr_mult_fn"} for g in model.param_groups(0.1)]
-    opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), fused=fused_adamw(groups))  # as the trainer
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen).to(device)
     x, y = tokens[:, :-1], tokens[:, 1:]

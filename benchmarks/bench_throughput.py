@@ -36,6 +36,7 @@ from benchmarks.common import (
     write_json,
 )
 from experiments.throughput import ThroughputMeter
+from experiments.trainer import fused_adamw
 from ultramem import build_model
 from ultramem.accounting import count_params, flops_per_token
 from ultramem.families import family_names
@@ -77,7 +78,7 @@ class Trainer:
         torch.manual_seed(0)
         self.model = build_model(self.cfg, device=device).train()
         groups = [{k: v for k, v in g.items() if k != "lr_mult_fn"} for g in self.model.param_groups(0.1)]
-        self.opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True if device.type == "cuda" else None)
+        self.opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused_adamw(groups))  # as the trainer
         gen = torch.Generator().manual_seed(1)
         tokens = torch.randint(0, self.cfg.vocab_size, (batch_size, seq_len + 1), generator=gen).to(device)
         self.x, self.y = tokens[:, :-1], tokens[:, 1:]

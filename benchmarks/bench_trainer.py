@@ -40,7 +40,7 @@ from benchmarks.common import (
 from experiments.config import run_config_from_dict
 from experiments.data import TokenLoader, prepare_data
 from experiments.resolve import model_config, resolve_run_config
-from experiments.trainer import setup_env, train
+from experiments.trainer import fused_adamw, setup_env, train
 from ultramem import build_model
 
 HELP = "trainer overhead vs a bare PyTorch loop on the same model, data and steps (target <= 10%)"
@@ -81,8 +81,7 @@ def bare_loop(cfg, steps: int) -> float:  # noqa: ANN001
     torch.manual_seed(cfg.seed)
     model = build_model(model_config(cfg)).to(env.device)
     groups = [{k: v for k, v in g.items() if k != "lr_mult_fn"} for g in model.param_groups(t.weight_decay)]
-    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                            fused=True if env.device.type == "cuda" else None)
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused_adamw(groups))
     loader = TokenLoader(prepared, "train", seq_len=t.seq_len, batch_size=t.batch_size, seed=cfg.seed)
     loss = None
     for _ in range(steps):

@@ -103,10 +103,21 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> tuple[torch.optim
         group = dict(group)
         mult_fns.append(group.pop("lr_mult_fn", None))
         groups.append(group)
-    fused = all(p.is_cuda for g in groups for p in g["params"]) or None
     opt = torch.optim.AdamW(groups, lr=float(t.lr), betas=(t.beta1, t.beta2), eps=t.eps,
-                            weight_decay=t.weight_decay, fused=fused)
+                            weight_decay=t.weight_decay, fused=fused_adamw(groups))
     return opt, mult_fns
+
+
+def fused_adamw(groups: list[dict[str, Any]]) -> bool | None:
+    """AdamW's fused kernel (one pass per tensor, no temporaries) wherever torch has one: CUDA, and the CPU since
+    torch 2.4. On the CPU it takes 17 ms per step for 14.7M fp32 parameters where the default per-tensor loop takes
+    62-84 ms (1 thread, docs/performance.md), and the weights agree to 1.5e-8 after a step. None (torch's default)
+    for any other device or dtype."""
+    params = [p for g in groups for p in g["params"]]
+    ok = params and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16,
+                                                                         torch.float16, torch.float64)
+                        for p in params)
+    return True if ok else None
 
 
 def set_lr(opt: torch.optim.Optimizer, mult_fns: list[Any], step: int, t: TrainConfig) -> float:

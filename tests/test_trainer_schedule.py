@@ -123,3 +123,35 @@ def test_warmup_fraction_and_steps():
     assert hparams.warmup_steps(0.0, 50) == 0
     assert hparams.warmup_steps(25, 1000) == 25
     assert hparams.warmup_steps(25, 10) == 10
+
+
+def test_trainer_adamw_is_fused_on_cpu_and_equals_the_textbook_update():
+    """build_optimizer takes torch's fused AdamW on the CPU (docs/performance.md, issue 23); three steps of it equal
+    Loshchilov & Hutter's decoupled-decay Adam written out here, group by group (weight decay per group)."""
+    from experiments.trainer import build_optimizer
+    from ultramem import build_model
+    from ultramem.presets import get_preset
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("ultramem-t1-x6"))
+    t = _train(warmup=0)
+    opt, _ = build_optimizer(model, t)
+    assert opt.defaults["fused"] is True
+    params = [(p, g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]]
+    ref = [(p.detach().clone(), torch.zeros_like(p), torch.zeros_like(p)) for p, _, _ in params]
+    gen = torch.Generator().manual_seed(3)
+    b1, b2, eps = t.beta1, t.beta2, t.eps
+    for step in range(1, 4):
+        grads = [torch.randn(p.shape, generator=gen) for p, _, _ in params]
+        for (p, _, _), g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        for i, ((p, lr, wd), g) in enumerate(zip(params, grads, strict=True)):
+            w, m, v = ref[i]
+            w = w * (1 - lr * wd)
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            w = w - lr * (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + eps)
+            ref[i] = (w, m, v)
+            torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-6)
+    assert {wd for _, _, wd in params} == {0.0, t.weight_decay}  # both kinds of group were checked
