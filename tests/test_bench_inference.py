@@ -18,6 +18,8 @@ from benchmarks.bench_inference import (
     is_sparse,
     kv_len_for,
     model_configs,
+    reads_step,
+    record_selections,
     summary,
     touched,
 )
@@ -171,6 +173,35 @@ def test_shared_table_bytes_touched_equals_the_selected_rows(family, layer, B, m
     assert got["value_bytes"] == pytest.approx(4 * value_params, rel=0.05) and union == pytest.approx(rows, rel=0.05)
 
 
+@pytest.mark.parametrize("B", [1, 6])
+def test_reads_bound_step_reproduces_the_real_step_without_retrieval(B, monkeypatch):
+    """The reads bound runs UltraMem's step with memory layers that only pool and project the rows the real step
+    chose: its logits must equal the real step's, and it must not run the retrieval (TDQKR) at all."""
+    from ultramem.memory.tdqkr import TDQKR
+
+    cfg = model_configs(TINY, 12.0, seq_len=16)["ultramem"]
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    idx, cache = decode_inputs(model, B, kv=4)
+
+    def step():
+        cache.pos = 3
+        with torch.no_grad():
+            return model(idx, cache=cache).logits
+
+    real = step()
+    chosen = record_selections(model, step)
+    assert len(chosen) == len(model.memories) and chosen[0][0].shape == (B, cfg.memory.heads * cfg.memory.top_m)
+    calls = []
+    forward = TDQKR.forward
+    monkeypatch.setattr(TDQKR, "forward", lambda self, *a: calls.append(1) or forward(self, *a))
+    bound = reads_step(model, chosen, step)
+    assert calls == []
+    torch.testing.assert_close(bound, real, rtol=0, atol=0)
+    step()
+    assert len(calls) == len(model.memories)  # the real layers are back
+
+
 def test_summary_crossover_and_target():
     def rows(ratios):
         return [{"batch_size": b, "family": "moe", "moe_ultramem_latency_ratio": r} for b, r in ratios.items()]
@@ -222,6 +253,12 @@ def test_bench_inference_end_to_end(tmp_path, capsys):
     dense_b1 = next(r for r in data["rows"] if r["batch_size"] == 1 and r["family"] == "dense")
     assert dense_b1["bytes_touched"] == dense_b1["analytic_bytes"]  # no routing: the two counts must agree exactly
     assert set(data["moe_ultramem_latency_ratio"]) == {"1", "3"} and data["target"]["met"] is None
+    for b in (1, 3):  # both bounds timed in the same round robin, on UltraMem's rows
+        um = next(r for r in data["rows"] if r["batch_size"] == b and r["family"] == "ultramem")
+        moe = next(r for r in data["rows"] if r["batch_size"] == b and r["family"] == "moe")
+        assert um["floor_latency_ms"] > 0 and um["reads_latency_ms"] > 0
+        assert data["moe_ultramem_reads_bound_ratio"][str(b)] == pytest.approx(moe["latency_ms"]
+                                                                              / um["reads_latency_ms"])
     assert data["crossover_batch"] == data["memory_families"]["ultramem"]["crossover_batch"]
     for f in MEMORY_FAMILIES:
         assert set(data["memory_families"][f]["moe_latency_ratio"]) == {"1", "3"}
