@@ -5,7 +5,8 @@
 
 The paper's claim: a memory layer's compute does not grow with its table. Each case is the tiny-ladder preset of
 the family with num_keys = k for k in --rows (so k^2 physical value rows: UltraMem's N, Memory+'s shared table),
-everything else fixed (top-m, heads, widths: the activated parameters change only by the keys, 2 k per side).
+everything else fixed (top-m, heads, widths: the activated parameters change only by the keys, 2 k per side;
+`flops_per_token` and `flops_ratio_largest_over_smallest` say by how much, from ultramem.accounting).
 One sample = --steps full optimizer steps (forward, backward, clip, AdamW, zero_grad, rank-1 refresh), timed in
 two parts: forward + backward, and the rest (clip + AdamW + zero_grad + refresh: "optimizer"). One model is built
 at a time (the largest tables take GBs with their AdamW state), the families interleaved per size, and the
@@ -29,7 +30,7 @@ from benchmarks.bench_throughput import preset_name
 from benchmarks.common import add_common_arguments, format_table, header, load_warning, setup, write_json
 from experiments.trainer import fused_adamw
 from ultramem import build_model
-from ultramem.accounting import count_params
+from ultramem.accounting import count_params, flops_per_token
 from ultramem.errors import ConfigError
 from ultramem.presets import get_preset
 
@@ -89,6 +90,7 @@ def time_case(cfg, args: argparse.Namespace, device: torch.device) -> dict[str, 
     table = pc.sparse  # value-table parameters
     return {"fwd_bwd_ms": med(fb), "optimizer_ms": med(rest), "step_ms": med(fb) + med(rest),
             "table_params": table, "active_params": pc.active_non_embedding,
+            "flops_per_token": flops_per_token(cfg, args.seq_len, training=True),
             "optimizer_ms_per_mparam": med(rest) / (table / 1e6), "samples_fwd_bwd_ms": fb, "samples_optimizer_ms": rest}
 
 
@@ -100,6 +102,8 @@ def ratios(rows: list[dict[str, Any]], families: list[str]) -> dict[str, dict[st
         out[f] = {"rows_smallest": lo["rows"], "rows_largest": hi["rows"],
                   "step_ratio_largest_over_smallest": hi["step_ms"] / lo["step_ms"],
                   "fwd_bwd_ratio_largest_over_smallest": hi["fwd_bwd_ms"] / lo["fwd_bwd_ms"],
+                  # the keys: each token scores 2 n' keys per head, n' ~ sqrt(rows), so the activated FLOPs grow too
+                  "flops_ratio_largest_over_smallest": hi["flops_per_token"] / lo["flops_per_token"],
                   "optimizer_ms_per_mparam_at_largest": hi["optimizer_ms_per_mparam"]}
     return out
 
@@ -136,11 +140,13 @@ def run(args: argparse.Namespace) -> int:
         print(path.read_text(), end="")
         return 0
     print(format_table(rows, [("family", "family"), ("rows", "rows"), ("table_params", "table params"),
-                              ("fwd_bwd_ms", "fwd+bwd ms/step"), ("optimizer_ms", "optimizer ms/step"),
-                              ("step_ms", "ms/step"), ("drift_check", "drift check")]))
+                              ("flops_per_token", "FLOPs/token"), ("fwd_bwd_ms", "fwd+bwd ms/step"),
+                              ("optimizer_ms", "optimizer ms/step"), ("step_ms", "ms/step"),
+                              ("drift_check", "drift check")]))
     for f, r in summary.items():
         print(f"{f}: step time {r['rows_largest']} / {r['rows_smallest']} rows = "
-              f"{r['step_ratio_largest_over_smallest']:.2f}x (fwd+bwd {r['fwd_bwd_ratio_largest_over_smallest']:.2f}x); "
+              f"{r['step_ratio_largest_over_smallest']:.2f}x (fwd+bwd {r['fwd_bwd_ratio_largest_over_smallest']:.2f}x; "
+              f"activated FLOPs/token {r['flops_ratio_largest_over_smallest']:.2f}x); "
               f"optimizer {r['optimizer_ms_per_mparam_at_largest']:.2f} ms per M table params")
     for w in payload["warnings"]:
         print(f"warning: {w}")

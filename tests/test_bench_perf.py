@@ -39,6 +39,13 @@ def test_memsize_end_to_end_reports_the_ratio_of_largest_to_smallest(tmp_path, c
     r = data["ratios"]["ultramem"]
     assert r["step_ratio_largest_over_smallest"] == pytest.approx(large["step_ms"] / small["step_ms"])
     assert (r["rows_smallest"], r["rows_largest"]) == (64, 100)
+    # the keys grow with sqrt(rows): n' = num_keys sqrt(E) per side and head, each key a rank-r set of [key_dim]
+    # vectors a token takes a dot with (2 FLOPs each), then the stage-1 rank projection (2 r per key); x 3 training
+    cfg = get_preset("ultramem-t1-x6").memory
+    extra_keys = cfg.heads * 2 * (10 - 8) * round(cfg.value_expansion ** 0.5)  # more keys, both sides, all heads
+    forward = extra_keys * (2 * cfg.key_dim * cfg.tucker_rank + 2 * cfg.tucker_rank)
+    assert large["flops_per_token"] - small["flops_per_token"] == pytest.approx(3 * forward)
+    assert r["flops_ratio_largest_over_smallest"] == pytest.approx(large["flops_per_token"] / small["flops_per_token"])
 
 
 def test_memsize_refuses_bad_rows():
