@@ -109,6 +109,10 @@ class TrainConfig(Strict):
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
     eps: float = Field(1e-8, gt=0.0)
     grad_clip: float = Field(1.0, ge=0.0)  # 0 disables
+    # AdamW's kernel: auto = torch's fused one wherever it has one (CUDA, CPU), for_loop = one tensor at a time
+    # (torch's CPU default, and this suite's before issue 23). The same update up to fp32 rounding, so not in the
+    # run id (like `threads`); a study trained in parts pins one so that all its runs share it
+    adamw: Literal["auto", "fused", "for_loop"] = "auto"
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(8, ge=1)
@@ -363,7 +367,7 @@ def canonical_json(data: Any) -> str:
 
 # Fields that never change what a run computes, and so are left out of its id.
 _NOT_IN_ID = ("name", "sweep", "wandb", "parallel")  # the layout changes how a run is computed, not what
-_TRAIN_NOT_IN_ID = ("log_every", "ckpt_every", "keep_checkpoints", "device", "compile", "threads",
+_TRAIN_NOT_IN_ID = ("log_every", "ckpt_every", "keep_checkpoints", "device", "compile", "threads", "adamw",
                     "branches", "branch_clock")  # a trunk's branch list changes which checkpoints it keeps, not what it computes
 # Fields added after the first run ids were issued enter the id only when set away from their default, so that
 # every earlier run keeps its id (and a finished sweep is still skipped): block path -> {field: default}.

@@ -103,8 +103,10 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> tuple[torch.optim
         group = dict(group)
         mult_fns.append(group.pop("lr_mult_fn", None))
         groups.append(group)
+    kernel = {"auto": {"fused": fused_adamw(groups)}, "fused": {"fused": True},
+              "for_loop": {"foreach": False}}[t.adamw]
     opt = torch.optim.AdamW(groups, lr=float(t.lr), betas=(t.beta1, t.beta2), eps=t.eps,
-                            weight_decay=t.weight_decay, fused=fused_adamw(groups))
+                            weight_decay=t.weight_decay, **kernel)
     return opt, mult_fns
 
 

@@ -155,3 +155,19 @@ def test_trainer_adamw_is_fused_on_cpu_and_equals_the_textbook_update():
             ref[i] = (w, m, v)
             torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-6)
     assert {wd for _, _, wd in params} == {0.0, t.weight_decay}  # both kinds of group were checked
+
+
+def test_adamw_kernel_is_a_choice_outside_the_run_id():
+    from experiments.config import run_id
+    from experiments.trainer import build_optimizer
+    from ultramem import build_model
+    from ultramem.presets import get_preset
+
+    resolved = {"model": {"family": "dense"}, "train": {"lr": 1e-3, "steps": 10}}
+    for kernel in ("fused", "for_loop", "auto"):
+        assert run_id({**resolved, "train": {**resolved["train"], "adamw": kernel}}) == run_id(resolved)
+    model = build_model(get_preset("dense-t1"))
+    loop, _ = build_optimizer(model, _train(warmup=0).model_copy(update={"adamw": "for_loop"}))
+    assert not loop.defaults["fused"] and loop.defaults["foreach"] is False
+    fused, _ = build_optimizer(model, _train(warmup=0).model_copy(update={"adamw": "fused"}))
+    assert fused.defaults["fused"] is True
