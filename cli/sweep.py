@@ -5,6 +5,7 @@
   ultramem sweep run FILE --address HEAD:6379           ... on an existing Ray cluster (or set RAY_ADDRESS)
   ultramem sweep run FILE --backend local               ... on this machine without Ray
   ultramem sweep run FILE --seeds 0                     ... only the runs of these seeds (a study in parts)
+  ultramem sweep run FILE --done TABLE                  ... less the runs finished in a committed runs table
   ultramem sweep status sweeps/tiny_cpu.yaml            state, step, loss, tokens/s, ETA from the run folders
   ultramem sweep status FILE --watch                    the live progress view of a sweep started elsewhere
   ultramem sweep refine STUDY.yaml --out REFINED.yaml   an IsoFLOP study plus the runs most worth their compute
@@ -64,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--seeds", type=_seed_list, default=None, metavar="S[,S...]",
                    help="train only the runs of these seeds (each one of the file's `seeds`), e.g. to run a "
                         "study in parts; run ids are the same as in a run of the whole file")
+    r.add_argument("--done", type=Path, default=None, metavar="TABLE",
+                   help="skip the runs whose ids are in this runs table (runs.csv from `ultramem plots`): a study "
+                        "continued on another machine from its committed table; a trunk with a branch still to "
+                        "train trains again")
     r.add_argument("--progress-every", type=_seconds, default=EVERY_S, metavar="S",
                    help=f"without a terminal, print a progress line every S seconds (default {EVERY_S:g}; the first "
                         "at once)")
@@ -108,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
 
         if args.seeds is not None:
             plan = plan.only_seeds(args.seeds)
+        if args.done is not None:
+            plan = _without_done(plan, args.done)
         with _view(plan, args.progress_every, background=True) as view:
             report = run_sweep(plan, backend=args.backend, address=args.address,
                                max_concurrent=args.max_concurrent, retries=args.retries,
@@ -120,6 +127,24 @@ def run(args: argparse.Namespace) -> int:
             watch(view)
         return 0
     return _status(plan, args.format)
+
+
+def _without_done(plan: Any, table: Path) -> Any:
+    """`plan` less the runs finished in `table` (`sweep run --done`); the count goes to stdout."""
+    from analysis.checks import FitError  # lazy: pandas only with --done
+    from analysis.collect import load_table
+
+    try:
+        runs = load_table(table)
+    except FitError as err:
+        raise ConfigError(f"--done: {err}") from None
+    if "run_id" not in runs.columns:
+        raise ConfigError(f"--done: {table}: no run_id column; give the runs.csv that `ultramem plots` writes")
+    left = plan.without_done({str(r) for r in runs["run_id"]})
+    retrain = sum(1 for r in left.runs if r.run_id in set(runs["run_id"].astype(str)))
+    print(f"--done {table}: {len(plan.runs) - len(left.runs)} of the {len(plan.runs)} runs finished there"
+          + (f"; {retrain} trunk(s) train again for a branch still to train" if retrain else ""))
+    return left
 
 
 def _view(plan: Any, every: float, background: bool) -> Any:

@@ -366,3 +366,24 @@ def test_plots_says_how_many_rows_each_fit_used_and_which_were_left_out(tmp_path
     report = (tmp_path / "report" / "report.md").read_text()
     assert "Left out of the fits that need the value (3 of 7 rows" in report and "div (state diverged)" in report
     assert "| dense | 4 |" in report
+
+
+# ---- a study continued from its committed table (`sweep run --done`) -------------------------------------------------
+
+
+def test_sweep_run_done_skips_the_runs_of_a_committed_table_and_refuses_a_bad_one(tmp_path, shakespeare_path):
+    runs = tmp_path / "runs"
+    sweep = _sweep(tmp_path, runs, {"source": str(shakespeare_path)}, presets=("dense-t1", "moe-t1-2in12"))
+    plan = json.loads(_cli("sweep", "plan", sweep, "--format", "json").stdout)
+    ids = sorted(r["run_id"] for r in plan["runs"])
+    table = tmp_path / "runs.csv"
+    table.write_text("run_id,family,val_loss\n" + "".join(f"{i},x,2.0\n" for i in ids))
+    proc = _cli("sweep", "run", sweep, "--backend", "local", "--done", table)
+    assert proc.returncode == 0, proc.stderr
+    assert f"--done {table}: 2 of the 2 runs finished there" in proc.stdout
+    assert not any(runs.glob("*/final.json"))  # nothing trained
+    _only_error(_cli("sweep", "run", sweep, "--backend", "local", "--done", tmp_path / "none.csv"), 2,
+                "--done", "none.csv", "file not found")
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    _only_error(_cli("sweep", "run", sweep, "--backend", "local", "--done", tmp_path / "bad.csv"), 2,
+                "--done", "bad.csv", "no run_id column")

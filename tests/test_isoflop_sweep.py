@@ -268,6 +268,27 @@ def test_plan_of_some_seeds_keeps_the_run_ids_and_refuses_unknown_seeds(tmp_path
     assert str(path) in str(err.value)
 
 
+def test_plan_without_done_runs_keeps_a_trunk_until_all_its_branches_are_done(tmp_path):
+    path = write(tmp_path, f"""\
+        budgets: {BUDGETS}
+        ladder: {LADDER}
+        tokens_per_param: [1, 200]
+        """, extra="seeds: [0, 1]\n")
+    plan = plan_sweep(path)
+    branches = [r for r in plan.runs if r.branch_of]
+    trunk = branches[0].branch_of
+    own = [r.run_id for r in branches if r.branch_of == trunk]
+    assert own
+    # the trunk and all but one of its branches finished elsewhere: the trunk trains again for the missing branch
+    done = {trunk, *own[1:]}
+    left = {r.run_id for r in plan.without_done(done).runs}
+    assert left == {r.run_id for r in plan.runs} - set(own[1:])
+    # all of them done: none of them trains; the rest of the plan is untouched
+    left = {r.run_id for r in plan.without_done({trunk, *own}).runs}
+    assert left == {r.run_id for r in plan.runs} - {trunk, *own}
+    assert plan.without_done(set()).runs == plan.runs
+
+
 @pytest.mark.parametrize("sweep", ["study_isoflop", "study_isoflop_v2"])
 def test_shipped_study_isoflop_sweep(sweep):
     """The committed study's design (issue 14): dense / MoE / UltraMem, >= 6 budgets over >= 1.5 decades, >= 5

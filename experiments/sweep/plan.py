@@ -118,6 +118,15 @@ class Plan:
                               f"sweep ({', '.join(map(str, known))}); pick from those or add them to `seeds`")
         return dataclasses.replace(self, runs=[r for r in self.runs if int(r.config["seed"]) in seeds])
 
+    def without_done(self, done: set[str]) -> Plan:
+        """The same plan without the runs whose ids are in `done` (finished elsewhere: a study continued in a new
+        session from its committed runs table, whose run folders are gone). A trunk is dropped only with all of its
+        branches: a branch still to train needs its trunk's checkpoint, so that trunk trains again (its own row in
+        the table is then replaced by the new one when the tables are merged)."""
+        pending_branches = {r.branch_of for r in self.runs if r.branch_of and r.run_id not in done}
+        keep = [r for r in self.runs if r.run_id not in done or r.run_id in pending_branches]
+        return dataclasses.replace(self, runs=keep)
+
     def totals(self) -> dict[str, Any]:
         """Sums over the runs; `flops` and the GPU-hours count what is trained (a branch: its cooldown only).
         With cooldown branches: `branches` and their `trunks`, `independent_flops` (every run trained from step 0)
