@@ -8,7 +8,7 @@ UM         := $(VENV)/bin/ultramem
 SWEEP      ?= sweeps/tiny_cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: gpu-check setup test test-fast lint format demo plots bench study study-part study-v1 results clean
+.PHONY: gpu-check setup test test-fast lint format demo plots bench study study-part study-v3-part study-v1 results clean
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,15 @@ study: setup
 study-part: setup
 	$(UM) sweep run sweeps/$(STUDY_SWEEP).yaml --seeds $(SEED)
 
+# Study v3 (issue 27, docs/results/study_v3/) is trained over several sessions: a part trains only the runs of its
+# seed that the committed table lacks (`--done`), then the report is rebuilt from that table merged with the new
+# run folders. `make study-v3-part SEED=1`, then commit docs/results/study_v3. (`make study STUDY_SWEEP=study_v3`
+# trains all of it from nothing on one machine.)
+V3 := docs/results/study_v3
+study-v3-part: setup
+	$(UM) sweep run sweeps/study_v3.yaml --seeds $(SEED) --done $(V3)/runs.csv
+	$(UM) plots $(V3)/runs.csv sweeps/study_v3.yaml --out $(V3)
+
 # The first studies (docs/results/study_{shakespeare,knowledge,memory}/; every run at one token budget, history):
 # three sweeps, ~1.5 h on 2 cores. study_knowledge has one seed that trained late, so its laws are fitted robustly.
 STUDY_V1 := study_shakespeare study_knowledge study_memory
@@ -62,7 +71,7 @@ study-v1: setup
 	$(foreach s,$(STUDY_V1),$(UM) plots sweeps/$(s).yaml --out docs/results/$(s) $(PLOTS_$(s)) &&) true
 
 # Regenerate the committed figures and reports from the committed tables (byte-identical).
-STUDY := study_isoflop_v2 study_isoflop $(STUDY_V1)
+STUDY := study_v3 study_isoflop_v2 study_isoflop $(STUDY_V1)
 results: setup
 	$(foreach s,$(STUDY),$(UM) plots docs/results/$(s)/runs.csv $(PLOTS_$(s)) &&) true
 	$(UM) hparams docs/results/hparams/runs.csv
