@@ -260,17 +260,16 @@ def merge_collected(parts: list[tuple[str, Collected]]) -> tuple[Collected, list
     runs, curves, skipped, notes = [], [], [], []
     seen: dict[str, tuple[str, float]] = {}
     for label, c in parts:
-        ids = set(c.runs["run_id"].astype(str))
-        clash = sorted(ids & set(seen))
+        losses = dict(zip(c.runs["run_id"].astype(str), c.runs["val_loss"], strict=True))
+        clash = sorted(losses.keys() & seen.keys())
         if clash:
-            moved = [r for r in clash if not _same_loss(seen[r][1], c.runs.loc[c.runs["run_id"].astype(str) == r,
-                                                                                 "val_loss"].iloc[0])]
+            moved = [r for r in clash if not _same_loss(seen[r][1], losses[r])]
             notes.append(f"{label}: replaces {len(clash)} run(s) of {', '.join(sorted({seen[r][0] for r in clash}))}"
                          + (f"; val_loss differs for {', '.join(moved[:5])}{' ...' if len(moved) > 5 else ''}"
                             if moved else " (same val_loss)"))
             runs = [df[~df["run_id"].astype(str).isin(clash)] for df in runs]
             curves = [df[~df["run_id"].astype(str).isin(clash)] for df in curves]
-        seen.update({r: (label, v) for r, v in zip(c.runs["run_id"].astype(str), c.runs["val_loss"], strict=True)})
+        seen.update({r: (label, v) for r, v in losses.items()})
         runs.append(c.runs)
         curves.append(c.curves)
         skipped += c.skipped

@@ -57,7 +57,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,23 @@ def table_width(table: torch.nn.Module) -> int:
     return sum(p.shape[1] for p in table.parameters(recurse=False))
 
 
+@contextmanager
+def spying_lookups(memories: list[torch.nn.Module], record: Callable[[torch.nn.Module, Any], None]) -> Iterator[None]:
+    """Within the block, every call of `mem.lookup` of these memory layers also passes (mem, its output) to `record`
+    (an instance attribute shadows the method; removed on exit)."""
+    for mem in memories:
+        def lookup(*args, mem=mem, method=mem.lookup):  # noqa: ANN002, ANN202
+            out = method(*args)
+            record(mem, out)
+            return out
+        mem.lookup = lookup
+    try:
+        yield
+    finally:
+        for mem in memories:
+            del mem.lookup
+
+
 @torch.no_grad()
 def touched(model: torch.nn.Module, idx: torch.Tensor, cache, kv_len: int) -> dict[str, Any]:  # noqa: ANN001
     """Run one decode step at position kv_len - 1 and count what it read: distinct experts per MoE layer, distinct
@@ -250,20 +268,14 @@ def touched(model: torch.nn.Module, idx: torch.Tensor, cache, kv_len: int) -> di
         hooks.append(mem.retrieval.register_forward_hook(record))
     inner = block_memories(model)
     selected: dict[int, list[torch.Tensor]] = {}  # id(table) -> the physical rows each of its readers selected
-    for mem in inner:
-        def lookup(*args, mem=mem, method=mem.lookup):  # noqa: ANN002, ANN202
-            out = method(*args)  # (physical rows [BT, H*m], ...)
-            selected.setdefault(id(mem.table), []).append(out[0])
-            return out
-        mem.lookup = lookup  # an instance attribute shadows the method for this one call
     try:
-        cache.pos = kv_len - 1
-        model(idx, cache=cache)
+        # lookup's output: (physical rows [BT, H*m], ...)
+        with spying_lookups(inner, lambda mem, out: selected.setdefault(id(mem.table), []).append(out[0])):
+            cache.pos = kv_len - 1
+            model(idx, cache=cache)
     finally:
         for h in hooks:
             h.remove()
-        for mem in inner:
-            del mem.lookup
     experts_per_layer = [int((block.ffn.last_load > 0).sum()) for block in model.blocks] if cfg.moe else []
     dense = sum(p.numel() for n, p in model.named_parameters() if not is_sparse(n) and n != "wte.weight")
     params = dense + cfg.vocab_size * cfg.d_model  # the (tied) output head reads the whole embedding table
@@ -411,17 +423,8 @@ class _ReadsOnly(torch.nn.Module):
 def record_selections(model: torch.nn.Module, step: Callable[[], Any]) -> list[tuple[torch.Tensor, ...]]:
     """(rows, groups, scores) that each memory layer of `model` selects in one real decode `step`."""
     chosen: list[tuple[torch.Tensor, ...]] = []
-    for mem in model.memories:
-        def lookup(*args, mem=mem, method=mem.lookup):  # noqa: ANN002, ANN202
-            out = method(*args)
-            chosen.append(out)
-            return out
-        mem.lookup = lookup  # an instance attribute shadows the method for this one call
-    try:
+    with spying_lookups(list(model.memories), lambda mem, out: chosen.append(out)):
         step()
-    finally:
-        for mem in model.memories:
-            del mem.lookup
     return chosen
 
 

@@ -66,10 +66,6 @@ def run(args: argparse.Namespace) -> int:
             hint = " (run the sweep first: ultramem sweep run FILE)" if src != Path(given) else ""
             print(f"error: {given}: {src} not found{hint}", file=sys.stderr)
             return 2
-    if len(srcs) > 1 and args.out is None:
-        print("error: several sources: give --out DIR, the folder the merged tables and the report go to",
-              file=sys.stderr)
-        return 2
     try:
         report = build_report(srcs, args.out, n_boot=args.bootstrap, seed=args.seed, bench=args.bench,
                               solver=args.solver, log=print)

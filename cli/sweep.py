@@ -140,8 +140,9 @@ def _without_done(plan: Any, table: Path) -> Any:
         raise ConfigError(f"--done: {err}") from None
     if "run_id" not in runs.columns:
         raise ConfigError(f"--done: {table}: no run_id column; give the runs.csv that `ultramem plots` writes")
-    left = plan.without_done({str(r) for r in runs["run_id"]})
-    retrain = sum(1 for r in left.runs if r.run_id in set(runs["run_id"].astype(str)))
+    done = set(runs["run_id"].astype(str))
+    left = plan.without_done(done)
+    retrain = sum(1 for r in left.runs if r.run_id in done)
     print(f"--done {table}: {len(plan.runs) - len(left.runs)} of the {len(plan.runs)} runs finished there"
           + (f"; {retrain} trunk(s) train again for a branch still to train" if retrain else ""))
     return left
