@@ -1,0 +1,122 @@
+"""Row-sparse value-table updates (`train.value_updates: rows_read`): gradients and AdamW steps that touch only the
+value rows read in a step, so that the optimizer's cost does not grow with the table.
+
+Lample et al. (2019, "Large Memory Layers with Product Keys", §3.2 and their XLM code's `mem_sparse`) train the
+memory values with sparse updates; the UltraMem and Memory+ papers use dense AdamW. What changes against dense
+AdamW, exactly (and only for the rows no token read in a step):
+
+    dense AdamW, gradient 0:   m <- b1 m,  v <- b2 v,  p <- (1 - lr wd) p - lr m_hat / (sqrt(v_hat) + eps)
+    rows_read:                 nothing (m, v and p of the row keep their values until the row is read again)
+
+A row that is read gets exactly AdamW's update, with the bias corrections of the optimizer's step count (as
+LazyAdam / torch.optim.SparseAdam: the step counts optimizer steps, not the row's own reads). So an unread row
+neither decays nor keeps moving on its momentum. The effect on loss is measured in docs/performance.md.
+
+Pieces:
+  - `mark_row_sparse(model)` marks every value table whose lookup can produce a row-sparse gradient
+    (`ultramem.kernels.retrieval.gather_pool`: PKM, UltraMem, Memory+, UltraMemV2's `values`); their `.grad` is then
+    a coalesced sparse COO tensor of the rows read.
+  - `RowSparseAdamW`: torch's AdamW for every dense gradient (its fused / foreach / for-loop kernel as chosen), and
+    the per-row AdamW update above for every sparse one. Its state is AdamW's (step, exp_avg, exp_avg_sq), so its
+    state_dict is one torch.optim.AdamW reads and writes.
+  - `clip_grad_norm_`: torch.nn.utils.clip_grad_norm_ over dense and sparse gradients together (torch's own refuses
+    sparse ones).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def mark_row_sparse(model: nn.Module) -> list[str]:
+    """Mark the value tables of `model` read through gather_pool (`row_sparse_grad = True`); returns their names.
+    Tables read another way (UltraMemV2's pre_values, through sampled_dot) keep dense gradients and updates."""
+    from ultramem.families import value_tables
+
+    marked = []
+    for mod_name, mod in model.named_modules():
+        for kind, names in value_tables():
+            if not isinstance(mod, kind):
+                continue
+            for name in names:
+                p = getattr(mod, name, None)
+                if isinstance(p, nn.Parameter) and name in ROW_SPARSE_TABLES:
+                    p.row_sparse_grad = True
+                    marked.append(f"{mod_name}.{name}" if mod_name else name)
+    return sorted(set(marked))
+
+
+# Tables whose every read goes through gather_pool (so their gradient can be row-sparse).
+ROW_SPARSE_TABLES = ("values",)
+
+
+class RowSparseAdamW(torch.optim.AdamW):
+    """AdamW whose sparse gradients (rows of a value table) update only those rows: see the module docstring."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        sparse = [(group, p, p.grad) for group in self.param_groups for p in group["params"]
+                  if p.grad is not None and p.grad.is_sparse]
+        for _, p, _ in sparse:  # hidden from torch's AdamW, which refuses sparse gradients (and skips grad None)
+            p.grad = None
+        try:
+            super().step()
+        finally:
+            for _, p, grad in sparse:
+                p.grad = grad
+        for group, p, grad in sparse:
+            self._rows_step(group, p, grad.coalesce())
+        return loss
+
+    def _rows_step(self, group: dict, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """AdamW (torch's single-tensor update, decoupled weight decay) on the rows of `grad` only."""
+        if group.get("amsgrad") or group.get("maximize"):
+            raise ValueError("RowSparseAdamW: amsgrad and maximize are not supported for row-sparse gradients")
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if group.get("fused") else "cpu")
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        t = float(state["step"])
+        lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+        b1, b2 = (float(b) for b in group["betas"])
+        rows, g = grad._indices()[0], grad._values()  # [U], [U, D]
+        if rows.numel() == 0:
+            return
+        param = p.index_select(0, rows)
+        m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - b1)
+        v = state["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(g, g, value=1 - b2)
+        param.mul_(1 - lr * wd)
+        denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)
+        param.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+        p.index_copy_(0, rows, param)
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (L2, total over all gradients) that also takes sparse gradients: they are
+    coalesced in place (a micro-batched step sums several) and enter the norm through their values."""
+    params = [p for p in parameters if p.grad is not None]
+    for p in params:
+        if p.grad.is_sparse and not p.grad.is_coalesced():
+            p.grad = p.grad.coalesce()
+    grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in params]
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # torch's clip_grads_with_norm_
+    torch._foreach_mul_(grads, coef.to(grads[0].device))  # a coalesced sparse gradient's _values() is its storage
+    return total
+
+
+__all__ = ["ROW_SPARSE_TABLES", "RowSparseAdamW", "clip_grad_norm_", "mark_row_sparse"]
