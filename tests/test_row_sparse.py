@@ -179,3 +179,27 @@ def test_rows_read_is_refused_where_it_cannot_work() -> None:
 def test_mark_row_sparse_names_the_tables() -> None:
     names = mark_row_sparse(build_model(get_preset("ultramem-tiny")))
     assert names and all(n.endswith(".values") for n in names)
+
+
+def test_micro_batches_sum_their_sparse_gradients() -> None:
+    """Two micro-batches accumulate two sparse gradients (uncoalesced); after the clip (which coalesces them) every
+    gradient equals the one-batch gradient up to fp32 summation order, and the step runs on them."""
+    cfg = get_preset("ultramem-tiny")
+    x = torch.randint(0, cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(3))
+    t = _train_config(value_updates="rows_read")
+    grads = []
+    for halves in (1, 2):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        opt, _ = build_optimizer(model, t)
+        for xb in x.chunk(halves):
+            out = model(xb, xb)
+            ((out.loss + out.aux_loss) / halves).backward()
+        clip_gradients(opt, model, 1.0)
+        assert any(p.grad.is_sparse and p.grad.is_coalesced() for p in model.parameters() if p.grad is not None)
+        grads.append([None if p.grad is None else p.grad.to_dense() for p in model.parameters()])
+        opt.step()
+    for a, b in zip(*grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
