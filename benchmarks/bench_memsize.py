@@ -1,7 +1,8 @@
 """Training step time vs value-table size at fixed activated compute (UltraMem and Memory+): is the cost flat?
 
   ultramem bench memsize [--size t5] [--families ultramem,memory_plus] [--rows 64,128,256,512,1024]
-                         [--batch-size 8] [--seq-len 256] [--steps 2] [--repeats 3] [--threads 1] [--clock cpu]
+                         [--value-updates dense,rows_read] [--batch-size 8] [--seq-len 256] [--steps 2]
+                         [--repeats 3] [--threads 1] [--clock cpu]
 
 The paper's claim: a memory layer's compute does not grow with its table. Each case is the tiny-ladder preset of
 the family with num_keys = k for k in --rows (so k^2 physical value rows: UltraMem's N, Memory+'s shared table),
@@ -13,7 +14,10 @@ at a time (the largest tables take GBs with their AdamW state), the families int
 smallest size is timed again at the end to show the drift of the machine during the run. Printed: ms per step
 and the ratios largest / smallest rows for the step and for forward + backward; `optimizer_ms_per_mparam` is the
 measured bound of what does grow: AdamW and the gradient clip visit every table row every step (dense), so their
-cost is linear in the table (ms per million table parameters).
+cost is linear in the table (ms per million table parameters). --value-updates times each case twice, side by side:
+with dense updates (AdamW over every row, as the papers and the trainer's default) and with `rows_read`
+(`train.value_updates: rows_read`, ultramem.row_sparse: a sparse table gradient of the rows read and an AdamW step
+on those rows only), so the cost of the dense semantics is measured in the same run.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 from benchmarks.bench_throughput import preset_name
 from benchmarks.common import add_common_arguments, format_table, header, load_warning, setup, write_json
 from experiments.trainer import fused_adamw
-from ultramem import build_model
+from ultramem import build_model, row_sparse
 from ultramem.accounting import count_params, flops_per_token
 from ultramem.errors import ConfigError
 from ultramem.presets import get_preset
@@ -38,6 +42,7 @@ HELP = "training step time vs value-table size (64^2..1024^2 rows) at fixed acti
 NAME = "memsize"
 FAMILIES = ("ultramem", "memory_plus")
 FIELD = {"ultramem": "memory", "memory_plus": "memory_plus"}
+UPDATES = ("dense", "rows_read")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per timed sample (default 2)")
+    parser.add_argument("--value-updates", default=",".join(UPDATES),
+                        help="comma-separated of dense,rows_read (train.value_updates; default both, side by side)")
 
 
 def config(family: str, size: str, num_keys: int):  # noqa: ANN201
@@ -57,13 +64,17 @@ def config(family: str, size: str, num_keys: int):  # noqa: ANN201
     return dataclasses.replace(cfg, **{field: dataclasses.replace(getattr(cfg, field), num_keys=num_keys)})
 
 
-def time_case(cfg, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:  # noqa: ANN001
+def time_case(cfg, args: argparse.Namespace, device: torch.device,  # noqa: ANN001
+              updates: str = "dense") -> dict[str, Any]:
     """Build, warm up and time one configuration: median ms per step of fwd+bwd and of the optimizer part."""
     now = time.perf_counter if args.clock == "wall" else time.process_time
     torch.manual_seed(0)
     model = build_model(cfg, device=device).train()
     groups = [{k: v for k, v in g.items() if k != "lr_mult_fn"} for g in model.param_groups(0.1)]
-    opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), fused=fused_adamw(groups))  # as the trainer
+    sparse = updates == "rows_read" and bool(row_sparse.mark_row_sparse(model))  # as the trainer's build_optimizer
+    kind = row_sparse.RowSparseAdamW if sparse else torch.optim.AdamW
+    opt = kind(groups, lr=1e-3, betas=(0.9, 0.95), fused=fused_adamw(groups))
+    clip = row_sparse.clip_grad_norm_ if sparse else torch.nn.utils.clip_grad_norm_
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen).to(device)
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -75,7 +86,7 @@ def time_case(cfg, args: argparse.Namespace, device: torch.device) -> dict[str, 
             out = model(x, y)
             (out.loss + out.aux_loss).backward()
             t1 = now()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            clip(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             model.on_optimizer_step()
@@ -94,17 +105,19 @@ def time_case(cfg, args: argparse.Namespace, device: torch.device) -> dict[str, 
             "optimizer_ms_per_mparam": med(rest) / (table / 1e6), "samples_fwd_bwd_ms": fb, "samples_optimizer_ms": rest}
 
 
-def ratios(rows: list[dict[str, Any]], families: list[str]) -> dict[str, dict[str, float]]:
+def ratios(rows: list[dict[str, Any]], families: list[str], updates: list[str]) -> dict[str, dict[str, float]]:
+    """Largest / smallest table per family and value-update kind: keyed "<family>" (dense) or "<family>/rows_read"."""
     out = {}
-    for f in families:
-        rs = [r for r in rows if r["family"] == f and not r.get("drift_check")]
+    for f, u in [(f, u) for f in families for u in updates]:
+        rs = [r for r in rows if r["family"] == f and r["value_updates"] == u and not r.get("drift_check")]
         lo, hi = min(rs, key=lambda r: r["rows"]), max(rs, key=lambda r: r["rows"])
-        out[f] = {"rows_smallest": lo["rows"], "rows_largest": hi["rows"],
-                  "step_ratio_largest_over_smallest": hi["step_ms"] / lo["step_ms"],
-                  "fwd_bwd_ratio_largest_over_smallest": hi["fwd_bwd_ms"] / lo["fwd_bwd_ms"],
-                  # the keys: each token scores 2 n' keys per head, n' ~ sqrt(rows), so the activated FLOPs grow too
-                  "flops_ratio_largest_over_smallest": hi["flops_per_token"] / lo["flops_per_token"],
-                  "optimizer_ms_per_mparam_at_largest": hi["optimizer_ms_per_mparam"]}
+        out[f if u == "dense" else f"{f}/{u}"] = {
+            "rows_smallest": lo["rows"], "rows_largest": hi["rows"],
+            "step_ratio_largest_over_smallest": hi["step_ms"] / lo["step_ms"],
+            "fwd_bwd_ratio_largest_over_smallest": hi["fwd_bwd_ms"] / lo["fwd_bwd_ms"],
+            # the keys: each token scores 2 n' keys per head, n' ~ sqrt(rows), so the activated FLOPs grow too
+            "flops_ratio_largest_over_smallest": hi["flops_per_token"] / lo["flops_per_token"],
+            "optimizer_ms_per_mparam_at_largest": hi["optimizer_ms_per_mparam"]}
     return out
 
 
@@ -117,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
         keys = sorted({int(k) for k in args.rows.split(",") if k.strip()})
     except ValueError:
         raise SystemExit(f"error: --rows must be comma-separated integers (got {args.rows!r})") from None
+    updates = [u.strip() for u in args.value_updates.split(",") if u.strip()]
+    if not updates or any(u not in UPDATES for u in updates):
+        raise SystemExit(f"error: --value-updates must name some of {', '.join(UPDATES)} (got {args.value_updates!r})")
     if not keys or keys[0] < 2 or min(args.batch_size, args.seq_len, args.steps) < 1:
         raise SystemExit("error: --rows values must be >= 2 and --batch-size, --seq-len, --steps >= 1")
     busy = [load_warning(torch.get_num_threads())]
@@ -128,18 +144,20 @@ def run(args: argparse.Namespace) -> int:
                 cfg.validate()
             except ConfigError as err:
                 raise SystemExit(f"error: --rows {k} for {f}: {err}") from None
-            rows.append({"family": f, "num_keys": k, "rows": k * k, "drift_check": len(rows) >= len(keys) * len(families),
-                         **time_case(cfg, args, device)})
+            for u in updates:
+                rows.append({"family": f, "value_updates": u, "num_keys": k, "rows": k * k,
+                             "drift_check": len(rows) >= len(keys) * len(families) * len(updates),
+                             **time_case(cfg, args, device, u)})
     busy.append(load_warning(0))
-    summary = ratios(rows, families)
+    summary = ratios(rows, families, updates)
     settings = {k: getattr(args, k) for k in ("size", "batch_size", "seq_len", "steps", "warmup", "repeats", "clock")}
-    settings["families"], settings["num_keys"] = families, keys
+    settings["families"], settings["num_keys"], settings["value_updates"] = families, keys, updates
     payload = {**header(NAME, device, settings), "rows": rows, "ratios": summary, "warnings": [w for w in busy if w][:1]}
     path = write_json(payload, args.out / f"{NAME}.json")
     if args.format == "json":
         print(path.read_text(), end="")
         return 0
-    print(format_table(rows, [("family", "family"), ("rows", "rows"), ("table_params", "table params"),
+    print(format_table(rows, [("family", "family"), ("value_updates", "value updates"), ("rows", "rows"), ("table_params", "table params"),
                               ("flops_per_token", "FLOPs/token"), ("fwd_bwd_ms", "fwd+bwd ms/step"),
                               ("optimizer_ms", "optimizer ms/step"), ("step_ms", "ms/step"),
                               ("drift_check", "drift check")]))

@@ -13,6 +13,9 @@ ultramem.accounting.flops_per_token(training=True) (activated parameters + atten
 datasheet peak (None on CPU, where no honest peak exists). On CUDA the step runs under bf16 autocast, as the
 trainer's default; on CPU in fp32. The JSON's `tokens_per_s_ratio` holds every family's tokens/s over MoE's (when
 MoE is measured); --profile adds the top operators of one step per family (`profiles`, docs/performance.md).
+A family written `<family>:rows_read` (e.g. `--families moe,ultramem,ultramem:rows_read`) trains with
+`train.value_updates: rows_read` (row-sparse value-table gradients and AdamW steps, ultramem.row_sparse), so both
+kinds of update are measured side by side in one run.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from benchmarks.common import (
 )
 from experiments.throughput import ThroughputMeter
 from experiments.trainer import fused_adamw
-from ultramem import build_model
+from ultramem import build_model, row_sparse
 from ultramem.accounting import count_params, flops_per_token
 from ultramem.families import family_names
 from ultramem.presets import get_preset, preset_names
@@ -72,13 +75,18 @@ def preset_name(family: str, size: str) -> str:
 class Trainer:
     """A model, its AdamW and a fixed batch; `steps(n)` runs n optimizer steps and returns the last loss."""
 
-    def __init__(self, preset: str, batch_size: int, seq_len: int, device: torch.device, lr: float = 1e-3):
+    def __init__(self, preset: str, batch_size: int, seq_len: int, device: torch.device, lr: float = 1e-3,
+                 value_updates: str = "dense"):
         self.preset = preset
         self.cfg = get_preset(preset, {"seq_len": max(seq_len, get_preset(preset).seq_len)})
         torch.manual_seed(0)
         self.model = build_model(self.cfg, device=device).train()
         groups = [{k: v for k, v in g.items() if k != "lr_mult_fn"} for g in self.model.param_groups(0.1)]
-        self.opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused_adamw(groups))  # as the trainer
+        # as the trainer's build_optimizer (train.value_updates: rows_read -> RowSparseAdamW over marked tables)
+        sparse = value_updates == "rows_read" and bool(row_sparse.mark_row_sparse(self.model))
+        kind = row_sparse.RowSparseAdamW if sparse else torch.optim.AdamW
+        self.opt = kind(groups, lr=lr, betas=(0.9, 0.95), fused=fused_adamw(groups))
+        self.clip = row_sparse.clip_grad_norm_ if sparse else torch.nn.utils.clip_grad_norm_
         gen = torch.Generator().manual_seed(1)
         tokens = torch.randint(0, self.cfg.vocab_size, (batch_size, seq_len + 1), generator=gen).to(device)
         self.x, self.y = tokens[:, :-1], tokens[:, 1:]
@@ -94,7 +102,7 @@ class Trainer:
                 out = self.model(self.x, self.y)
                 loss = out.loss + out.aux_loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.clip(self.model.parameters(), 1.0)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.model.on_optimizer_step()
@@ -155,12 +163,14 @@ def rows_for(trainers: dict[str, Trainer], timings: dict[str, Timing], tokens_pe
 def run(args: argparse.Namespace) -> int:
     device = setup(args)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
-    bad = [f for f in families if f not in FAMILIES]
+    bad = [f for f in families if f.split(":")[0] not in FAMILIES or f.partition(":")[2] not in ("", "rows_read")]
     if bad or not families:
-        raise SystemExit(f"error: --families must name some of {', '.join(FAMILIES)} (got {args.families!r})")
+        raise SystemExit(f"error: --families must name some of {', '.join(FAMILIES)}, each optionally "
+                         f"':rows_read' (got {args.families!r})")
     if min(args.batch_size, args.seq_len, args.steps) < 1:
         raise SystemExit("error: --batch-size, --seq-len and --steps must be >= 1")
-    trainers = {f: Trainer(preset_name(f, args.size), args.batch_size, args.seq_len, device) for f in families}
+    trainers = {f: Trainer(preset_name(f.split(":")[0], args.size), args.batch_size, args.seq_len, device,
+                           value_updates=f.partition(":")[2] or "dense") for f in families}
     busy = [load_warning(torch.get_num_threads())]
     timings = time_trainers(trainers, args.steps, args.warmup, args.repeats, device, args.clock)
     busy.append(load_warning(0))
@@ -178,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
                "warnings": [w for w in busy if w][:1]}
     json_path = write_json(payload, args.out / f"{NAME}.json")
     if not args.no_plot:
-        grouped_bar_plot([r["preset"] for r in rows], {"tokens/s": [r["tokens_per_s"] for r in rows]},
+        grouped_bar_plot([r["preset"] + r["family"].partition(":")[1] + r["family"].partition(":")[2] for r in rows], {"tokens/s": [r["tokens_per_s"] for r in rows]},
                          args.out / f"{NAME}.png", ylabel="training tokens/s (median)", log=False,
                          title=f"training throughput, batch {args.batch_size} x {args.seq_len}, {device}, "
                                f"{torch.get_num_threads()} threads, torch {torch.__version__}")

@@ -113,6 +113,10 @@ class TrainConfig(Strict):
     # (torch's CPU default, and this suite's before issue 23). The same update up to fp32 rounding, so not in the
     # run id (like `threads`); a study trained in parts pins one so that all its runs share it
     adamw: Literal["auto", "fused", "for_loop"] = "auto"
+    # the memory value tables: dense (AdamW visits every row every step, as the papers) or rows_read (only the rows
+    # read in the step get a gradient and an AdamW update; unread rows keep their moments and skip weight decay:
+    # Lample et al. 2019's sparse updates, ultramem.row_sparse; one process only). Changes training, so in the id
+    value_updates: Literal["dense", "rows_read"] = "dense"
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(8, ge=1)
@@ -373,7 +377,7 @@ _TRAIN_NOT_IN_ID = ("log_every", "ckpt_every", "keep_checkpoints", "device", "co
 # every earlier run keeps its id (and a finished sweep is still skipped): block path -> {field: default}.
 _ID_SINCE_V1: dict[tuple[str, ...], dict[str, Any]] = {
     ("train",): {"schedule": "cosine", "cooldown": 0.2, "cooldown_shape": "linear", "branch_of": None,
-                 "lr_mult_steps": None},
+                 "lr_mult_steps": None, "value_updates": "dense"},
     ("model", "memory"): {"balance_loss_weight": 0.0, "value_weight_decay": None},
     ("model", "memory_plus"): {"value_lr_schedule": "constant", "value_clip": "joint"},
 }

@@ -50,7 +50,7 @@ from experiments.resolve import model_config, resolve_run_config
 from experiments.throughput import ThroughputMeter
 from experiments.tracking import WandbMirror
 from runfolder import EvalRow, Final, RecordError, RunDir, TrainRow, run_state
-from ultramem import build_model
+from ultramem import build_model, row_sparse
 from ultramem.accounting import count_params, flops_per_token
 from ultramem.config import ConfigError, ModelConfig
 from ultramem.families import block_summary
@@ -96,8 +96,20 @@ def lr_at(step: int, t: TrainConfig) -> float:
     return peak * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> tuple[torch.optim.AdamW, list[Any]]:
-    """AdamW over `model.param_groups(weight_decay)`; returns it and each group's LR multiplier function."""
+def build_optimizer(model: torch.nn.Module, t: TrainConfig, distributed_run: bool = False
+                    ) -> tuple[torch.optim.AdamW, list[Any]]:
+    """AdamW over `model.param_groups(weight_decay)`; returns it and each group's LR multiplier function. With
+    `value_updates: rows_read` the value tables are marked for row-sparse gradients and the optimizer is
+    ultramem.row_sparse.RowSparseAdamW (AdamW for everything else)."""
+    sparse = t.value_updates == "rows_read"
+    if sparse:
+        if distributed_run:
+            raise ConfigError("train.value_updates: 'rows_read' runs in one process only (its sparse gradients do not "
+                              "go through DDP/FSDP or a split table); use 'dense' for a parallel layout")
+        if not row_sparse.mark_row_sparse(model):
+            raise ConfigError("train.value_updates: 'rows_read' needs a memory value table read through gather_pool "
+                              f"(pkm, ultramem, ultramem_v2, memory_plus); {type(model).__name__} has none: use "
+                              "'dense'")
     groups, mult_fns = [], []
     for group in split_by_mesh(model.param_groups(t.weight_decay)):
         group = dict(group)
@@ -105,8 +117,9 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> tuple[torch.optim
         groups.append(group)
     kernel = {"auto": {"fused": fused_adamw(groups)}, "fused": {"fused": True},
               "for_loop": {"foreach": False}}[t.adamw]
-    opt = torch.optim.AdamW(groups, lr=float(t.lr), betas=(t.beta1, t.beta2), eps=t.eps,
-                            weight_decay=t.weight_decay, **kernel)
+    optimizer = row_sparse.RowSparseAdamW if sparse else torch.optim.AdamW
+    opt = optimizer(groups, lr=float(t.lr), betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,
+                    **kernel)
     return opt, mult_fns
 
 
@@ -146,12 +159,18 @@ def clip_gradients(opt: torch.optim.Optimizer, model: torch.nn.Module, max_norm:
     value_clip: separate) those groups' parameters are clipped on their own and the rest on theirs, as Meta's train
     loop does, and the norm returned is sqrt(rest^2 + apart^2), the same total."""
     apart = {id(p) for g in opt.param_groups if g.get("clip_separately") for p in g["params"]}
+    # value_updates rows_read: torch's clip refuses sparse gradients; row_sparse's takes both. One process and
+    # nothing sharded (build_optimizer refuses the rest), so no reduction over ranks is needed
+    sparse = any(p.grad is not None and p.grad.is_sparse for p in model.parameters())
+    if sparse:
+        par = None
+    local_clip = row_sparse.clip_grad_norm_ if sparse else torch.nn.utils.clip_grad_norm_
     if not apart and par is None:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        return local_clip(model.parameters(), max_norm)
     if not apart:
         return par.clip_grad_norm_(model, max_norm)
     # distributed.clip_grad_norm_ takes a list of plain tensors and DTensors on any meshes (any layout of `par`)
-    clip = torch.nn.utils.clip_grad_norm_ if par is None else distributed.clip_grad_norm_
+    clip = local_clip if par is None else distributed.clip_grad_norm_
     params = list(model.parameters())
     sets = [[p for p in params if id(p) not in apart], [p for p in params if id(p) in apart]]
     return torch.linalg.vector_norm(torch.stack([clip(ps, max_norm).float() for ps in sets]))
@@ -386,7 +405,7 @@ def _run(cfg: RunConfig, rd: RunDir, env: Env, par: Parallel) -> dict[str, Any]:
 
     seed_everything(cfg.seed)
     raw = par.prepare(build_model(mcfg))
-    opt, mult_fns = build_optimizer(raw, t)
+    opt, mult_fns = build_optimizer(raw, t, distributed_run=env.world_size > 1 or par.layout.sharded)
     per_rank = t.batch_size // env.world_size
     loader = TokenLoader(prepared, split="train", seq_len=t.seq_len, batch_size=per_rank, seed=cfg.seed,
                          rank=env.rank, world_size=env.world_size)

@@ -27,7 +27,7 @@ def run_bench(argv: list[str]) -> int:
 def test_memsize_end_to_end_reports_the_ratio_of_largest_to_smallest(tmp_path, capsys):
     rc = run_bench(["memsize", "--size", "t1", "--families", "ultramem", "--rows", "10,8", "--batch-size", "1",
                     "--seq-len", "8", "--steps", "1", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path),
-                    "--format", "json"])
+                    "--format", "json", "--value-updates", "dense"])
     assert rc == 0
     data = json.loads((tmp_path / "memsize.json").read_text())
     assert json.loads(capsys.readouterr().out) == data
@@ -46,6 +46,20 @@ def test_memsize_end_to_end_reports_the_ratio_of_largest_to_smallest(tmp_path, c
     forward = extra_keys * (2 * cfg.key_dim * cfg.tucker_rank + 2 * cfg.tucker_rank)
     assert large["flops_per_token"] - small["flops_per_token"] == pytest.approx(3 * forward)
     assert r["flops_ratio_largest_over_smallest"] == pytest.approx(large["flops_per_token"] / small["flops_per_token"])
+
+
+def test_memsize_times_dense_and_rows_read_updates_side_by_side(tmp_path):
+    rc = run_bench(["memsize", "--size", "t1", "--families", "memory_plus", "--rows", "30,24", "--batch-size", "1",
+                    "--seq-len", "8", "--steps", "1", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path),
+                    "--format", "json"])
+    assert rc == 0
+    data = json.loads((tmp_path / "memsize.json").read_text())
+    assert [(r["num_keys"], r["value_updates"], r["drift_check"]) for r in data["rows"]] == [
+        (24, "dense", False), (24, "rows_read", False), (30, "dense", False), (30, "rows_read", False),
+        (24, "dense", True), (24, "rows_read", True)]
+    assert set(data["ratios"]) == {"memory_plus", "memory_plus/rows_read"}
+    with pytest.raises(SystemExit, match="--value-updates"):
+        run_bench(["memsize", "--value-updates", "lazy"])
 
 
 def test_memsize_refuses_bad_rows():
@@ -67,6 +81,18 @@ def test_throughput_profile_and_ratios_vs_moe(tmp_path, capsys):
         ops = data["profiles"][f]
         assert ops and all(o["self_ms"] >= 0 and 0 <= o["share"] <= 1 for o in ops)
         assert [o["self_ms"] for o in ops] == sorted((o["self_ms"] for o in ops), reverse=True)
+
+
+def test_throughput_measures_rows_read_updates_beside_dense(tmp_path, capsys):
+    rc = run_bench(["throughput", "--families", "moe,pkm,pkm:rows_read", "--batch-size", "2", "--seq-len", "16",
+                    "--steps", "2", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path),
+                    "--format", "json", "--no-plot"])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["family"] for r in data["rows"]] == ["moe", "pkm", "pkm:rows_read"]
+    assert set(data["tokens_per_s_ratio"]) == {"pkm_over_moe", "pkm:rows_read_over_moe"}
+    with pytest.raises(SystemExit, match="rows_read"):
+        run_bench(["throughput", "--families", "pkm:lazy"])
 
 
 def test_decode_floor_is_the_model_with_memory_outputs_zero():

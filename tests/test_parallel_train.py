@@ -68,7 +68,9 @@ def _worker(rank: int, W: int, preset: str, parallel: dict, micro: int | None = 
         got = train_step(model, raw, opt, mine[:, :-1], mine[:, 1:], t, env, par)
         loss = (got["loss"] + got["aux_loss"]).detach().clone()
         dist.all_reduce(loss)
-        assert loss.item() / W == pytest.approx((want["loss"] + want["aux_loss"]).item(), rel=2e-2 if nccl else 1e-5)
+        ref_loss = (want["loss"] + want["aux_loss"]).item()
+        assert loss.item() / W == pytest.approx(ref_loss, rel=2e-2 if nccl else 1e-5), \
+            f"step {step}: loss {loss.item() / W!r} vs one process {ref_loss!r}"
         assert got["grad_norm"].item() == pytest.approx(want["grad_norm"].item(), rel=5e-2 if nccl else 1e-4)
         if par.layout.memory_parallel != "none":
             mem = mcfg.memory

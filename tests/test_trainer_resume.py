@@ -18,12 +18,13 @@ from runfolder import RunDir
 STEPS, CKPT_EVERY = 40, 10
 
 
-def _prepare(run_dir, shakespeare_path, cache, preset):
+def _prepare(run_dir, shakespeare_path, cache, preset, value_updates="dense"):
     cfg = run_config_from_dict({
         "model": {"preset": preset},
         "data": {"source": str(shakespeare_path), "cache_dir": str(cache)},
         "train": {"steps": STEPS, "batch_size": 4, "seq_len": 32, "log_every": 5, "eval_every": 20,
-                  "eval_batches": 2, "ckpt_every": CKPT_EVERY, "threads": 1, "knowledge_probe": False},
+                  "eval_batches": 2, "ckpt_every": CKPT_EVERY, "threads": 1, "knowledge_probe": False,
+                  "value_updates": value_updates},
     }, "test")
     rd = RunDir(run_dir)
     rd.write_config(resolve_run_config(cfg).model_dump(mode="json"))
@@ -40,13 +41,14 @@ def _final_params(rd: RunDir) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["ultramem-t1-x6"])  # memory buffers, value tables and Tucker refresh included
-def test_kill_9_then_rerun_reaches_the_uninterrupted_final_state(tmp_path, shakespeare_path, preset):
+# memory buffers, value tables and Tucker refresh included; rows_read: RowSparseAdamW's state in the checkpoint
+@pytest.mark.parametrize("preset,value_updates", [("ultramem-t1-x6", "dense"), ("ultramem-t1-x6", "rows_read")])
+def test_kill_9_then_rerun_reaches_the_uninterrupted_final_state(tmp_path, shakespeare_path, preset, value_updates):
     cache = tmp_path / "cache"
-    ref = _prepare(tmp_path / "ref", shakespeare_path, cache, preset)
+    ref = _prepare(tmp_path / "ref", shakespeare_path, cache, preset, value_updates)
     assert _run_one(ref).wait(timeout=900) == 0
 
-    rd = _prepare(tmp_path / "killed", shakespeare_path, cache, preset)
+    rd = _prepare(tmp_path / "killed", shakespeare_path, cache, preset, value_updates)
     proc = _run_one(rd)
     deadline = time.time() + 600
     while not rd.checkpoints() and proc.poll() is None and time.time() < deadline:

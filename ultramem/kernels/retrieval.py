@@ -29,6 +29,11 @@ index_add_ Function 70 / 12 (no faster), one bag per (token, core, group) over a
 
 Under torch.no_grad() the table is detached before the call: that sends embedding_bag down its forward-only kernel,
 which skips the bookkeeping (offset2bag, bag sizes) that only its backward needs.
+
+Row-sparse table gradients (`train.value_updates: rows_read`, `ultramem.row_sparse`): a table Parameter marked
+`row_sparse_grad = True` gets a sparse COO gradient [N, Dv] that holds only the rows read in this call (coalesced,
+rows ascending) instead of a dense one with zeros everywhere else. The torch path computes it in the same pass (the
+table-row bags of the backward, restricted to the rows that occur); a marked table always takes the torch path.
 """
 
 from __future__ import annotations
@@ -51,16 +56,18 @@ def gather_pool(
     check_inputs(values, rows, scores, groups, num_groups)
     if backend not in BACKENDS:
         raise ValueError(f"gather_pool: backend={backend!r}; allowed: {', '.join(BACKENDS)}")
-    if backend == "triton" or (backend == "auto" and values.is_cuda and triton_available()):
+    sparse_grad = bool(getattr(values, "row_sparse_grad", False))
+    if backend == "triton" or (backend == "auto" and values.is_cuda and triton_available() and not sparse_grad):
         # lazy: Triton is an optional dependency (pip install -e '.[gpu]')
         from ultramem.kernels.triton_retrieval import gather_pool_triton
 
         return gather_pool_triton(values, rows, scores, groups, num_groups)
-    return gather_pool_torch(values, rows, scores, groups, num_groups)
+    return gather_pool_torch(values, rows, scores, groups, num_groups, sparse_grad)
 
 
 def gather_pool_torch(
-    values: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor | None, num_groups: int
+    values: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor | None, num_groups: int,
+    sparse_grad: bool = False,
 ) -> torch.Tensor:
     """The PyTorch path: one weighted-sum embedding_bag over (token, group, core) bags of the table as [N*C, Dc]."""
     T, K = rows.shape
@@ -70,11 +77,11 @@ def gather_pool_torch(
     if not torch.is_grad_enabled():
         values, scores = values.detach(), scores.detach()
     # A table of a lower precision than the scores is upcast whole (a copy of V): keep them in one dtype.
-    table = values.to(dtype).contiguous().view(N * C, Dv // C)  # row r*C + c = column slice c of V[r]
+    table = values.to(dtype).contiguous()  # [N, Dv], read as [N*C, Dc]: row r*C + c = column slice c of V[r]
     grouped = groups is not None and E > 1
     itype = torch.int32 if max(T * K * C, N * C) < 2**31 else torch.int64
     idx, weights, offsets = bag_layout(rows, scores.to(dtype), groups if grouped else None, E, itype)
-    pooled = embedding_bag_sum(table, idx, offsets, weights).view(T, -1)  # [T, E*Dv] (or [T, Dv] ungrouped)
+    pooled = embedding_bag_sum(table, idx, offsets, weights, C, sparse_grad).view(T, -1)  # [T, E*Dv] (or [T, Dv] ungrouped)
     return pooled if grouped or E == 1 else F.pad(pooled, (0, (E - 1) * Dv))  # groups None: all in group 0
 
 
@@ -116,13 +123,17 @@ def bag_layout(rows: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor | 
     return idx, weights, offsets.reshape(-1)
 
 
-def embedding_bag_sum(table: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor,
-                      weights: torch.Tensor) -> torch.Tensor:
-    """F.embedding_bag(idx, table, offsets, mode='sum', per_sample_weights=weights) [bags, Dc], with the backward of
-    `_EmbeddingBagSum` when a gradient is needed, and embedding_bag's forward-only kernel otherwise."""
+def embedding_bag_sum(table: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor,
+                      C: int = 1, sparse_grad: bool = False) -> torch.Tensor:
+    """F.embedding_bag(idx, table as [N*C, Dc], offsets, mode='sum', per_sample_weights=weights) [bags, Dc] for a
+    contiguous [N, Dv = C*Dc] table, with the backward of `_EmbeddingBagSum` when a gradient is needed, and
+    embedding_bag's forward-only kernel otherwise. sparse_grad makes the table gradient a sparse COO [N, Dv] of
+    the rows read (every read of a row reads all its C slices, as bag_layout lays them out)."""
     if torch.is_grad_enabled() and (table.requires_grad or weights.requires_grad):
-        return _EmbeddingBagSum.apply(table, idx, offsets, weights)
-    return F.embedding_bag(idx, table.detach(), offsets, mode="sum", per_sample_weights=weights.detach())
+        return _EmbeddingBagSum.apply(table, idx, offsets, weights, C, sparse_grad)
+    N, Dv = table.shape
+    return F.embedding_bag(idx, table.detach().view(N * C, Dv // C), offsets, mode="sum",
+                           per_sample_weights=weights.detach())
 
 
 class _EmbeddingBagSum(torch.autograd.Function):
@@ -137,9 +148,12 @@ class _EmbeddingBagSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, table, idx, offsets, weights):  # noqa: ANN001, ANN205
-        ctx.save_for_backward(table, idx, offsets, weights)
-        return F.embedding_bag(idx, table.detach(), offsets, mode="sum", per_sample_weights=weights.detach())
+    def forward(ctx, table, idx, offsets, weights, C, sparse_grad):  # noqa: ANN001, ANN205
+        N, Dv = table.shape
+        view = table.detach().view(N * C, Dv // C)
+        ctx.save_for_backward(view, idx, offsets, weights)
+        ctx.C, ctx.sparse_grad = C, sparse_grad
+        return F.embedding_bag(idx, view, offsets, mode="sum", per_sample_weights=weights.detach())
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -151,15 +165,35 @@ class _EmbeddingBagSum(torch.autograd.Function):
         bag = torch.repeat_interleave(torch.arange(offsets.numel(), device=idx.device), sizes)  # entry -> bag
         idx_sorted, bag_sorted = idx.index_select(0, order), bag.index_select(0, order)  # index_select: ~4x x[order]
         grad_table = grad_weights = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.sparse_grad:
+            grad_table = _rows_read_grad(grad_out, idx_sorted, bag_sorted, weights.index_select(0, order),
+                                         table.shape, ctx.C)
+        elif ctx.needs_input_grad[0]:
             counts = torch.bincount(idx, minlength=table.shape[0])
             grad_table = F.embedding_bag(bag_sorted, grad_out, counts.cumsum(0) - counts, mode="sum",
                                          per_sample_weights=weights.index_select(0, order).to(grad_out.dtype))
+            grad_table = grad_table.view(table.shape[0] // ctx.C, -1)
         if ctx.needs_input_grad[3]:
             dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
                 grad_out, table.detach(), idx_sorted, offsets, bag_sorted, 0, -1)  # mode 0 = sum, no padding_idx
             grad_weights = torch.empty_like(dots).scatter_(0, order, dots)
-        return grad_table, None, None, grad_weights
+        return grad_table, None, None, grad_weights, None, None
+
+
+def _rows_read_grad(grad_out: torch.Tensor, idx_sorted: torch.Tensor, bag_sorted: torch.Tensor,
+                    weights_sorted: torch.Tensor, view_shape: torch.Size, C: int) -> torch.Tensor:
+    """The table gradient as a sparse COO [N, C*Dc] holding only the rows read: one bag per distinct view row
+    (entries sorted by view row, so each distinct row is one run), the C slices of a physical row side by side."""
+    view_rows, counts = torch.unique_consecutive(idx_sorted, return_counts=True)  # [U*C] ascending
+    if view_rows.numel() % C:
+        raise RuntimeError("gather_pool: a value row was read without all its core slices; a row-sparse gradient "
+                           "needs every slice of each row read (bag_layout's layout)")
+    block = F.embedding_bag(bag_sorted, grad_out, counts.cumsum(0) - counts, mode="sum",
+                            per_sample_weights=weights_sorted.to(grad_out.dtype))  # [U*C, Dc]
+    N, Dc = view_shape[0] // C, view_shape[1]
+    rows = (view_rows[::C] // C).unsqueeze(0)  # [1, U] physical rows
+    return torch.sparse_coo_tensor(rows, block.view(-1, C * Dc), (N, C * Dc), is_coalesced=True,
+                                   check_invariants=False)
 
 
 def check_inputs(

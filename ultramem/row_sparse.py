@@ -1,0 +1,125 @@
+"""Row-sparse value-table updates (`train.value_updates: rows_read`): gradients and AdamW steps that touch only the
+value rows read in a step, so that the optimizer's cost does not grow with the table.
+
+Lample et al. (2019, "Large Memory Layers with Product Keys", §3.2 and their XLM code's `mem_sparse`) train the
+memory values with sparse updates; the UltraMem and Memory+ papers use dense AdamW. What changes against dense
+AdamW, exactly (and only for the rows no token read in a step):
+
+    dense AdamW, gradient 0:   m <- b1 m,  v <- b2 v,  p <- (1 - lr wd) p - lr m_hat / (sqrt(v_hat) + eps)
+    rows_read:                 nothing (m, v and p of the row keep their values until the row is read again)
+
+A row that is read gets exactly AdamW's update, with the bias corrections of the optimizer's step count (as
+LazyAdam / torch.optim.SparseAdam: the step counts optimizer steps, not the row's own reads). So an unread row
+neither decays nor keeps moving on its momentum. The effect on loss is measured in docs/performance.md.
+
+Pieces:
+  - `mark_row_sparse(model)` marks every value table whose lookup can produce a row-sparse gradient
+    (`ultramem.kernels.retrieval.gather_pool`: PKM, UltraMem, Memory+, UltraMemV2's `values`); their `.grad` is then
+    a coalesced sparse COO tensor of the rows read.
+  - `RowSparseAdamW`: torch's AdamW for every dense gradient (its fused / foreach / for-loop kernel as chosen), and
+    the per-row AdamW update above for every sparse one. Its state is AdamW's (step, exp_avg, exp_avg_sq), so its
+    state_dict is one torch.optim.AdamW reads and writes.
+  - `clip_grad_norm_`: torch.nn.utils.clip_grad_norm_ over dense and sparse gradients together (torch's own refuses
+    sparse ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.optim.adamw import adamw
+
+
+def mark_row_sparse(model: nn.Module) -> list[str]:
+    """Mark the value tables of `model` read through gather_pool (`row_sparse_grad = True`); returns their names.
+    Tables read another way (UltraMemV2's pre_values, through sampled_dot) keep dense gradients and updates."""
+    from ultramem.families import value_tables
+
+    marked = []
+    for mod_name, mod in model.named_modules():
+        for kind, names in value_tables():
+            if not isinstance(mod, kind):
+                continue
+            for name in names:
+                p = getattr(mod, name, None)
+                if isinstance(p, nn.Parameter) and name in ROW_SPARSE_TABLES:
+                    p.row_sparse_grad = True
+                    marked.append(f"{mod_name}.{name}" if mod_name else name)
+    return sorted(set(marked))
+
+
+# Tables whose every read goes through gather_pool (so their gradient can be row-sparse).
+ROW_SPARSE_TABLES = ("values",)
+
+
+class RowSparseAdamW(torch.optim.AdamW):
+    """AdamW whose sparse gradients (rows of a value table) update only those rows: see the module docstring."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        sparse = [(group, p, p.grad) for group in self.param_groups for p in group["params"]
+                  if p.grad is not None and p.grad.is_sparse]
+        for _, p, _ in sparse:  # hidden from torch's AdamW, which refuses sparse gradients (and skips grad None)
+            p.grad = None
+        try:
+            super().step()
+        finally:
+            for _, p, grad in sparse:
+                p.grad = grad
+        for group, p, grad in sparse:
+            self._rows_step(group, p, grad.coalesce())
+        return loss
+
+    def _rows_step(self, group: dict, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """AdamW (decoupled weight decay) on the rows of `grad` only: the rows of the weights and moments are
+        gathered, stepped by torch's own AdamW kernel (fused where torch has one: one pass instead of ~8
+        elementwise ones), and written back."""
+        if group.get("amsgrad") or group.get("maximize"):
+            raise ValueError("RowSparseAdamW: amsgrad and maximize are not supported for row-sparse gradients")
+        state = self.state[p]
+        fused = p.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16) and p.device.type in (
+            "cpu", "cuda")
+        if not state:  # AdamW's own state layout (a float32 step on the parameter's device, as its fused kernel)
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if fused else "cpu")
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        rows, g = grad._indices()[0], grad._values()  # [U], [U, D]
+        if rows.numel() == 0:
+            state["step"] += 1
+            return
+        param, m, v = (t.index_select(0, rows) for t in (p.detach(), state["exp_avg"], state["exp_avg_sq"]))
+        b1, b2 = group["betas"]
+        step = state["step"] if (state["step"].device == p.device or not fused) else state["step"].to(p.device)
+        adamw([param], [g.to(p.dtype)], [m], [v], [], [step], fused=fused, foreach=False, amsgrad=False,
+              beta1=b1, beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+              maximize=False)  # increments the step, then uses it for the bias corrections
+        if step is not state["step"]:
+            state["step"].copy_(step)
+        p.detach().index_copy_(0, rows, param)
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (L2, total over all gradients) that also takes sparse gradients: they are
+    coalesced in place (a micro-batched step sums several) and enter the norm through their values."""
+    params = [p for p in parameters if p.grad is not None]
+    for p in params:
+        if p.grad.is_sparse and not p.grad.is_coalesced():
+            p.grad = p.grad.coalesce()
+    grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in params]
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # torch's clip_grads_with_norm_
+    torch._foreach_mul_(grads, coef.to(grads[0].device))  # a coalesced sparse gradient's _values() is its storage
+    return total
+
+
+__all__ = ["ROW_SPARSE_TABLES", "RowSparseAdamW", "clip_grad_norm_", "mark_row_sparse"]
