@@ -32,8 +32,9 @@ import torch
 
 from benchmarks.bench_throughput import preset_name
 from benchmarks.common import add_common_arguments, format_table, header, load_warning, setup, write_json
-from experiments.trainer import fused_adamw
-from ultramem import build_model, row_sparse
+from experiments.config import TrainConfig
+from experiments.trainer import build_optimizer, clip_gradients
+from ultramem import build_model
 from ultramem.accounting import count_params, flops_per_token
 from ultramem.errors import ConfigError
 from ultramem.presets import get_preset
@@ -70,11 +71,7 @@ def time_case(cfg, args: argparse.Namespace, device: torch.device,  # noqa: ANN0
     now = time.perf_counter if args.clock == "wall" else time.process_time
     torch.manual_seed(0)
     model = build_model(cfg, device=device).train()
-    groups = [{k: v for k, v in g.items() if k != "lr_mult_fn"} for g in model.param_groups(0.1)]
-    sparse = updates == "rows_read" and bool(row_sparse.mark_row_sparse(model))  # as the trainer's build_optimizer
-    kind = row_sparse.RowSparseAdamW if sparse else torch.optim.AdamW
-    opt = kind(groups, lr=1e-3, betas=(0.9, 0.95), fused=fused_adamw(groups))
-    clip = row_sparse.clip_grad_norm_ if sparse else torch.nn.utils.clip_grad_norm_
+    opt, _ = build_optimizer(model, TrainConfig(lr=1e-3, value_updates=updates))  # the trainer's optimizer
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen).to(device)
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -86,7 +83,7 @@ def time_case(cfg, args: argparse.Namespace, device: torch.device,  # noqa: ANN0
             out = model(x, y)
             (out.loss + out.aux_loss).backward()
             t1 = now()
-            clip(model.parameters(), 1.0)
+            clip_gradients(opt, model, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             model.on_optimizer_step()

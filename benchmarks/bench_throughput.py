@@ -38,10 +38,12 @@ from benchmarks.common import (
     synchronize,
     write_json,
 )
+from experiments.config import TrainConfig
 from experiments.throughput import ThroughputMeter
-from experiments.trainer import fused_adamw
-from ultramem import build_model, row_sparse
+from experiments.trainer import build_optimizer, clip_gradients
+from ultramem import build_model
 from ultramem.accounting import count_params, flops_per_token
+from ultramem.errors import ConfigError
 from ultramem.families import family_names
 from ultramem.presets import get_preset, preset_names
 
@@ -79,14 +81,11 @@ class Trainer:
                  value_updates: str = "dense"):
         self.preset = preset
         self.cfg = get_preset(preset, {"seq_len": max(seq_len, get_preset(preset).seq_len)})
+        self.value_updates = value_updates
         torch.manual_seed(0)
         self.model = build_model(self.cfg, device=device).train()
-        groups = [{k: v for k, v in g.items() if k != "lr_mult_fn"} for g in self.model.param_groups(0.1)]
-        # as the trainer's build_optimizer (train.value_updates: rows_read -> RowSparseAdamW over marked tables)
-        sparse = value_updates == "rows_read" and bool(row_sparse.mark_row_sparse(self.model))
-        kind = row_sparse.RowSparseAdamW if sparse else torch.optim.AdamW
-        self.opt = kind(groups, lr=lr, betas=(0.9, 0.95), fused=fused_adamw(groups))
-        self.clip = row_sparse.clip_grad_norm_ if sparse else torch.nn.utils.clip_grad_norm_
+        # the trainer's optimizer (AdamW 0.9 / 0.95, weight decay 0.1, its kernel; rows_read: RowSparseAdamW)
+        self.opt, _ = build_optimizer(self.model, TrainConfig(lr=lr, value_updates=value_updates))
         gen = torch.Generator().manual_seed(1)
         tokens = torch.randint(0, self.cfg.vocab_size, (batch_size, seq_len + 1), generator=gen).to(device)
         self.x, self.y = tokens[:, :-1], tokens[:, 1:]
@@ -102,7 +101,7 @@ class Trainer:
                 out = self.model(self.x, self.y)
                 loss = out.loss + out.aux_loss
             loss.backward()
-            self.clip(self.model.parameters(), 1.0)
+            clip_gradients(self.opt, self.model, 1.0)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.model.on_optimizer_step()
@@ -163,14 +162,17 @@ def rows_for(trainers: dict[str, Trainer], timings: dict[str, Timing], tokens_pe
 def run(args: argparse.Namespace) -> int:
     device = setup(args)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
-    bad = [f for f in families if f.split(":")[0] not in FAMILIES or f.partition(":")[2] not in ("", "rows_read")]
-    if bad or not families:
+    specs = {f: f.partition(":")[::2] for f in families}  # "ultramem:rows_read" -> ("ultramem", "rows_read")
+    if not families or any(fam not in FAMILIES or u not in ("", "rows_read") for fam, u in specs.values()):
         raise SystemExit(f"error: --families must name some of {', '.join(FAMILIES)}, each optionally "
                          f"':rows_read' (got {args.families!r})")
     if min(args.batch_size, args.seq_len, args.steps) < 1:
         raise SystemExit("error: --batch-size, --seq-len and --steps must be >= 1")
-    trainers = {f: Trainer(preset_name(f.split(":")[0], args.size), args.batch_size, args.seq_len, device,
-                           value_updates=f.partition(":")[2] or "dense") for f in families}
+    try:
+        trainers = {f: Trainer(preset_name(fam, args.size), args.batch_size, args.seq_len, device,
+                               value_updates=u or "dense") for f, (fam, u) in specs.items()}
+    except ConfigError as err:  # e.g. moe:rows_read (no value table)
+        raise SystemExit(f"error: --families {args.families}: {err}") from None
     busy = [load_warning(torch.get_num_threads())]
     timings = time_trainers(trainers, args.steps, args.warmup, args.repeats, device, args.clock)
     busy.append(load_warning(0))
@@ -188,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
                "warnings": [w for w in busy if w][:1]}
     json_path = write_json(payload, args.out / f"{NAME}.json")
     if not args.no_plot:
-        grouped_bar_plot([r["preset"] + r["family"].partition(":")[1] + r["family"].partition(":")[2] for r in rows], {"tokens/s": [r["tokens_per_s"] for r in rows]},
+        labels = [tr.preset + ("" if tr.value_updates == "dense" else f":{tr.value_updates}") for tr in trainers.values()]
+        grouped_bar_plot(labels, {"tokens/s": [r["tokens_per_s"] for r in rows]},
                          args.out / f"{NAME}.png", ylabel="training tokens/s (median)", log=False,
                          title=f"training throughput, batch {args.batch_size} x {args.seq_len}, {device}, "
                                f"{torch.get_num_threads()} threads, torch {torch.__version__}")

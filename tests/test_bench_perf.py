@@ -93,6 +93,8 @@ def test_throughput_measures_rows_read_updates_beside_dense(tmp_path, capsys):
     assert set(data["tokens_per_s_ratio"]) == {"pkm_over_moe", "pkm:rows_read_over_moe"}
     with pytest.raises(SystemExit, match="rows_read"):
         run_bench(["throughput", "--families", "pkm:lazy"])
+    with pytest.raises(SystemExit, match="value_updates.*needs a memory value table"):  # MoE has none
+        run_bench(["throughput", "--families", "moe:rows_read", "--batch-size", "2", "--seq-len", "16"])
 
 
 def test_decode_floor_is_the_model_with_memory_outputs_zero():

@@ -15,10 +15,10 @@ neither decays nor keeps moving on its momentum. The effect on loss is measured 
 Pieces:
   - `mark_row_sparse(model)` marks every value table whose lookup can produce a row-sparse gradient
     (`ultramem.kernels.retrieval.gather_pool`: PKM, UltraMem, Memory+, UltraMemV2's `values`); their `.grad` is then
-    a coalesced sparse COO tensor of the rows read.
+    a sparse COO tensor of the rows read (micro-batches add theirs up; `clip_grad_norm_` coalesces them).
   - `RowSparseAdamW`: torch's AdamW for every dense gradient (its fused / foreach / for-loop kernel as chosen), and
-    the per-row AdamW update above for every sparse one. Its state is AdamW's (step, exp_avg, exp_avg_sq), so its
-    state_dict is one torch.optim.AdamW reads and writes.
+    the per-row AdamW update above for every sparse one (with the group's fused or for-loop kernel). Its state is
+    AdamW's (step, exp_avg, exp_avg_sq), so its state_dict is one torch.optim.AdamW reads and writes.
   - `clip_grad_norm_`: torch.nn.utils.clip_grad_norm_ over dense and sparse gradients together (torch's own refuses
     sparse ones).
 """
@@ -78,14 +78,13 @@ class RowSparseAdamW(torch.optim.AdamW):
 
     def _rows_step(self, group: dict, p: torch.Tensor, grad: torch.Tensor) -> None:
         """AdamW (decoupled weight decay) on the rows of `grad` only: the rows of the weights and moments are
-        gathered, stepped by torch's own AdamW kernel (fused where torch has one: one pass instead of ~8
-        elementwise ones), and written back."""
+        gathered, stepped by the group's own AdamW kernel (fused under the trainer's `adamw: auto`: one pass
+        instead of ~8 elementwise ones; one tensor at a time under `for_loop`), and written back."""
         if group.get("amsgrad") or group.get("maximize"):
             raise ValueError("RowSparseAdamW: amsgrad and maximize are not supported for row-sparse gradients")
         state = self.state[p]
-        fused = p.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16) and p.device.type in (
-            "cpu", "cuda")
-        if not state:  # AdamW's own state layout (a float32 step on the parameter's device, as its fused kernel)
+        fused = bool(group.get("fused"))
+        if not state:  # AdamW's own state layout: a float32 step, on the parameter's device for the fused kernel
             state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if fused else "cpu")
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -95,12 +94,9 @@ class RowSparseAdamW(torch.optim.AdamW):
             return
         param, m, v = (t.index_select(0, rows) for t in (p.detach(), state["exp_avg"], state["exp_avg_sq"]))
         b1, b2 = group["betas"]
-        step = state["step"] if (state["step"].device == p.device or not fused) else state["step"].to(p.device)
-        adamw([param], [g.to(p.dtype)], [m], [v], [], [step], fused=fused, foreach=False, amsgrad=False,
+        adamw([param], [g.to(p.dtype)], [m], [v], [], [state["step"]], fused=fused, foreach=False, amsgrad=False,
               beta1=b1, beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
               maximize=False)  # increments the step, then uses it for the bias corrections
-        if step is not state["step"]:
-            state["step"].copy_(step)
         p.detach().index_copy_(0, rows, param)
         state["exp_avg"].index_copy_(0, rows, m)
         state["exp_avg_sq"].index_copy_(0, rows, v)
