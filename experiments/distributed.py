@@ -54,6 +54,7 @@ from ultramem.parallel import (
     shard_experts,
     shard_value_tables,
 )
+from ultramem.precision import at_least_fp32, compute_dtype
 
 
 def setup_process_group(device: torch.device) -> tuple[int, int]:
@@ -256,9 +257,10 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor
         else:
             key = ()
         locals_.append(g)
-        sq = g.detach().float().pow(2).sum()
+        sq = at_least_fp32(g.detach()).pow(2).sum()
         buckets[key] = buckets[key] + sq if key in buckets else sq
-    total = torch.zeros((), device=locals_[0].device if locals_ else None)
+    total = torch.zeros((), device=locals_[0].device if locals_ else None,
+                        dtype=compute_dtype(locals_[0].dtype) if locals_ else None)
     for groups, sq in buckets.items():
         for group in groups:
             dist.all_reduce(sq, group=group)

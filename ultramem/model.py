@@ -22,6 +22,7 @@ from ultramem.config import ConfigError, ModelConfig
 from ultramem.families import get_family
 from ultramem.families.product_keys import memory_pairs
 from ultramem.optim import param_groups
+from ultramem.precision import at_least_fp32, compute_dtype
 
 NORM_EPS = 1e-5
 IGNORE_INDEX = -1  # targets equal to this are left out of the loss
@@ -39,7 +40,7 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x_i, x_{i + hd/2}) of x [B, nh, T, hd] by the angles of cos/sin [T, hd/2]."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = at_least_fp32(x).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
@@ -185,7 +186,7 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm_f(x))  # [B, T, vocab]
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+            loss = F.cross_entropy(at_least_fp32(logits).view(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
         return ModelOutput(logits, loss, *_combine_aux(aux_terms, x, self.aux_sum))
 
@@ -231,14 +232,14 @@ def _combine_aux(terms: list[dict[str, torch.Tensor]], ref: torch.Tensor, summed
     official code's MoE baseline uses) do, so the configured weights mean the same thing at any depth; `summed`
     (Family.aux_sum: UltraMemV2) adds them up, as ByteDance's layers each add coefficient x loss.
     """
-    total = ref.new_zeros((), dtype=torch.float32)
+    total = ref.new_zeros((), dtype=compute_dtype(ref.dtype))
     parts: dict[str, list[torch.Tensor]] = {}
     for term in terms:
         for key, value in term.items():
             if key == "aux_loss":
-                total = total + value.float()
+                total = total + at_least_fp32(value)
             else:
-                parts.setdefault(key, []).append(value.detach().float())
+                parts.setdefault(key, []).append(at_least_fp32(value.detach()))
     if not summed:
         total = total / max(1, sum("aux_loss" in term for term in terms))
     return total, {key: torch.stack(values).mean() for key, values in parts.items()}

@@ -38,6 +38,7 @@ from torch import nn
 
 from ultramem.errors import ConfigError
 from ultramem.kernels.grouped import grouped_mm, grouped_mm_unsupported_reason
+from ultramem.precision import at_least_fp32
 
 if TYPE_CHECKING:  # annotations only: ultramem.config imports the family registry, which builds these layers
     from ultramem.config import MoEConfig
@@ -84,7 +85,7 @@ class MoEFFN(nn.Module):
     def route(self, xf: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """xf [N, d] -> logits [N, E], probs [N, E], gates [N, k], experts [N, k] (long), all router maths in fp32."""
         with torch.autocast(xf.device.type, enabled=False):
-            logits = F.linear(xf.float(), self.router.weight.float())  # [N, E]
+            logits = F.linear(at_least_fp32(xf), at_least_fp32(self.router.weight))  # [N, E]
         probs = logits.softmax(dim=-1)  # [N, E]
         gates, experts = probs.topk(self.cfg.top_k, dim=-1)  # [N, k]
         if self.cfg.normalize_gates:
@@ -166,13 +167,13 @@ class MoEFFN(nn.Module):
 def switch_balance_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -> torch.Tensor:
     """probs [N, E], counts [E] -> E * sum_i f_i P_i with f_i = counts_i / (N k) (no grad), P_i = mean_t probs."""
     N, E = probs.shape
-    f = counts.detach().float() / (N * top_k)  # [E], sums to 1
+    f = counts.detach().to(probs.dtype) / (N * top_k)  # [E], sums to 1
     return E * (f * probs.mean(dim=0)).sum()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """logits [N, E] -> mean_t logsumexp(logits_t)^2 (ST-MoE, eq. 5)."""
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+    return torch.logsumexp(at_least_fp32(logits), dim=-1).square().mean()
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:

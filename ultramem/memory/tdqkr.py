@@ -21,8 +21,11 @@ How it is computed (exactly the selection above, arranged for speed; docs/perfor
     score S_row^T C_c S_col is unchanged (B B^T = I). The remaining ranks of the same matmul are what stage 2 needs.
     Computing only rank 0 densely and the other ranks for the m survivors (r x fewer matmul FLOPs) was measured
     and dropped: gathering the survivors' keys moves as many bytes as the dense matmul takes time on a CPU.
-  - Indices only (both top-m, the m x m grid) run under no_grad; the winners' per-rank scores are one gather from
-    the score tensor, so its backward scatters once into one zero-filled score-sized buffer.
+  - The score matmul, both top-m and the m x m grid run under no_grad (indices only); the winners' per-rank scores
+    are gathered from the score tensor and get their gradient from `ultramem.kernels.sampled.sampled_dot`, whose
+    backward visits only the winners' keys (an embedding_bag each way) instead of zero-filling a score-sized
+    gradient and running the score matmul's backward densely (docs/performance.md, issue 23). With the balance
+    loss on, S needs its own gradient and the dense path is kept.
   - Both top-m calls return their m entries unsorted (which m are kept is what matters; their order only changes
     the order of the summation in the value pooling).
 
@@ -49,7 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ultramem.kernels.sampled import sampled_dot
 from ultramem.memory.query import NORM_EPS, ProductQuery
+from ultramem.precision import at_least_fp32
 
 if TYPE_CHECKING:  # annotations only: ultramem.config imports the family registry, which builds these layers
     from ultramem.config import MemoryConfig
@@ -79,6 +84,11 @@ class TDQKR(nn.Module):
         """q [BT, Hq, 2, Dk] -> scores against every key [Hq, 2, BT, s, r, n'], in the rank bases `bases`
         ([H, 2, r, r], orthonormal; None = the keys' own ranks). Keys come last so that top-m runs on contiguous rows.
         """
+        qg, keys = self._operands(q, bases)
+        return self._matmul(qg, keys)
+
+    def _operands(self, q: torch.Tensor, bases: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [BT, Hq, 2, Dk] -> the score matmul's operands: queries [Hq*2, BT, Dk], keys [Hq*2, s*r*n', Dk]."""
         H, s, r, Dk = self.cfg.heads, self.cfg.query_share, self.cfg.tucker_rank, self.cfg.key_dim
         Hq, n, BT = H // s, self.n_side, q.shape[0]
         keys = self.keys.permute(0, 1, 4, 2, 3)  # [H, 2, r, n', Dk]: one [n', Dk] matrix per rank
@@ -87,8 +97,13 @@ class TDQKR(nn.Module):
         if bases is not None:  # rotated keys: rank i of the result is sum_r B[r, i] K_r
             keys = bases.to(keys.dtype).transpose(-1, -2) @ keys.reshape(H, 2, r, n * Dk)
         keys = keys.reshape(Hq, s, 2, r * n, Dk).transpose(1, 2).reshape(Hq * 2, s * r * n, Dk)
-        q = q.permute(1, 2, 0, 3).reshape(Hq * 2, BT, Dk)
-        return torch.bmm(q, keys.transpose(1, 2)).view(Hq, 2, BT, s, r, n)
+        return q.permute(1, 2, 0, 3).reshape(Hq * 2, BT, Dk), keys
+
+    def _matmul(self, qg: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """[Hq*2, BT, Dk] x [Hq*2, s*r*n', Dk] -> [Hq, 2, BT, s, r, n']."""
+        Hq2, BT = qg.shape[:2]
+        s, r = self.cfg.query_share, self.cfg.tucker_rank
+        return torch.bmm(qg, keys.transpose(1, 2)).view(Hq2 // 2, 2, BT, s, r, self.n_side)
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, d] -> (virtual index [BT, H*m] long in [0, n'^2), per-core scores [BT, H*m, h])."""
@@ -98,7 +113,11 @@ class TDQKR(nn.Module):
         # scores is then u^T S_row / t^T S_col itself, and the cores rotate with them (B_row^T C_c B_col), so every
         # grid score is unchanged.
         bases = torch.stack([rank1_basis(self.u), rank1_basis(self.t)], 1)  # [H, 2, r, r]
-        S = self._scores(self.query(x, state), bases)  # [Hq, 2, BT, s, r, n']
+        qg, kg = self._operands(self.query(x, state), bases)  # [Hq*2, BT, Dk], [Hq*2, s*r*n', Dk]
+        # S needs a gradient only for the balance loss; the winners' scores get theirs from `sampled_dot`.
+        dense_grad = self.cfg.balance_loss_weight > 0
+        with torch.set_grad_enabled(dense_grad and torch.is_grad_enabled()):
+            S = self._matmul(qg, kg)  # [Hq, 2, BT, s, r, n']
         BT = S.shape[2]
         cores = (bases[:, 0].transpose(-1, -2) @ self.cores @ bases[:, 1]).to(S.dtype)  # [h, H, r, r]
         cores = cores.view(h, Hq, 1, s, r, r)
@@ -114,8 +133,7 @@ class TDQKR(nn.Module):
         if self.cfg.balance_loss_weight > 0:  # V2's key-balance loss on the stage-1 scores, heads as [H = Hq*s]
             s1 = S[:, :, :, :, 0].permute(0, 3, 1, 2, 4).reshape(H, 2, BT, n)  # [H, 2, BT, n']
             self._balance = balance_loss(s1, kept.permute(0, 3, 1, 2, 4).reshape(H, 2, BT, m))
-        # Only the winners' rows and columns carry gradient: one gather, one S-sized scatter in the backward.
-        W = S.gather(5, winners.unsqueeze(4).expand(-1, -1, -1, -1, r, -1))  # [Hq, 2, BT, s, r, m]
+        W = self._winner_scores(qg, kg, S, winners, dense_grad)  # [Hq, 2, BT, s, r, m]
         # per-core score of winner k: sum_{i,j} R[i,k] C'_c[i,j] Cc[j,k]
         scores = (W[:, 0].unsqueeze(0) * (cores @ W[:, 1].unsqueeze(0))).sum(-2)  # [h, Hq, BT, s, m]
         scores = activate(scores, self.cfg.score, dim=-1)
@@ -124,6 +142,25 @@ class TDQKR(nn.Module):
         virtual = virtual.permute(1, 0, 2, 3).reshape(BT, H * m)
         scores = scores.permute(2, 1, 3, 4, 0).reshape(BT, H * m, h)
         return virtual, scores
+
+    def _winner_scores(self, qg: torch.Tensor, kg: torch.Tensor, S: torch.Tensor, winners: torch.Tensor,
+                       dense_grad: bool) -> torch.Tensor:
+        """Per-rank scores of the winners [Hq, 2, BT, s, r, m]: the values gathered from S; their gradient reaches
+        the queries and keys through `sampled_dot`, which visits only the winners (no S-sized zero-filled gradient,
+        no dense matmul backward). With a differentiable S (balance loss) the plain gather."""
+        Hq, _, BT, s, m = winners.shape
+        r, n = self.cfg.tucker_rank, self.n_side
+        pos = winners.unsqueeze(4).expand(-1, -1, -1, -1, r, -1)  # [Hq, 2, BT, s, r, m]
+        if dense_grad or not torch.is_grad_enabled():
+            return S.gather(5, pos)
+        with torch.no_grad():
+            values = S.gather(5, pos)
+            block = torch.arange(s * r, device=S.device).view(1, 1, 1, s, r, 1) * n  # key row of (head, rank, 0)
+            idx = pos + block + torch.arange(Hq * 2, device=S.device).view(Hq, 2, 1, 1, 1, 1) * (s * r * n)
+        K = s * r * m
+        W = sampled_dot(qg.reshape(Hq * 2 * BT, -1), kg.reshape(-1, kg.shape[-1]), idx.view(Hq * 2 * BT, K),
+                        values.view(Hq * 2 * BT, K))
+        return W.view(Hq, 2, BT, s, r, m)
 
     # ---- rank-1 cache and Tucker penalty -------------------------------------------------------------------------
 
@@ -159,9 +196,9 @@ def rank1_vectors(cores: torch.Tensor, prev_u: torch.Tensor, prev_t: torch.Tenso
     on the first call (prev_u all zero) so that u and t sum to >= 0 (the Perron vectors of U(0, 1) cores), after
     that as the official code, flipped when -u, -t is closer in L1 to the previous vectors. Shared by TDQKR and
     UltraMemV2's retrieval."""
-    U, _, Vh = torch.linalg.svd(cores.detach().float().sum(0))  # [H, r, r]
+    U, _, Vh = torch.linalg.svd(at_least_fp32(cores.detach()).sum(0))  # [H, r, r]
     u, t = U[..., 0], Vh[..., 0, :]  # [H, r]
-    prev_u, prev_t = prev_u.float(), prev_t.float()
+    prev_u, prev_t = prev_u.to(u.dtype), prev_t.to(t.dtype)
     if bool((prev_u == 0).all()):
         sign = torch.where(u.sum(-1) + t.sum(-1) >= 0, 1.0, -1.0)
     else:
@@ -176,7 +213,7 @@ def tucker_penalty(cores: torch.Tensor, margin: float) -> torch.Tensor:
     [h, H, r, r]); 0 at rank 1."""
     if cores.shape[-1] == 1:
         return cores.new_zeros(())
-    lam = singular_values(cores.float().sum(0))  # [H, r] descending
+    lam = singular_values(at_least_fp32(cores).sum(0))  # [H, r] descending
     return F.relu(lam[:, 1:] - margin).pow(2).mean()
 
 
@@ -227,7 +264,7 @@ def balance_loss(s1: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     f_j = its share of the top-m hits (no gradient).
     """
     n = s1.shape[-1]
-    p = s1.float().softmax(-1).mean((0, 2))  # [2, n]
+    p = at_least_fp32(s1).softmax(-1).mean((0, 2))  # [2, n]
     hits = kept.transpose(0, 1).reshape(2, -1)  # [2, H*BT*m]
     counts = torch.zeros(2, n, device=s1.device, dtype=torch.float32).scatter_add_(
         1, hits, torch.ones_like(hits, dtype=torch.float32))
