@@ -16,6 +16,13 @@ MoE is measured); --profile adds the top operators of one step per family (`prof
 A family written `<family>:rows_read` (e.g. `--families moe,ultramem,ultramem:rows_read`) trains with
 `train.value_updates: rows_read` (row-sparse value-table gradients and AdamW steps, ultramem.row_sparse), so both
 kinds of update are measured side by side in one run.
+
+`<family>:retrieval_free` is the bound on what a faster retrieval could give (issue 23): the family's own step with
+every memory layer's `lookup` (query, key scores, both top-m, score activation, and their backward) replaced by the
+selection its real step made on the same batch (`replay_lookups`: the same rows and scores, detached), so the value
+reads, the value and output projections, the backbone and the optimizer run as in the real step and the forward
+gives the same loss. Its tokens/s over MoE's is the highest ratio any retrieval implementation could reach on this
+machine with these value reads.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ HELP = "training tokens/s (and MFU on GPU) per family on the tiny presets"
 NAME = "throughput"
 FAMILIES = family_names()
 SIZES = ("tiny", "t1", "t2", "t3", "t4", "t5", "t6")
+VARIANTS = ("", "rows_read", "retrieval_free")  # <family>[:variant] in --families
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,8 +86,9 @@ class Trainer:
     """A model, its AdamW and a fixed batch; `steps(n)` runs n optimizer steps and returns the last loss."""
 
     def __init__(self, preset: str, batch_size: int, seq_len: int, device: torch.device, lr: float = 1e-3,
-                 value_updates: str = "dense"):
+                 value_updates: str = "dense", retrieval_free: bool = False):
         self.preset = preset
+        self.variant = "retrieval_free" if retrieval_free else value_updates
         self.cfg = get_preset(preset, {"seq_len": max(seq_len, get_preset(preset).seq_len)})
         self.value_updates = value_updates
         torch.manual_seed(0)
@@ -89,6 +98,8 @@ class Trainer:
         gen = torch.Generator().manual_seed(1)
         tokens = torch.randint(0, self.cfg.vocab_size, (batch_size, seq_len + 1), generator=gen).to(device)
         self.x, self.y = tokens[:, :-1], tokens[:, 1:]
+        if retrieval_free:
+            replay_lookups(self.model, self.x)
         self.device = device
         self.amp = torch.bfloat16 if device.type == "cuda" else None
         self.flops_per_token = flops_per_token(self.cfg, seq_len, training=True)
@@ -106,6 +117,28 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             self.model.on_optimizer_step()
         return float(loss.detach())
+
+
+def replay_lookups(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """From now on every memory layer of `model` (each module with a `lookup`: PKM, UltraMem, UltraMemV2, Memory+)
+    returns from `lookup` what it returned in one real forward on `x`, detached: no query, no key scoring, no top-k
+    and no gradient into them; the layers' value paths are untouched. Returns the number of layers replayed."""
+    layers = [m for m in model.modules() if callable(getattr(type(m), "lookup", None))]
+    if not layers:
+        raise ConfigError(f"{type(model).__name__} has no memory layer with a lookup to replay (retrieval_free "
+                          "needs a memory family)")
+    recorded: dict[int, tuple] = {}
+    for mem in layers:  # an instance attribute shadows the method
+        def spy(*args, mem=mem, method=mem.lookup, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            out = method(*args, **kwargs)
+            recorded[id(mem)] = tuple(t.detach() for t in out)
+            return out
+        mem.lookup = spy
+    with torch.no_grad():
+        model(x)
+    for mem in layers:
+        mem.lookup = lambda *args, out=recorded[id(mem)], **kwargs: out  # noqa: ARG005
+    return len(layers)
 
 
 def time_trainers(trainers: dict[str, Trainer], steps: int, warmup: int, repeats: int, device: torch.device,
@@ -163,15 +196,16 @@ def run(args: argparse.Namespace) -> int:
     device = setup(args)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     specs = {f: f.partition(":")[::2] for f in families}  # "ultramem:rows_read" -> ("ultramem", "rows_read")
-    if not families or any(fam not in FAMILIES or u not in ("", "rows_read") for fam, u in specs.values()):
+    if not families or any(fam not in FAMILIES or u not in VARIANTS for fam, u in specs.values()):
         raise SystemExit(f"error: --families must name some of {', '.join(FAMILIES)}, each optionally "
-                         f"':rows_read' (got {args.families!r})")
+                         f"':rows_read' or ':retrieval_free' (got {args.families!r})")
     if min(args.batch_size, args.seq_len, args.steps) < 1:
         raise SystemExit("error: --batch-size, --seq-len and --steps must be >= 1")
     try:
         trainers = {f: Trainer(preset_name(fam, args.size), args.batch_size, args.seq_len, device,
-                               value_updates=u or "dense") for f, (fam, u) in specs.items()}
-    except ConfigError as err:  # e.g. moe:rows_read (no value table)
+                               value_updates="rows_read" if u == "rows_read" else "dense",
+                               retrieval_free=u == "retrieval_free") for f, (fam, u) in specs.items()}
+    except ConfigError as err:  # e.g. moe:rows_read (no value table), dense:retrieval_free (no memory layer)
         raise SystemExit(f"error: --families {args.families}: {err}") from None
     busy = [load_warning(torch.get_num_threads())]
     timings = time_trainers(trainers, args.steps, args.warmup, args.repeats, device, args.clock)
@@ -190,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
                "warnings": [w for w in busy if w][:1]}
     json_path = write_json(payload, args.out / f"{NAME}.json")
     if not args.no_plot:
-        labels = [tr.preset + ("" if tr.value_updates == "dense" else f":{tr.value_updates}") for tr in trainers.values()]
+        labels = [tr.preset + ("" if tr.variant == "dense" else f":{tr.variant}") for tr in trainers.values()]
         grouped_bar_plot(labels, {"tokens/s": [r["tokens_per_s"] for r in rows]},
                          args.out / f"{NAME}.png", ylabel="training tokens/s (median)", log=False,
                          title=f"training throughput, batch {args.batch_size} x {args.seq_len}, {device}, "

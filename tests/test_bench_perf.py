@@ -111,3 +111,35 @@ def test_decode_floor_is_the_model_with_memory_outputs_zero():
             layer.values.zero_()
         want = model(idx).logits
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("preset", ["ultramem-t1-x6", "memory_plus-t1-x6", "ultramem_v2-t1-x6", "pkm-tiny"])
+def test_retrieval_free_step_replays_the_real_selection(preset):
+    """`<family>:retrieval_free` (the bound on a faster retrieval): the same loss as the real step on the same batch
+    (the replayed rows and scores are the real ones); after a step the value tables have trained and the keys and
+    query projections have not moved (no gradient reaches them, so AdamW skips them, weight decay included)."""
+    from benchmarks.bench_throughput import Trainer
+
+    cpu = torch.device("cpu")
+    real = Trainer(preset, 2, 16, cpu)
+    free = Trainer(preset, 2, 16, cpu, retrieval_free=True)
+    before = {n: p.detach().clone() for n, p in free.model.named_parameters()}
+    assert free.steps(1) == pytest.approx(real.steps(1), rel=1e-6)
+    moved = {n for n, p in free.model.named_parameters() if not torch.equal(p, before[n])}
+    retrieval = {n for n in before if ".keys" in n or "query" in n}
+    values = {n for n in before if n.endswith(".values")}
+    assert retrieval and values
+    assert not retrieval & moved, sorted(retrieval & moved)
+    assert values <= moved
+
+
+def test_throughput_retrieval_free_bound_beside_the_family(tmp_path, capsys):
+    rc = run_bench(["throughput", "--families", "moe,ultramem,ultramem:retrieval_free", "--batch-size", "2",
+                    "--seq-len", "16", "--steps", "1", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out",
+                    str(tmp_path), "--format", "json", "--no-plot"])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["family"] for r in data["rows"]] == ["moe", "ultramem", "ultramem:retrieval_free"]
+    assert set(data["tokens_per_s_ratio"]) == {"ultramem_over_moe", "ultramem:retrieval_free_over_moe"}
+    with pytest.raises(SystemExit, match="no memory layer"):
+        run_bench(["throughput", "--families", "dense:retrieval_free", "--batch-size", "2", "--seq-len", "16"])
