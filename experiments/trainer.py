@@ -100,7 +100,9 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig, distributed_run: boo
                     ) -> tuple[torch.optim.AdamW, list[Any]]:
     """AdamW over `model.param_groups(weight_decay)`; returns it and each group's LR multiplier function. With
     `value_updates: rows_read` the value tables are marked for row-sparse gradients and the optimizer is
-    ultramem.row_sparse.RowSparseAdamW (AdamW for everything else)."""
+    ultramem.row_sparse.RowSparseAdamW (AdamW for everything else). With `dense` in one process on the CPU (not
+    compiled) the tables' dense gradients are assembled from the rows read (`row_sparse.dense_grads_from_rows`:
+    the same gradient and update, without a whole-table gradient per reading layer)."""
     sparse = t.value_updates == "rows_read"
     if sparse:
         if distributed_run:
@@ -110,6 +112,8 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig, distributed_run: boo
             raise ConfigError("train.value_updates: 'rows_read' needs a memory value table read through gather_pool "
                               f"(pkm, ultramem, ultramem_v2, memory_plus); {type(model).__name__} has none: use "
                               "'dense'")
+    elif not (distributed_run or t.compile or dist.is_initialized()):
+        row_sparse.dense_grads_from_rows(model)
     groups, mult_fns = [], []
     for group in split_by_mesh(model.param_groups(t.weight_decay)):
         group = dict(group)

@@ -203,3 +203,52 @@ def test_micro_batches_sum_their_sparse_gradients() -> None:
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("preset", ["ultramem-t1-x6", "memory_plus-t1-x6", "pkm-tiny"])
+def test_dense_updates_assemble_the_dense_gradient_from_the_rows_read(preset: str) -> None:
+    """value_updates dense (the default) in one CPU process: build_optimizer has the tables' backward produce the
+    rows read and densify them once per backward. The gradients of two accumulated micro-batches and the weights
+    after two AdamW steps must equal, bitwise, those of the same model trained on torch's dense table gradients
+    (the plain path, unmarked) - Memory+'s table is read by two layers, so a row's gradient there sums two
+    readers, and the second micro-batch adds a sparse gradient into the dense one."""
+    cfg = get_preset(preset)
+    batches = torch.randint(0, cfg.vocab_size, (2, 2, 2, 17), generator=torch.Generator().manual_seed(4))
+    t = resolve_run_config(run_config_from_dict({"model": {"preset": preset},
+                                                 "train": {"steps": 2, "lr": 3e-3, "warmup": 0}})).train
+    models, seen = {}, {}
+    for assembled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        if assembled:
+            opt, _ = build_optimizer(model, t)
+            assert [n for n, p in model.named_parameters() if getattr(p, "row_sparse_grad", False)]
+        else:
+            opt = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                    eps=t.eps, weight_decay=t.weight_decay, fused=True)
+        for step in range(2):
+            for micro in batches[step]:
+                out = model(micro[:, :-1], micro[:, 1:])
+                (out.loss + out.aux_loss).backward()
+            assert all(not p.grad.is_sparse for p in model.parameters() if p.grad is not None)
+            seen[assembled, step] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            model.on_optimizer_step()
+        models[assembled] = model
+    for step in range(2):
+        assert seen[True, step].keys() == seen[False, step].keys()
+        for name, want in seen[False, step].items():
+            assert torch.equal(seen[True, step][name], want), (step, name)
+    plain = dict(models[False].named_parameters())
+    for name, p in models[True].named_parameters():
+        assert torch.equal(p, plain[name]), name
+
+
+def test_dense_gradients_from_rows_only_where_they_are_safe() -> None:
+    t = resolve_run_config(run_config_from_dict({"model": {"preset": "ultramem-tiny"}})).train
+    for kwargs, update, marked in [({}, {}, True), ({"distributed_run": True}, {}, False),
+                                   ({}, {"compile": True}, False)]:
+        model = build_model(get_preset("ultramem-tiny"))
+        build_optimizer(model, t.model_copy(update=update), **kwargs)
+        assert any(getattr(p, "row_sparse_grad", False) for p in model.parameters()) == marked, (kwargs, update)

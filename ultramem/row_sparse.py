@@ -21,6 +21,12 @@ Pieces:
     AdamW's (step, exp_avg, exp_avg_sq), so its state_dict is one torch.optim.AdamW reads and writes.
   - `clip_grad_norm_`: torch.nn.utils.clip_grad_norm_ over dense and sparse gradients together (torch's own refuses
     sparse ones).
+  - `dense_grads_from_rows(model)` (`value_updates: dense`, one process on the CPU): the same tables' backward
+    produces the sparse gradient of the rows read, and a hook turns it into the dense `.grad` once per backward
+    (one zero-filled table and one index_add of the rows read) instead of every layer writing a whole zero-filled
+    table gradient and autograd adding those up (a table several layers read: Memory+). The gradient is the dense
+    path's, bitwise where a row's terms are at most two (one or two readers per step, or two micro-batches) and up
+    to the order of a sum otherwise; the update is dense AdamW, unchanged. Measured in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -118,4 +124,29 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
     return total
 
 
-__all__ = ["ROW_SPARSE_TABLES", "RowSparseAdamW", "clip_grad_norm_", "mark_row_sparse"]
+def dense_grads_from_rows(model: nn.Module) -> list[str]:
+    """Mark the tables of `model` as `mark_row_sparse` does, CPU tables only (on CUDA a sparse gradient would take
+    gather_pool off its Triton kernel), and give each a hook that densifies its sparse `.grad` as soon as a
+    backward has accumulated it: every consumer (clip, AdamW, checkpoints) sees an ordinary dense gradient. A
+    later micro-batch's sparse gradient is added into the dense one by autograd itself. Returns the names."""
+    names = []
+    for name in mark_row_sparse(model):
+        p = model.get_parameter(name)
+        if p.device.type != "cpu":
+            del p.row_sparse_grad
+            continue
+        p.register_post_accumulate_grad_hook(_densify)
+        names.append(name)
+    return names
+
+
+def _densify(p: torch.Tensor) -> None:
+    """p.grad sparse COO [N, D] (rows read, possibly repeated: several readers) -> the dense [N, D] sum."""
+    g = p.grad
+    if g is not None and g.is_sparse:
+        dense = torch.zeros_like(p)
+        dense.index_add_(0, g._indices()[0], g._values().to(p.dtype))  # in entry order: reader 1, then reader 2
+        p.grad = dense
+
+
+__all__ = ["ROW_SPARSE_TABLES", "RowSparseAdamW", "clip_grad_norm_", "dense_grads_from_rows", "mark_row_sparse"]
