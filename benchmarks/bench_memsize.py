@@ -1,8 +1,8 @@
 """Training step time vs value-table size at fixed activated compute (UltraMem and Memory+): is the cost flat?
 
   ultramem bench memsize [--size t5] [--families ultramem,memory_plus] [--rows 64,128,256,512,1024]
-                         [--value-updates dense,rows_read] [--batch-size 8] [--seq-len 256] [--steps 2]
-                         [--repeats 3] [--threads 1] [--clock cpu]
+                         [--value-updates dense,rows_read] [--retrieval-free] [--batch-size 8] [--seq-len 256]
+                         [--steps 2] [--repeats 3] [--threads 1] [--clock cpu]
 
 The paper's claim: a memory layer's compute does not grow with its table. Each case is the tiny-ladder preset of
 the family with num_keys = k for k in --rows (so k^2 physical value rows: UltraMem's N, Memory+'s shared table),
@@ -17,7 +17,9 @@ measured bound of what does grow: AdamW and the gradient clip visit every table 
 cost is linear in the table (ms per million table parameters). --value-updates times each case twice, side by side:
 with dense updates (AdamW over every row, as the papers and the trainer's default) and with `rows_read`
 (`train.value_updates: rows_read`, ultramem.row_sparse: a sparse table gradient of the rows read and an AdamW step
-on those rows only), so the cost of the dense semantics is measured in the same run.
+on those rows only), so the cost of the dense semantics is measured in the same run. --retrieval-free adds, per
+size, the dense case with every memory layer's lookup (query, key scores, top-k) replayed from a real step
+(`bench_throughput.replay_lookups`): what grows without the keys, which grow with sqrt(rows) by design.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_throughput import preset_name
+from benchmarks.bench_throughput import preset_name, replay_lookups
 from benchmarks.common import add_common_arguments, format_table, header, load_warning, setup, write_json
 from experiments.config import TrainConfig
 from experiments.trainer import build_optimizer, clip_gradients
@@ -57,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per timed sample (default 2)")
     parser.add_argument("--value-updates", default=",".join(UPDATES),
                         help="comma-separated of dense,rows_read (train.value_updates; default both, side by side)")
+    parser.add_argument("--retrieval-free", action="store_true",
+                        help="also time each dense case with its lookups replayed from a real step (no key scoring "
+                             "or top-k): the growth that is not the keys'")
 
 
 def config(family: str, size: str, num_keys: int):  # noqa: ANN201
@@ -67,14 +72,19 @@ def config(family: str, size: str, num_keys: int):  # noqa: ANN201
 
 def time_case(cfg, args: argparse.Namespace, device: torch.device,  # noqa: ANN001
               updates: str = "dense") -> dict[str, Any]:
-    """Build, warm up and time one configuration: median ms per step of fwd+bwd and of the optimizer part."""
+    """Build, warm up and time one configuration: median ms per step of fwd+bwd and of the optimizer part.
+    updates: a train.value_updates value, or "retrieval_free" (dense, lookups replayed)."""
     now = time.perf_counter if args.clock == "wall" else time.process_time
     torch.manual_seed(0)
     model = build_model(cfg, device=device).train()
-    opt, _ = build_optimizer(model, TrainConfig(lr=1e-3, value_updates=updates))  # the trainer's optimizer
+    free = updates == "retrieval_free"
+    # the trainer's optimizer (retrieval_free: dense updates)
+    opt, _ = build_optimizer(model, TrainConfig(lr=1e-3, value_updates="dense" if free else updates))
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen).to(device)
     x, y = tokens[:, :-1], tokens[:, 1:]
+    if free:
+        replay_lookups(model, x)
     fb, rest = [], []
     for i in range(args.warmup + args.repeats):
         t_fb = t_rest = 0.0
@@ -132,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --value-updates must name some of {', '.join(UPDATES)} (got {args.value_updates!r})")
     if not keys or keys[0] < 2 or min(args.batch_size, args.seq_len, args.steps) < 1:
         raise SystemExit("error: --rows values must be >= 2 and --batch-size, --seq-len, --steps >= 1")
+    if args.retrieval_free:
+        updates = [*updates, "retrieval_free"]
     busy = [load_warning(torch.get_num_threads())]
     rows = []
     for k in [*keys, keys[0]]:  # the smallest again at the end: the machine's drift during the run
@@ -148,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     busy.append(load_warning(0))
     summary = ratios(rows, families, updates)
     settings = {k: getattr(args, k) for k in ("size", "batch_size", "seq_len", "steps", "warmup", "repeats", "clock")}
-    settings["families"], settings["num_keys"], settings["value_updates"] = families, keys, updates
+    settings["families"], settings["num_keys"], settings["value_updates"] = families, keys, updates  # + retrieval_free
     payload = {**header(NAME, device, settings), "rows": rows, "ratios": summary, "warnings": [w for w in busy if w][:1]}
     path = write_json(payload, args.out / f"{NAME}.json")
     if args.format == "json":

@@ -69,6 +69,17 @@ def test_memsize_refuses_bad_rows():
         run_bench(["memsize", "--size", "t1", "--families", "ultramem", "--rows", "4"])
 
 
+def test_memsize_times_the_retrieval_free_case_beside_dense(tmp_path):
+    rc = run_bench(["memsize", "--size", "t1", "--families", "memory_plus", "--rows", "24,26", "--batch-size", "1",
+                    "--seq-len", "8", "--steps", "1", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path),
+                    "--format", "json", "--value-updates", "dense", "--retrieval-free"])
+    assert rc == 0
+    data = json.loads((tmp_path / "memsize.json").read_text())
+    assert [(r["num_keys"], r["value_updates"]) for r in data["rows"]] == [
+        (24, "dense"), (24, "retrieval_free"), (26, "dense"), (26, "retrieval_free"), (24, "dense"), (24, "retrieval_free")]
+    assert set(data["ratios"]) == {"memory_plus", "memory_plus/retrieval_free"}
+
+
 def test_throughput_profile_and_ratios_vs_moe(tmp_path, capsys):
     rc = run_bench(["throughput", "--families", "moe,ultramem", "--batch-size", "2", "--seq-len", "16", "--steps",
                     "1", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path), "--format",
