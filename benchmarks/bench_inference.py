@@ -57,8 +57,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +70,7 @@ from benchmarks.common import (
     header,
     load_warning,
     setup,
+    spying_lookups,
     time_round_robin,
     write_json,
 )
@@ -234,23 +234,6 @@ def table_width(table: torch.nn.Module) -> int:
     """Parameters per row of a shared table: all its row-indexed tensors are read at the selected rows (Memory+'s
     values; UltraMemV2's values and pre_values)."""
     return sum(p.shape[1] for p in table.parameters(recurse=False))
-
-
-@contextmanager
-def spying_lookups(memories: list[torch.nn.Module], record: Callable[[torch.nn.Module, Any], None]) -> Iterator[None]:
-    """Within the block, every call of `mem.lookup` of these memory layers also passes (mem, its output) to `record`
-    (an instance attribute shadows the method; removed on exit)."""
-    for mem in memories:
-        def lookup(*args, mem=mem, method=mem.lookup):  # noqa: ANN002, ANN202
-            out = method(*args)
-            record(mem, out)
-            return out
-        mem.lookup = lookup
-    try:
-        yield
-    finally:
-        for mem in memories:
-            del mem.lookup
 
 
 @torch.no_grad()

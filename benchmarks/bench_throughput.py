@@ -42,6 +42,7 @@ from benchmarks.common import (
     header,
     load_warning,
     setup,
+    spying_lookups,
     synchronize,
     write_json,
 )
@@ -86,19 +87,19 @@ class Trainer:
     """A model, its AdamW and a fixed batch; `steps(n)` runs n optimizer steps and returns the last loss."""
 
     def __init__(self, preset: str, batch_size: int, seq_len: int, device: torch.device, lr: float = 1e-3,
-                 value_updates: str = "dense", retrieval_free: bool = False):
-        self.preset = preset
-        self.variant = "retrieval_free" if retrieval_free else value_updates
+                 variant: str = ""):
+        """variant: one of VARIANTS, the `:suffix` of --families ("" the family as it trains)."""
+        self.preset, self.variant = preset, variant
         self.cfg = get_preset(preset, {"seq_len": max(seq_len, get_preset(preset).seq_len)})
-        self.value_updates = value_updates
         torch.manual_seed(0)
         self.model = build_model(self.cfg, device=device).train()
         # the trainer's optimizer (AdamW 0.9 / 0.95, weight decay 0.1, its kernel; rows_read: RowSparseAdamW)
-        self.opt, _ = build_optimizer(self.model, TrainConfig(lr=lr, value_updates=value_updates))
+        updates = "rows_read" if variant == "rows_read" else "dense"
+        self.opt, _ = build_optimizer(self.model, TrainConfig(lr=lr, value_updates=updates))
         gen = torch.Generator().manual_seed(1)
         tokens = torch.randint(0, self.cfg.vocab_size, (batch_size, seq_len + 1), generator=gen).to(device)
         self.x, self.y = tokens[:, :-1], tokens[:, 1:]
-        if retrieval_free:
+        if variant == "retrieval_free":
             replay_lookups(self.model, self.x)
         self.device = device
         self.amp = torch.bfloat16 if device.type == "cuda" else None
@@ -128,15 +129,10 @@ def replay_lookups(model: torch.nn.Module, x: torch.Tensor) -> int:
         raise ConfigError(f"{type(model).__name__} has no memory layer with a lookup to replay (retrieval_free "
                           "needs a memory family)")
     recorded: dict[int, tuple] = {}
-    for mem in layers:  # an instance attribute shadows the method
-        def spy(*args, mem=mem, method=mem.lookup, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            out = method(*args, **kwargs)
-            recorded[id(mem)] = tuple(t.detach() for t in out)
-            return out
-        mem.lookup = spy
-    with torch.no_grad():
+    with spying_lookups(layers, lambda mem, out: recorded.update({id(mem): tuple(t.detach() for t in out)})), \
+            torch.no_grad():
         model(x)
-    for mem in layers:
+    for mem in layers:  # an instance attribute shadows the method
         mem.lookup = lambda *args, out=recorded[id(mem)], **kwargs: out  # noqa: ARG005
     return len(layers)
 
@@ -202,9 +198,8 @@ def run(args: argparse.Namespace) -> int:
     if min(args.batch_size, args.seq_len, args.steps) < 1:
         raise SystemExit("error: --batch-size, --seq-len and --steps must be >= 1")
     try:
-        trainers = {f: Trainer(preset_name(fam, args.size), args.batch_size, args.seq_len, device,
-                               value_updates="rows_read" if u == "rows_read" else "dense",
-                               retrieval_free=u == "retrieval_free") for f, (fam, u) in specs.items()}
+        trainers = {f: Trainer(preset_name(fam, args.size), args.batch_size, args.seq_len, device, variant=u)
+                    for f, (fam, u) in specs.items()}
     except ConfigError as err:  # e.g. moe:rows_read (no value table), dense:retrieval_free (no memory layer)
         raise SystemExit(f"error: --families {args.families}: {err}") from None
     busy = [load_warning(torch.get_num_threads())]
@@ -224,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
                "warnings": [w for w in busy if w][:1]}
     json_path = write_json(payload, args.out / f"{NAME}.json")
     if not args.no_plot:
-        labels = [tr.preset + ("" if tr.variant == "dense" else f":{tr.variant}") for tr in trainers.values()]
+        labels = [tr.preset + (f":{tr.variant}" if tr.variant else "") for tr in trainers.values()]
         grouped_bar_plot(labels, {"tokens/s": [r["tokens_per_s"] for r in rows]},
                          args.out / f"{NAME}.png", ylabel="training tokens/s (median)", log=False,
                          title=f"training throughput, batch {args.batch_size} x {args.seq_len}, {device}, "

@@ -25,7 +25,8 @@ import socket
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -294,6 +295,23 @@ def grouped_bar_plot(labels: Sequence[str], series: dict[str, Sequence[float | N
     return path
 
 
+@contextmanager
+def spying_lookups(memories: list[torch.nn.Module], record: Callable[[torch.nn.Module, Any], None]) -> Iterator[None]:
+    """Within the block, every call of `mem.lookup` of these memory layers also passes (mem, its output) to `record`
+    (an instance attribute shadows the method; removed on exit)."""
+    for mem in memories:
+        def lookup(*args, mem=mem, method=mem.lookup):  # noqa: ANN002, ANN202
+            out = method(*args)
+            record(mem, out)
+            return out
+        mem.lookup = lookup
+    try:
+        yield
+    finally:
+        for mem in memories:
+            del mem.lookup
+
+
 __all__ = [
     "RESULTS_DIR",
     "CLOCKS",
@@ -310,4 +328,5 @@ __all__ = [
     "write_json",
     "format_table",
     "grouped_bar_plot",
+    "spying_lookups",
 ]

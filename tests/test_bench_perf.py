@@ -133,7 +133,7 @@ def test_retrieval_free_step_replays_the_real_selection(preset):
 
     cpu = torch.device("cpu")
     real = Trainer(preset, 2, 16, cpu)
-    free = Trainer(preset, 2, 16, cpu, retrieval_free=True)
+    free = Trainer(preset, 2, 16, cpu, variant="retrieval_free")
     before = {n: p.detach().clone() for n, p in free.model.named_parameters()}
     assert free.steps(1) == pytest.approx(real.steps(1), rel=1e-6)
     moved = {n for n, p in free.model.named_parameters() if not torch.equal(p, before[n])}
